@@ -1,0 +1,285 @@
+"""Command line: `python -m pipeline <command> ...`. It only parses and calls.
+
+Heavy imports (torch, timm, kaggle) happen inside the command functions, so `--help`,
+`score` and `rle` start fast. Every `PipelineError` becomes one line on stderr and exit
+code 2; argparse's own errors are one line too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+DEFAULT_CONFIG = "configs/cpu_quick.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def _folds_arg(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth import generate
+
+    generate(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    print(f"wrote synthetic dataset to {args.out} ({args.n_train} train, {args.n_test} test)")
+    return 0
+
+
+def cmd_folds(args: argparse.Namespace) -> int:
+    from pipeline.folds import fold_summary, make_folds_for_dir
+
+    folds = make_folds_for_dir(args.data, k=args.k, seed=args.seed, out=args.out)
+    print(fold_summary(folds))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_rle_encode(args: argparse.Namespace) -> int:
+    from pipeline.data import encode_mask_dir
+
+    count = encode_mask_dir(args.masks, args.out)
+    print(f"encoded {count} masks to {args.out}")
+    return 0
+
+
+def cmd_rle_decode(args: argparse.Namespace) -> int:
+    from pipeline.data import decode_csv_to_dir
+
+    count = decode_csv_to_dir(args.csv, args.out)
+    print(f"decoded {count} masks to {args.out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.metric import score_csvs
+
+    score, count = score_csvs(args.truth, args.pred)
+    print(f"score {score:.4f} over {count} images")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train import train_folds
+
+    cfg = load_config(args.config, args.overrides)
+    if args.folds is not None:
+        cfg.folds = args.folds
+    train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import tune_run
+
+    tune_run(args.run)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import predict_run
+
+    predict_run(args.run, data_dir=args.data, tta=args.tta, device=args.device)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit_run
+
+    path = submit_run(args.run, out=args.out, data_dir=args.data)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_check_submission(args: argparse.Namespace) -> int:
+    from pipeline.submit import check_submission
+
+    count = check_submission(args.csv, args.test)
+    print(f"{args.csv}: valid submission, {count} rows")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from pipeline.leaderboard import diff_runs, format_leaderboard
+
+    if args.diff:
+        print(diff_runs(args.diff[0], args.diff[1], runs_dir=args.runs_dir))
+    else:
+        print(format_leaderboard(args.file, top=args.top))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.show import show_run
+
+    for path in show_run(args.run, data_dir=args.data):
+        print(path)
+    return 0
+
+
+def cmd_kaggle(args: argparse.Namespace) -> int:
+    from pipeline import kaggle_cli
+
+    return kaggle_cli.dispatch(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
+
+    p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
+    p.add_argument("--out", required=True, help="output folder (train/, test/, train.csv, depths.csv)")
+    p.add_argument("--n-train", type=_positive_int, default=800)
+    p.add_argument("--n-test", type=_positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("folds", help="stratified k-fold split by salt-coverage class")
+    p.add_argument("--data", required=True, help="dataset folder (train/masks or train.csv)")
+    p.add_argument("--k", type=_positive_int, default=5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="folds/folds.csv")
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("rle", help="encode mask PNGs to an id,rle_mask CSV or decode one")
+    rle_sub = p.add_subparsers(dest="rle_command", required=True, parser_class=_Parser, metavar="encode|decode")
+    q = rle_sub.add_parser("encode", help="mask PNGs -> id,rle_mask CSV")
+    q.add_argument("--masks", required=True)
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_rle_encode)
+    q = rle_sub.add_parser("decode", help="id,rle_mask CSV -> mask PNGs")
+    q.add_argument("--csv", required=True)
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_rle_decode)
+
+    p = sub.add_parser("score", help="competition score of a prediction CSV against a truth CSV")
+    p.add_argument("--truth", required=True)
+    p.add_argument("--pred", required=True)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("train", help="train the config's folds (resumes from last.pt by default)")
+    _config_args(p)
+    p.add_argument("--folds", type=_folds_arg, default=None, help="e.g. 0,1 (default: the config's)")
+    p.add_argument("--restart", action="store_true", help="ignore last.pt and start the folds afresh")
+    p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
+    p.add_argument("--resume", action="store_true", help="(default) continue from last.pt")
+    p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search threshold and min area on the out-of-fold predictions")
+    p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_quick")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("predict", help="fold-averaged TTA probabilities for the test images")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", default=None, help="dataset folder with test/images (default: the run's)")
+    p.add_argument("--tta", default=None, help="comma list from none,hflip,vflip,hvflip (default: config's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("submit", help="threshold, RLE-encode and write submissions/<run>.csv")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", default=None, help="default: submissions/<run name>.csv")
+    p.add_argument("--data", default=None, help="dataset folder with test/images (default: the run's)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("check-submission", help="validate a submission CSV against a test image folder")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--test", required=True, help="dataset folder (with test/images) or the images folder")
+    p.set_defaults(func=cmd_check_submission)
+
+    p = sub.add_parser("leaderboard", help="rank every tuned run by CV")
+    p.add_argument("--file", default="submissions/leaderboard.csv")
+    p.add_argument("--top", type=_positive_int, default=0, help="show only the best N")
+    p.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="config keys in which two runs differ")
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("show", help="PNG grids: worst OOF predictions, test samples, training curves")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", default=None)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("kaggle", help="download, submit, and build/push the Kaggle kernel")
+    _add_kaggle_commands(p)
+    p.set_defaults(func=cmd_kaggle)
+    return parser
+
+
+def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kaggle_command", required=True, parser_class=_Parser, metavar="command")
+    p = sub.add_parser("download", help="download and unpack the competition data, then verify it")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("submit", help="check a submission CSV, then submit it to the competition")
+    p.add_argument("--csv", required=True)
+    p.add_argument("-m", "--message", required=True)
+    p.add_argument("--test", default=None, help="test folder to check against (default: skip id check)")
+    p = sub.add_parser("kernel", help="render, push and follow the training kernel")
+    ksub = p.add_subparsers(dest="kernel_command", required=True, parser_class=_Parser, metavar="command")
+    q = ksub.add_parser("build", help="render kernels/<purpose>/ with the pipeline bundled")
+    _config_args(q)
+    q.add_argument("--user", required=True, help="your Kaggle user name")
+    q.add_argument("--slug", default="tgs-salt-pipeline-train")
+    q.add_argument("--out", default="kernels/train")
+    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape, e.g. NvidiaTeslaP100")
+    q = ksub.add_parser("push", help="kaggle kernels push -p on the rendered folder")
+    q.add_argument("--dir", default="kernels/train")
+    q = ksub.add_parser("status", help="kaggle kernels status of the rendered kernel")
+    q.add_argument("--dir", default="kernels/train")
+    q = ksub.add_parser("output", help="fetch the kernel's output (its submission.csv)")
+    q.add_argument("--dir", default="kernels/train")
+    q.add_argument("--out", default="kernels/output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

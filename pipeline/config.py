@@ -1,0 +1,311 @@
+"""The typed experiment config: YAML file -> dataclasses, validated on load, saved with the run.
+
+Layering (as in timm's train.py): dataclass defaults <- YAML file <- `--set key=value`
+overrides. The resolved config is written to `runs/<name>/config.yaml`; that file alone
+is enough to reproduce or resume the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class ModelConfig:
+    # Registry name: "seed_unet" or "unet_<timm encoder>" (unet_resnet34, unet_resnet18, ...)
+    name: str = "seed_unet"
+    n_filters: int = 16  # seed_unet width (the tutorial's start_neurons)
+    dropout: float = 0.1
+    # The tutorial's Keras blocks drop their first conv by mistake; True reproduces that.
+    keras_bug: bool = False
+    in_chans: int = 1
+    pretrained: bool = False
+    weights_path: str = ""  # local timm weights file; never a hub download
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    scse: bool = False
+    hypercolumn: bool = False
+    deep_supervision: bool = False
+
+
+@dataclass
+class InputConfig:
+    # "pad": reflect-pad 101 -> size (winners' choice); "resize": bilinear resize to size.
+    mode: str = "pad"
+    size: int = 128
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5
+    shift_scale: float = 0.5  # probability of a small affine shift/scale
+    shift_limit: float = 0.1
+    scale_limit: float = 0.1
+    brightness_contrast: float = 0.5
+    brightness_limit: float = 0.1
+    contrast_limit: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    # "bce", "lovasz", or "bce_lovasz" (bce_weight * BCE + lovasz_weight * Lovasz)
+    name: str = "bce"
+    bce_weight: float = 1.0
+    lovasz_weight: float = 1.0
+    # Schedule: from this epoch on (0-based) the loss switches to `stage2_name`.
+    stage2_from_epoch: int = -1
+    stage2_name: str = "lovasz"
+    # Deep supervision weights (only when model.deep_supervision)
+    empty_head_weight: float = 0.05
+    stage_heads_weight: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    # "cosine_restarts" (snapshot cycles of cycle_epochs), "cosine", "plateau", "none"
+    scheduler: str = "plateau"
+    cycle_epochs: int = 10
+    min_lr: float = 1e-5
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    early_stop_patience: int = 10  # epochs without a better val metric; 0 disables
+    warmup_epochs: int = 0
+    # "auto": bf16 on CPU when supported, fp16/bf16 AMP on CUDA; "off"; "bf16"; "fp16"
+    precision: str = "auto"
+    channels_last: str = "auto"  # "auto" | "on" | "off"
+    compile: bool = False
+    num_workers: int = 0
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
+    grad_clip: float = 0.0
+
+
+@dataclass
+class PredictConfig:
+    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])
+    batch_size: int = 64
+    save_probs: bool = True
+
+
+@dataclass
+class TuneConfig:
+    thresholds: list[float] = field(default_factory=lambda: [round(0.2 + 0.02 * i, 2) for i in range(31)])
+    min_areas: list[int] = field(default_factory=lambda: [0, 10, 20, 30, 50, 75, 100, 150, 200])
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    data: str = "data/synth"
+    folds_csv: str = "folds/folds.csv"
+    runs_dir: str = "runs"
+    n_folds: int = 5
+    folds: list[int] = field(default_factory=list)  # which folds to train; empty = all
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def fold_list(self) -> list[int]:
+        return list(self.folds) if self.folds else list(range(self.n_folds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, *, ignore: tuple[str, ...] = ("folds", "runs_dir")) -> str:
+        """A short hash of what determines the trained weights (for stale-state checks)."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+VALID_CHOICES = {
+    "input.mode": {"pad", "resize"},
+    "loss.name": {"bce", "lovasz", "bce_lovasz"},
+    "loss.stage2_name": {"bce", "lovasz", "bce_lovasz"},
+    "train.optimizer": {"adam", "adamw", "sgd"},
+    "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
+    "train.precision": {"auto", "off", "bf16", "fp16"},
+    "train.channels_last": {"auto", "on", "off"},
+}
+VALID_TTA = {"none", "hflip", "vflip", "hvflip"}
+
+
+def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
+    """Check/convert one YAML value against a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise PipelineError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        return _build(annotation, value, source, prefix=where + ".")
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise PipelineError(f"{source}: '{where}' must be a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("config fields must not be unions")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        # argparse's type=bool turns "False" into True; never here.
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise PipelineError(f"{source}: '{where}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise PipelineError(f"{source}: '{where}' must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise PipelineError(f"{source}: '{where}' must be an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise PipelineError(f"{source}: '{where}' must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config annotation {annotation!r}")
+
+
+def _build(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise PipelineError(
+            f"{source}: unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, source: str) -> Config:
+    flat = _flatten(cfg.to_dict())
+    for key, allowed in VALID_CHOICES.items():
+        if flat[key] not in allowed:
+            raise PipelineError(f"{source}: '{key}' is {flat[key]!r}; choose one of {sorted(allowed)}")
+    for aug in cfg.predict.tta:
+        if aug not in VALID_TTA:
+            raise PipelineError(f"{source}: 'predict.tta' has {aug!r}; choose from {sorted(VALID_TTA)}")
+    if cfg.n_folds < 2:
+        raise PipelineError(f"{source}: 'n_folds' must be at least 2, got {cfg.n_folds}")
+    bad = [k for k in cfg.folds if not 0 <= k < cfg.n_folds]
+    if bad:
+        raise PipelineError(f"{source}: 'folds' has {bad[0]}, outside 0..{cfg.n_folds - 1}")
+    if cfg.input.size < 101 and cfg.input.mode == "pad":
+        raise PipelineError(f"{source}: 'input.size' must be >= 101 to pad, got {cfg.input.size}")
+    if cfg.input.size % 32:
+        raise PipelineError(f"{source}: 'input.size' must be a multiple of 32, got {cfg.input.size}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise PipelineError(f"{source}: 'train.epochs' and 'train.batch_size' must be positive")
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        raise PipelineError(f"{source}: 'name' must be a plain folder name, got {cfg.name!r}")
+    return cfg
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def flatten(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """`{"train.lr": 0.001, ...}`: for diffs between runs and for the leaderboard."""
+    return _flatten(cfg.to_dict() if isinstance(cfg, Config) else cfg)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    import yaml
+
+    if "=" not in assignment:
+        raise PipelineError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=3")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PipelineError(f"--set {assignment!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    return _validate(_build(Config, values, source), source)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply `key=value` overrides."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{path}: cannot read config ({exc})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise PipelineError(f"{path}: invalid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise PipelineError(f"{path}: a config must be a mapping of keys to values")
+        values = loaded
+    for assignment in overrides:
+        _apply_override(values, assignment)
+    return from_dict(values, source)
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from pipeline.fileio import write_text
+
+    write_text(path, dump_yaml(cfg))

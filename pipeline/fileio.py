@@ -1,0 +1,134 @@
+"""Atomic writes: a file is either its old content or its complete new content.
+
+Checkpoints, OOF arrays, CSVs and JSON are written to a temp file in the same
+folder, fsynced, then `os.replace`d over the target, so a kill or a full disk
+never leaves a half-written file where a reader expects a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from pipeline.errors import PipelineError
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except OSError as exc:
+        _remove_quietly(tmp_name)
+        raise PipelineError(f"{target}: could not write ({exc.strerror or exc})") from exc
+    except BaseException:
+        _remove_quietly(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _remove_quietly(name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows it, which is fine.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths show up in metrics and configs
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_csv(path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame atomically, without the index."""
+    with atomic_open(path, "w") as handle:
+        frame.to_csv(handle, index=False, lineterminator="\n")
+
+
+def write_npy(path: str | os.PathLike, array) -> None:
+    import numpy as np
+
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[IO], None]) -> None:
+    """Atomically write whatever `writer(handle)` writes (e.g. `torch.save`)."""
+    with atomic_open(path, "wb") as handle:
+        writer(handle)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{path}: file not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from exc
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True, what: str = "") -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on `path`; the holder's pid is written inside.
+
+    blocking=False raises PipelineError naming the holder instead of waiting: two
+    training runs must never share a run dir silently.
+    """
+    import fcntl
+
+    lock_path = Path(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(handle.fileno(), flags)
+        except BlockingIOError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PipelineError(f"{lock_path}: {what or 'locked'} is in use by {holder}") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
