@@ -102,6 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_all(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.stages import run_all
+
+    cfg = load_config(args.config, args.overrides)
+    run_all(cfg, args.data, force=args.force, submission=args.submission)
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune import tune_run
 
@@ -201,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="(default) continue from last.pt")
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("all", help="end to end: folds, train, tune, predict, submit, leaderboard")
+    _config_args(p)
+    p.add_argument("--data", default=None, help="dataset folder in the Kaggle layout (default: the config's)")
+    p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument("--submission", default=None, help="submission path (default: submissions/<name>.csv)")
+    p.set_defaults(func=cmd_all)
 
     p = sub.add_parser("tune", help="search threshold and min area on the out-of-fold predictions")
     p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_quick")

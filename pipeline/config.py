@@ -83,7 +83,6 @@ class TrainConfig:
     plateau_patience: int = 5
     plateau_factor: float = 0.5
     early_stop_patience: int = 10  # epochs without a better val metric; 0 disables
-    warmup_epochs: int = 0
     # "auto": bf16 on CPU when supported, fp16/bf16 AMP on CUDA; "off"; "bf16"; "fp16"
     precision: str = "auto"
     channels_last: str = "auto"  # "auto" | "on" | "off"
@@ -92,6 +91,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
     grad_clip: float = 0.0
+    sync_bn: bool = False  # DDP only: SyncBatchNorm across processes
 
 
 @dataclass
@@ -111,7 +111,8 @@ class TuneConfig:
 class Config:
     name: str = "experiment"
     data: str = "data/synth"
-    folds_csv: str = "folds/folds.csv"
+    # "" = folds/<data folder name>-k<n_folds>-s<seed>.csv, so two datasets never share a split
+    folds_csv: str = ""
     runs_dir: str = "runs"
     n_folds: int = 5
     folds: list[int] = field(default_factory=list)  # which folds to train; empty = all
@@ -127,6 +128,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    def folds_path(self) -> Path:
+        if self.folds_csv:
+            return Path(self.folds_csv)
+        return Path("folds") / f"{Path(self.data).resolve().name}-k{self.n_folds}-s{self.seed}.csv"
 
     def fold_list(self) -> list[int]:
         return list(self.folds) if self.folds else list(range(self.n_folds))

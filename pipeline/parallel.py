@@ -1,0 +1,76 @@
+"""Folds in parallel: one `python -m pipeline train --folds k` process per fold.
+
+One process per GPU (CUDA_VISIBLE_DEVICES picks it), or on CPU the cores split between
+as many processes as fit. Each fold is seeded on its own (train.epoch_seed), so the
+weights are the same as when the folds run one after another with the same thread
+count. Every fold's output goes to runs/<name>/fold<k>/train.out.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from pipeline import fileio
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+
+
+def plan_workers(n_folds: int, n_gpus: int, n_cores: int, threads: int = 0) -> tuple[int, int]:
+    """(concurrent processes, torch threads each): one per GPU, else cores split evenly."""
+    if n_gpus:
+        return min(n_folds, n_gpus), threads or max(1, n_cores // min(n_folds, n_gpus))
+    workers = max(1, min(n_folds, n_cores // max(threads, 1) if threads else n_cores))
+    return workers, threads or max(1, n_cores // workers)
+
+
+def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = False) -> list[dict]:
+    import torch
+
+    from pipeline.train import fold_is_done, load_training_data, prepare_run_dir
+
+    prepare_run_dir(cfg, force=force)
+    load_training_data(cfg)  # makes the folds file once, before the workers start
+    folds = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
+    n_gpus = torch.cuda.device_count()
+    workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.train.threads)
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(workers):
+        slots.put(slot)
+    config_path = cfg.run_dir / "config.yaml"
+    print(f"{cfg.name}: training folds {folds} in {workers} parallel processes "
+          f"({'one GPU' if n_gpus else f'{threads} CPU threads'} each)")
+
+    def run_fold(fold: int) -> None:
+        slot = slots.get()
+        try:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env.pop("WORLD_SIZE", None)
+            if n_gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path),
+                       "--folds", str(fold), "--set", f"train.threads={threads}",
+                       "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}"]
+            if not resume:
+                command.append("--restart")
+            if force:
+                command.append("--force")
+            log_path = cfg.run_dir / f"fold{fold}" / "train.out"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w", encoding="utf-8") as log:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            if code != 0:
+                lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+                raise PipelineError(f"{log_path}: fold {fold} failed: {lines[-1] if lines else f'exit {code}'}")
+            done = fileio.read_json(cfg.run_dir / f"fold{fold}" / "done.json")
+            print(f"fold {fold}: done, best val score {done['best_score']:.4f} ({done['seconds']:.0f}s)", flush=True)
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(run_fold, fold) for fold in folds]:
+            future.result()
+    return [fileio.read_json(cfg.run_dir / f"fold{k}" / "done.json") for k in cfg.fold_list()]

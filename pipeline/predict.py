@@ -1,0 +1,130 @@
+"""Test inference: every fold's best model, each with TTA, averaged at 101x101.
+
+`predict_run` writes `runs/<name>/test_probs.npy` (float16 [N,101,101]), `test_ids.txt`
+and `predict.json`. Probabilities, not masks, are saved so that runs can be blended
+later and thresholds changed without running the models again.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import fileio
+from pipeline.config import Config, VALID_TTA, load_config
+from pipeline.errors import PipelineError
+from pipeline.runtime import Runtime, resolve_runtime
+
+# Flip dims of an NCHW tensor; each flip is its own inverse, so the same dims undo it.
+FLIP_DIMS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
+
+
+def to_batch(images: torch.Tensor, masks: torch.Tensor | None, cfg: Config, rt: Runtime):
+    """uint8 [B,101,101] -> model input [B,C,S,S] (and a binary target [B,1,S,S])."""
+    from pipeline.geometry import pad_or_resize, to_model_input
+
+    x = rt.to_input(to_model_input(images, cfg.input.mode, cfg.input.size))
+    if cfg.model.in_chans > 1:
+        x = x.expand(-1, cfg.model.in_chans, -1, -1).contiguous(memory_format=rt.memory_format())
+    if masks is None:
+        return x, None
+    target = pad_or_resize(masks[:, None].float(), cfg.input.mode, cfg.input.size)
+    return x, (target > 0.5).float().to(rt.device, non_blocking=True)
+
+
+@torch.no_grad()
+def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_size: int,
+                  tta: tuple[str, ...] | list[str] = ("none",), bar=None) -> np.ndarray:
+    """Probabilities at 101x101 (float32 [N,101,101]); TTA flips are undone before averaging."""
+    from pipeline.geometry import restore
+
+    model.eval()
+    out = np.empty(images.shape, dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        x, _ = to_batch(torch.from_numpy(images[start:start + batch_size]), None, cfg, rt)
+        probs = torch.zeros((x.shape[0], 1, x.shape[2], x.shape[3]), device=rt.device)
+        for flip in tta:
+            dims = FLIP_DIMS[flip]
+            with rt.autocast():
+                logits = model(torch.flip(x, dims) if dims else x)["mask"]
+            logits = logits.float()
+            probs += torch.sigmoid(torch.flip(logits, dims) if dims else logits)
+        probs /= len(tta)
+        out[start:start + len(x)] = restore(probs, cfg.input.mode)[:, 0].cpu().numpy()
+        if bar is not None:
+            bar.update(len(x))
+    return out
+
+
+def load_fold_model(cfg: Config, fold: int, rt: Runtime) -> torch.nn.Module:
+    """The fold's best checkpoint, built from the run's own config, in eval mode."""
+    from pipeline.models import create_model
+    from pipeline.train import load_checkpoint
+
+    path = cfg.run_dir / f"fold{fold}" / "best.pt"
+    if not path.exists():
+        raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
+    checkpoint = load_checkpoint(path)
+    model = create_model(cfg.model)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(rt.device, memory_format=rt.memory_format()).eval()
+
+
+def parse_tta(text: str | None, default: list[str]) -> list[str]:
+    if text is None:
+        return list(default)
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [n for n in names if n not in VALID_TTA]
+    if bad or not names:
+        raise PipelineError(f"--tta {text!r}: choose a comma list from {sorted(VALID_TTA)}")
+    return names
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise PipelineError(f"{path}: missing — is {run_dir} a run dir made by `python -m pipeline train`?")
+    cfg = load_config(path)
+    # the run dir may have been moved or renamed since training
+    cfg.runs_dir, cfg.name = str(Path(run_dir).parent), Path(run_dir).name
+    return cfg
+
+
+def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | None = None,
+                device: str | None = None) -> Path:
+    """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path."""
+    from tqdm import tqdm
+
+    from pipeline.data import load_test
+
+    cfg = load_run_config(run_dir)
+    flips = parse_tta(tta, cfg.predict.tta)
+    folds = cfg.fold_list()
+    test = load_test(data_dir or cfg.data)
+    if len(test.ids) == 0:
+        raise PipelineError(f"{Path(data_dir or cfg.data) / 'test' / 'images'}: no test images")
+    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.train.threads)
+    started = time.perf_counter()
+    total = np.zeros(test.images.shape, dtype=np.float32)
+    with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",
+              unit="img", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
+        for fold in folds:
+            model = load_fold_model(cfg, fold, rt)
+            total += predict_probs(model, test.images, cfg, rt, cfg.predict.batch_size, flips, bar=bar)
+            del model
+    probs = (total / len(folds)).astype(np.float16)
+    run = Path(run_dir)
+    fileio.write_npy(run / "test_probs.npy", probs)
+    fileio.write_text(run / "test_ids.txt", "\n".join(test.ids) + "\n")
+    seconds = time.perf_counter() - started
+    fileio.write_json(run / "predict.json", {
+        "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
+        "data": str(data_dir or cfg.data), "device": rt.describe(),
+    })
+    print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA "
+          f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")
+    return run / "test_probs.npy"

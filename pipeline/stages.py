@@ -1,0 +1,86 @@
+"""The whole pipeline as one command: folds -> train -> tune -> predict -> submit -> leaderboard.
+
+Each stage is skipped when its outputs exist and are newer than its inputs, so rerunning
+after a crash picks up where it stopped (training itself resumes from last.pt). A run dir
+whose config differs from the requested one is refused by `train` (see prepare_run_dir);
+`force=True` recomputes every stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+
+
+def _newest_mtime(paths) -> float:
+    return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+
+
+def _is_fresh(output: Path, inputs: list[Path]) -> bool:
+    return output.exists() and output.stat().st_mtime >= _newest_mtime(inputs)
+
+
+def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
+            submission: str | None = None) -> Path:
+    from pipeline.folds import fold_summary, load_folds, make_folds_for_dir
+    from pipeline.leaderboard import format_leaderboard
+    from pipeline.predict import predict_run
+    from pipeline.submit import submit_run
+    from pipeline.train import train_folds
+    from pipeline.tune import tune_run
+
+    started = time.perf_counter()
+    if data_dir is not None:
+        cfg.data = str(data_dir)
+    if not (Path(cfg.data) / "train").is_dir():
+        raise PipelineError(f"{cfg.data}: no train/ folder — give --data DIR in the Kaggle layout")
+    run = cfg.run_dir
+
+    # 1. folds: one file shared by every experiment on this data, made once
+    folds_csv = cfg.folds_path()
+    if force or not folds_csv.exists():
+        print(f"== folds: {folds_csv}")
+        print(fold_summary(make_folds_for_dir(cfg.data, k=cfg.n_folds, seed=cfg.seed, out=folds_csv)))
+    else:
+        load_folds(folds_csv)
+
+    # 2. train (skips complete folds, resumes interrupted ones)
+    print(f"== train: {run}")
+    train_folds(cfg, resume=True, force=force)
+    fold_files = [run / f"fold{k}" / "done.json" for k in cfg.fold_list()]
+
+    # 3. tune threshold and min area on the OOF
+    if force or not _is_fresh(run / "tune.json", fold_files + [run / "config.yaml"]):
+        print("== tune")
+        tune_run(run)
+    else:
+        print(f"== tune: {run / 'tune.json'} is up to date")
+
+    # 4. predict the test set with TTA, averaged over folds
+    best_files = [run / f"fold{k}" / "best.pt" for k in cfg.fold_list()]
+    if force or not _is_fresh(run / "test_probs.npy", best_files + [run / "config.yaml"]) \
+            or not _same_data(run, cfg.data):
+        print("== predict")
+        predict_run(run, data_dir=cfg.data)
+    else:
+        print(f"== predict: {run / 'test_probs.npy'} is up to date")
+
+    # 5. submission (checked as it is written) and the leaderboard
+    print("== submit")
+    path = submit_run(run, out=submission, data_dir=cfg.data)
+    print(f"wrote {path}")
+    print()
+    print(format_leaderboard("submissions/leaderboard.csv", top=10))
+    print(f"\n{cfg.name}: done in {(time.perf_counter() - started) / 60:.1f} min; pictures: "
+          f"python -m pipeline show --run {run}")
+    return path
+
+
+def _same_data(run: Path, data: str) -> bool:
+    from pipeline.fileio import read_json
+
+    meta = run / "predict.json"
+    return meta.exists() and read_json(meta).get("data") == str(data)
