@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import fileio
-from pipeline.config import Config, VALID_TTA, load_config
+from pipeline.config import VALID_TTA, Config, load_run_config
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime, resolve_runtime
 
@@ -82,16 +82,6 @@ def parse_tta(text: str | None, default: list[str]) -> list[str]:
     if bad or not names:
         raise PipelineError(f"--tta {text!r}: choose a comma list from {sorted(VALID_TTA)}")
     return names
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing — is {run_dir} a run dir made by `python -m pipeline train`?")
-    cfg = load_config(path)
-    # the run dir may have been moved or renamed since training
-    cfg.runs_dir, cfg.name = str(Path(run_dir).parent), Path(run_dir).name
-    return cfg
 
 
 def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | None = None,

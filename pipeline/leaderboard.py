@@ -1,0 +1,225 @@
+"""The local leaderboard: one row per tuned run in submissions/leaderboard.csv, ranked by CV.
+
+`record_run` is called by `tune`; re-tuning a run replaces its row. The file is rewritten
+atomically under a lock, so runs that finish at the same moment (parallel folds, two
+terminals) all land. `diff_runs` answers "what did I change between these two?".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+COLUMNS = [
+    "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "min_area", "tta",
+    "train_minutes", "git_commit", "date", "config_hash", "run_dir",
+]
+DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
+# What the text table shows, and how: (column, header, right-aligned)
+TABLE_COLUMNS = [
+    ("run", "run", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
+    ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
+    ("min_area", "min_area", True), ("tta", "tta", False), ("train_minutes", "train_min", True),
+    ("date", "date (UTC)", False), ("git_commit", "commit", False),
+]
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """Short hash of HEAD of the repo holding the code ("" outside a git checkout)."""
+    folder = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _loss_label(cfg) -> str:
+    label = cfg.loss.name
+    if cfg.loss.stage2_from_epoch >= 0 and cfg.loss.stage2_name != cfg.loss.name:
+        label += f">{cfg.loss.stage2_name}@{cfg.loss.stage2_from_epoch}"
+    return label
+
+
+def _train_minutes(run: Path, folds: list[int]) -> float:
+    from pipeline.fileio import read_json
+
+    seconds = 0.0
+    for fold in folds:
+        done = run / f"fold{fold}" / "done.json"
+        if done.exists():
+            try:
+                seconds += float(read_json(done).get("seconds", 0.0))
+            except (PipelineError, TypeError, ValueError, AttributeError):
+                pass  # a damaged done.json costs the time column, not the row
+    return seconds / 60.0
+
+
+def _tta_used(run: Path, default: list[str]) -> str:
+    from pipeline.fileio import read_json
+
+    predicted = run / "predict.json"
+    tta = default
+    if predicted.exists():
+        try:
+            tta = read_json(predicted).get("tta", default)
+        except (PipelineError, AttributeError):
+            pass
+    return "+".join(tta)
+
+
+def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
+    """The leaderboard row of a tuned run (all values as the strings written to the CSV)."""
+    from pipeline.config import load_run_config
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    folds = cfg.fold_list()
+    return {
+        "run": cfg.name,
+        "model": cfg.model.name,
+        "loss": _loss_label(cfg),
+        "folds": f"{len(folds)}/{cfg.n_folds}",
+        "cv_at_05": f"{float(tune_result['cv_at_05']):.4f}",
+        "cv_tuned": f"{float(tune_result['cv_tuned']):.4f}",
+        "threshold": f"{float(tune_result['threshold']):.2f}",
+        "min_area": str(int(tune_result["min_area"])),
+        "tta": _tta_used(run, cfg.predict.tta),
+        "train_minutes": f"{_train_minutes(run, folds):.1f}",
+        "git_commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": cfg.digest(),
+        "run_dir": str(run),
+    }
+
+
+def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a leaderboard CSV ([] when it does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:
+                return []
+            if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
+                raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
+            return [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise PipelineError(f"{path}: malformed CSV ({exc})") from None
+
+
+def _cv(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("cv_tuned", ""))
+    except ValueError:
+        return float("-inf")  # unreadable scores sink to the bottom
+
+
+def rank_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return sorted(rows, key=_cv, reverse=True)
+
+
+def record_run(run_dir: str | Path, tune_result: dict[str, Any],
+               leaderboard_csv: str | Path = DEFAULT_LEADERBOARD) -> dict[str, str]:
+    """Append the run's row, or replace the row of a run with the same name; returns the row."""
+    from pipeline.fileio import file_lock, write_text
+
+    row = run_row(run_dir, tune_result)
+    path = Path(leaderboard_csv)
+    with file_lock(f"{path}.lock", what="the leaderboard"):
+        rows = [r for r in read_leaderboard(path) if r.get("run") != row["run"]]
+        rows.append(row)
+        # keep columns an older or newer version of the file has, after ours
+        extra = [k for r in rows for k in r if k not in COLUMNS]
+        fieldnames = COLUMNS + list(dict.fromkeys(extra))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rank_rows(rows))
+        write_text(path, buffer.getvalue())
+    return row
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    header = ["#"] + [title for _, title, _ in TABLE_COLUMNS]
+    body = []
+    for rank, row in enumerate(rows, start=1):
+        cells = [str(rank)]
+        for key, _, _ in TABLE_COLUMNS:
+            value = row.get(key, "")
+            if key == "date":
+                value = value[:16].replace("T", " ")  # minutes are enough to tell runs apart
+            cells.append(value)
+        body.append(cells)
+    right = [True] + [r for _, _, r in TABLE_COLUMNS]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule] + [fmt(cells) for cells in body])
+
+
+def format_leaderboard(csv_path: str | Path = DEFAULT_LEADERBOARD, top: int = 0) -> str:
+    """A fixed-width text table of the runs, best cv_tuned first (top > 0: only the best N)."""
+    path = Path(csv_path)
+    rows = rank_rows(read_leaderboard(path))
+    if not rows:
+        return f"{path}: no runs yet — tune one with `python -m pipeline tune --run runs/NAME`"
+    shown = rows[:top] if top > 0 else rows
+    footer = f"{len(shown)} of {len(rows)} runs" if len(shown) < len(rows) else f"{len(rows)} runs"
+    return f"{_table(shown)}\n({footer}, ranked by cv_tuned; {path})"
+
+
+# ---------------------------------------------------------------- run diffs
+
+
+def _run_config_path(run: str | Path, runs_dir: str | Path) -> Path:
+    given = Path(run)
+    for candidate in (given / "config.yaml", Path(runs_dir) / given / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise PipelineError(f"{Path(runs_dir) / given / 'config.yaml'}: missing (no run {str(run)!r} in {runs_dir})")
+
+
+_ABSENT = object()  # a key only one config has (configs from different code versions)
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every flattened key whose values differ."""
+    keys = list(a) + [k for k in b if k not in a]
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def diff_runs(a: str | Path, b: str | Path, runs_dir: str | Path = "runs") -> str:
+    """The config keys in which two runs differ, one "key: A -> B" line each."""
+    from pipeline.config import flatten, load_config
+
+    path_a, path_b = _run_config_path(a, runs_dir), _run_config_path(b, runs_dir)
+    flat_a, flat_b = flatten(load_config(path_a)), flatten(load_config(path_b))
+    differences = config_differences(flat_a, flat_b)
+    if not differences:
+        return f"{path_a.parent} and {path_b.parent}: identical configs"
+    count = f"{len(differences)} key{'s differ' if len(differences) > 1 else ' differs'}"
+    lines = [f"{path_a.parent} -> {path_b.parent}: {count}"]
+    lines += [f"{key}: {_show(va)} -> {_show(vb)}" for key, va, vb in differences]
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Pictures of a run, for looking before trusting a number: `python -m pipeline show --run runs/x`.
+
+Writes into `runs/<name>/show/`:
+    oof_worst.png     the worst-scored OOF images (gray image, truth outline green,
+                      prediction outline red; title: id, salt coverage, image score)
+    oof_by_class.png  a few OOF examples of every coverage class
+    test_samples.png  test images with the predicted mask outline (after `predict`)
+    curves.png        per-fold train/val loss and val_score per epoch (fold*/log.csv)
+Masks are binarised with the tuned threshold/min area when tune.json exists, else 0.5.
+matplotlib is imported here only, on its Agg (file-only) backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+DPI = 100
+TILE_INCHES = 2.0  # one 101x101 image
+TITLE_INCHES = 0.45  # two lines of small title above it
+GRID_COLS = 4
+N_WORST = 16
+N_PER_CLASS = 4
+N_TEST = 16
+CURVES_INCHES = (12.0, 4.0)
+TRUTH_COLOR = "lime"
+PRED_COLOR = "red"
+
+
+def grid_pixels(rows: int, cols: int) -> tuple[int, int]:
+    """(width, height) in pixels of a tile grid figure: what the PNG will measure."""
+    return round(cols * TILE_INCHES * DPI), round(rows * (TILE_INCHES + TITLE_INCHES) * DPI)
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _figure(width_in: float, height_in: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    # A bare Figure (no pyplot): no global state, nothing left open between calls.
+    return Figure(figsize=(width_in, height_in), dpi=DPI)
+
+
+def _save(fig, path: Path) -> Path:
+    from pipeline.fileio import write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)  # no bbox_inches="tight": the size stays as designed
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _outline(ax, mask: np.ndarray, color: str) -> None:
+    if mask.any() and not mask.all():  # contour needs both levels present
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.0)
+
+
+def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
+    """tiles: {"image", "title", optional "truth", "pred"}; placed row-major into rows x cols."""
+    width, height = grid_pixels(rows, cols)
+    fig = _figure(width / DPI, height / DPI)
+    tile_w, tile_h = 1.0 / cols, 1.0 / rows
+    image_h = tile_h * TILE_INCHES / (TILE_INCHES + TITLE_INCHES)
+    for index, tile in enumerate(tiles):
+        row, col = divmod(index, cols)
+        ax = fig.add_axes((col * tile_w + 0.01 * tile_w, 1.0 - (row + 1) * tile_h, 0.98 * tile_w, image_h))
+        ax.imshow(tile["image"], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if tile.get("truth") is not None:
+            _outline(ax, tile["truth"], TRUTH_COLOR)
+        if tile.get("pred") is not None:
+            _outline(ax, tile["pred"], PRED_COLOR)
+        ax.set_title(tile["title"], fontsize=7, pad=2)
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- what to draw
+
+
+def read_tuned_postprocessing(run: Path) -> tuple[float, int, bool]:
+    """(threshold, min_area, empty_blank) from tune.json, or the untuned (0.5, 0, False)."""
+    from pipeline.tune import read_tuned
+
+    return read_tuned(run) if (run / "tune.json").exists() else (0.5, 0, False)
+
+
+def _available_oof(run: Path, folds: list[int]) -> tuple[list[str], np.ndarray]:
+    """OOF of every fold that has one so far (a fold still training shows its best epoch)."""
+    from pipeline.tune import read_fold_oof
+
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for fold in folds:
+        if (run / f"fold{fold}" / "oof.npy").exists():
+            fold_ids, probs = read_fold_oof(run, fold, require_done=False)
+            ids += fold_ids
+            parts.append(probs)
+    return ids, (np.concatenate(parts) if parts else np.zeros((0, 101, 101), np.float32))
+
+
+def _oof_tiles(ids, images, truth, pred, scores, classes, order) -> list[dict]:
+    area = 101 * 101
+    return [{
+        "image": images[i], "truth": truth[i], "pred": pred[i],
+        "title": f"{ids[i]}\nc{classes[i]} cov {truth[i].sum() / area:.0%}  score {scores[i]:.2f}",
+    } for i in order]
+
+
+def draw_oof(run: Path, data_dir: Path, out_dir: Path, threshold: float, min_area: int,
+             empty_blank: bool, folds: list[int]) -> list[Path]:
+    from pipeline.data import is_blank, load_train
+    from pipeline.folds import coverage_class
+    from pipeline.metric import image_scores
+    from pipeline.submit import binarize
+
+    ids, probs = _available_oof(run, folds)
+    if not ids:
+        return []
+    train = load_train(data_dir, ids)
+    truth = np.asarray(train.masks, dtype=bool)
+    blank = np.asarray(is_blank(train.images), dtype=bool) if empty_blank else None
+    pred = binarize(probs, threshold, min_area, empty_mask=blank)
+    scores = np.asarray(image_scores(truth, pred))
+    classes = np.asarray(coverage_class(truth))
+
+    # worst first; among equal scores the biggest mistakes (most salt involved) first
+    salt = truth.sum(axis=(1, 2)) + pred.sum(axis=(1, 2))
+    worst = np.lexsort((-salt, scores))[:N_WORST]
+    rows = -(-len(worst) // GRID_COLS)
+    paths = [_tile_grid(_oof_tiles(ids, train.images, truth, pred, scores, classes, worst),
+                        rows, GRID_COLS, out_dir / "oof_worst.png")]
+
+    rng = np.random.default_rng(0)
+    present = np.unique(classes)
+    tiles: list[dict] = []
+    for cls in present:
+        members = np.flatnonzero(classes == cls)
+        picked = np.sort(rng.choice(members, size=min(N_PER_CLASS, len(members)), replace=False))
+        row = _oof_tiles(ids, train.images, truth, pred, scores, classes, picked)
+        tiles += row + [{"image": np.full((101, 101), 255, np.uint8), "title": ""}] * (N_PER_CLASS - len(row))
+    paths.append(_tile_grid(tiles, len(present), N_PER_CLASS, out_dir / "oof_by_class.png"))
+    return paths
+
+
+def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, threshold: float, min_area: int,
+                      empty_blank: bool) -> list[Path]:
+    from pipeline.data import is_blank, read_image
+    from pipeline.submit import binarize, read_test_probs
+
+    if not (run / "test_probs.npy").exists():
+        return []
+    ids, probs = read_test_probs(run)
+    if not ids:
+        return []
+    # half the samples where salt was predicted, half where not, so both kinds are seen
+    salty = np.flatnonzero(binarize(probs, threshold, min_area).any(axis=(1, 2)))
+    plain = np.setdiff1d(np.arange(len(ids)), salty)
+    rng = np.random.default_rng(0)
+    take_salty = min(len(salty), max(N_TEST // 2, N_TEST - len(plain)))
+    picked = np.concatenate([rng.choice(salty, take_salty, replace=False),
+                             rng.choice(plain, min(len(plain), N_TEST - take_salty), replace=False)])
+    picked = np.sort(picked.astype(int))
+    images = np.stack([read_image(data_dir / "test" / "images" / f"{ids[i]}.png") for i in picked])
+    blank = np.asarray(is_blank(images), dtype=bool) if empty_blank else None
+    pred = binarize(probs[picked], threshold, min_area, empty_mask=blank)
+    tiles = [{"image": images[k], "pred": pred[k],
+              "title": f"{ids[i]}\npredicted salt {pred[k].mean():.0%}"} for k, i in enumerate(picked)]
+    rows = -(-len(tiles) // GRID_COLS)
+    return [_tile_grid(tiles, rows, GRID_COLS, out_dir / "test_samples.png")]
+
+
+def _read_log(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return {key: np.array([float(r[key]) for r in rows])
+                for key in ("epoch", "train_loss", "val_loss", "val_score")}
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error):
+        raise PipelineError(f"{path}: not a training log (epoch, train_loss, val_loss, val_score)") from None
+
+
+def draw_curves(run: Path, out_dir: Path, folds: list[int]) -> list[Path]:
+    logs = {k: _read_log(run / f"fold{k}" / "log.csv") for k in folds if (run / f"fold{k}" / "log.csv").exists()}
+    logs = {k: v for k, v in logs.items() if len(v["epoch"])}
+    if not logs:
+        return []
+    fig = _figure(*CURVES_INCHES)
+    loss_ax, score_ax = fig.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(logs))]
+    for color, (fold, log) in zip(colors, logs.items()):
+        loss_ax.plot(log["epoch"], log["train_loss"], "--", color=color, label=f"fold {fold} train")
+        loss_ax.plot(log["epoch"], log["val_loss"], "-", color=color, label=f"fold {fold} val")
+        score_ax.plot(log["epoch"], log["val_score"], "-o", color=color, markersize=3, label=f"fold {fold}")
+    loss_ax.set(title="loss (dashed: train, solid: val)", xlabel="epoch", ylabel="loss")
+    score_ax.set(title="validation competition score at threshold 0.5", xlabel="epoch", ylabel="score")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (loss_ax, score_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
+    return [_save(fig, out_dir / "curves.png")]
+
+
+def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
+    """Write the run's pictures into runs/<name>/show/; returns the paths written."""
+    from pipeline.config import load_run_config
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    data = Path(data_dir if data_dir is not None else cfg.data)
+    threshold, min_area, empty_blank = read_tuned_postprocessing(run)
+    out_dir = run / "show"
+    folds = cfg.fold_list()
+    paths = draw_oof(run, data, out_dir, threshold, min_area, empty_blank, folds)
+    paths += draw_test_samples(run, data, out_dir, threshold, min_area, empty_blank)
+    paths += draw_curves(run, out_dir, folds)
+    if not paths:
+        raise PipelineError(f"{run}: nothing to show yet (no fold OOF, log.csv or test_probs.npy)")
+    return paths

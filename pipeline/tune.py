@@ -1,0 +1,279 @@
+"""Post-processing chosen on the out-of-fold predictions: threshold, min area, blank images.
+
+Thresholding is a separate command on saved probabilities (as in lopuhin's imet): training
+saves every fold's validation probabilities (`fold<k>/oof.npy`), `tune_run` puts them
+together into one OOF covering the train set, searches the threshold x min-area grid
+with the competition metric, and writes `runs/<name>/tune.json` (read by `submit`) and
+`runs/<name>/oof.csv` (the tuned OOF masks, scoreable with `python -m pipeline score`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import fileio
+from pipeline.config import Config, load_run_config
+from pipeline.errors import PipelineError
+
+IMAGE_SHAPE = (101, 101)
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MIN_AREA = 0
+
+
+def read_tuned(run_dir: str | Path) -> tuple[float, int, bool]:
+    """(threshold, min_area, empty_blank) from the run's tune.json, with a hint when it is missing."""
+    from pipeline.fileio import read_json
+
+    run = Path(run_dir)
+    path = run / "tune.json"
+    rerun = f"run `python -m pipeline tune --run {run}`"
+    if not path.exists():
+        raise PipelineError(f"{path}: missing — {rerun}")
+    tuned = read_json(path)
+    try:
+        return float(tuned["threshold"]), int(tuned["min_area"]), bool(tuned.get("empty_blank", False))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise PipelineError(f"{path}: lacks threshold/min_area — {rerun}") from None
+
+
+# ---------------------------------------------------------------- OOF assembly
+
+
+def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) -> tuple[list[str], np.ndarray]:
+    """One fold's validation ids and float32 [n,101,101] probabilities (complete folds only,
+    unless require_done=False: a fold still training has the OOF of its best epoch so far)."""
+    fold_dir = Path(run_dir) / f"fold{fold}"
+    for name in ("oof.npy", "oof_ids.txt", "done.json")[: 3 if require_done else 2]:
+        if not (fold_dir / name).exists():
+            state = "not trained" if not fold_dir.is_dir() or name != "done.json" else "not finished"
+            raise PipelineError(f"{fold_dir / name}: missing (fold {fold} {state})")
+    try:
+        probs = np.load(fold_dir / "oof.npy", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{fold_dir / 'oof.npy'}: not a readable .npy array ({exc})") from None
+    if probs.ndim != 3 or probs.shape[1:] != IMAGE_SHAPE:
+        raise PipelineError(f"{fold_dir / 'oof.npy'}: shape {probs.shape}, expected [n, 101, 101]")
+    try:
+        ids = (fold_dir / "oof_ids.txt").read_text(encoding="utf-8").split()
+    except UnicodeDecodeError:
+        raise PipelineError(f"{fold_dir / 'oof_ids.txt'}: not UTF-8 text") from None
+    if len(ids) != len(probs):
+        raise PipelineError(
+            f"{fold_dir / 'oof_ids.txt'}: {len(ids)} ids but oof.npy holds {len(probs)} images"
+        )
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{fold_dir / 'oof.npy'}: contains NaN or infinite probabilities")
+    return ids, probs.astype(np.float32)
+
+
+def _check_against_folds_file(cfg: Config, fold_ids: dict[int, list[str]], run: Path) -> None:
+    """Each fold's OOF ids must be exactly that fold's ids in the folds file the run used."""
+    from pipeline.folds import load_folds
+
+    folds_path = cfg.folds_path()
+    if not folds_path.exists():
+        # A run copied from elsewhere (e.g. a Kaggle kernel) may come without its folds file;
+        # the duplicate check still holds and load_train rejects ids that are not train images.
+        print(f"warning: {folds_path}: not found, OOF ids are not checked against the folds file",
+              file=sys.stderr)
+        return
+    folds = load_folds(folds_path)
+    fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
+    for fold, ids in fold_ids.items():
+        where = run / f"fold{fold}" / "oof_ids.txt"
+        unknown = [i for i in ids if i not in fold_of]
+        if unknown:
+            raise PipelineError(f"{where}: {len(unknown)} ids not in {folds_path} (e.g. {unknown[0]})")
+        wrong = [i for i in ids if fold_of[i] != fold]
+        if wrong:
+            raise PipelineError(
+                f"{where}: {len(wrong)} ids belong to another fold in {folds_path} "
+                f"(e.g. {wrong[0]} is in fold {fold_of[wrong[0]]})"
+            )
+        expected = {i for i, k in fold_of.items() if k == fold}
+        lacking = sorted(expected - set(ids))
+        if lacking:
+            raise PipelineError(
+                f"{where}: lacks {len(lacking)} of fold {fold}'s ids in {folds_path} (e.g. {lacking[0]})"
+            )
+
+
+def assemble_oof(run_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """All folds' OOF probabilities as one (ids sorted, float32 [N,101,101]); each id once."""
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    fold_ids: dict[int, list[str]] = {}
+    fold_probs: list[np.ndarray] = []
+    for fold in cfg.fold_list():
+        ids, probs = read_fold_oof(run, fold)
+        fold_ids[fold] = ids
+        fold_probs.append(probs)
+    all_ids = [i for ids in fold_ids.values() for i in ids]
+    seen: dict[str, int] = {}
+    for fold, ids in fold_ids.items():
+        for image_id in ids:
+            if image_id in seen:
+                other = seen[image_id]
+                where = f"fold {other} and fold {fold}" if other != fold else f"fold {fold} twice"
+                duplicates = len(all_ids) - len(set(all_ids))
+                raise PipelineError(
+                    f"{run / f'fold{fold}' / 'oof_ids.txt'}: id {image_id} appears in {where} "
+                    f"({duplicates} duplicate ids in all)"
+                )
+            seen[image_id] = fold
+    _check_against_folds_file(cfg, fold_ids, run)
+    probs = np.concatenate(fold_probs) if fold_probs else np.zeros((0, *IMAGE_SHAPE), np.float32)
+    order = np.argsort(np.asarray(all_ids, dtype=object), kind="stable")
+    return [all_ids[i] for i in order], probs[order]
+
+
+def oof_fold_of(run_dir: str | Path) -> dict[str, int]:
+    """id -> fold, read from each fold's oof_ids.txt (for per-fold scores)."""
+    run = Path(run_dir)
+    out: dict[str, int] = {}
+    for fold in load_run_config(run).fold_list():
+        path = run / f"fold{fold}" / "oof_ids.txt"
+        if path.exists():
+            out.update((i, fold) for i in path.read_text(encoding="utf-8").split())
+    return out
+
+
+# ---------------------------------------------------------------- search
+
+
+def search_grid(cfg: Config) -> tuple[list[float], list[int]]:
+    """The config's grid, always including the untuned pair (0.5, 0) so tuning never loses."""
+    thresholds = sorted({round(float(t), 6) for t in cfg.tune.thresholds} | {DEFAULT_THRESHOLD})
+    min_areas = sorted({int(a) for a in cfg.tune.min_areas} | {DEFAULT_MIN_AREA})
+    bad = [t for t in thresholds if not 0.0 <= t < 1.0]
+    if bad:
+        raise PipelineError(f"tune.thresholds: {bad[0]} is outside [0, 1)")
+    if min_areas[0] < 0:
+        raise PipelineError(f"tune.min_areas: {min_areas[0]} is negative")
+    return thresholds, min_areas
+
+
+def best_pair(scores: np.ndarray, thresholds: list[float], min_areas: list[int]) -> tuple[float, int]:
+    """Arg-max of the grid; among ties the pair nearest the defaults (least tuned to noise)."""
+    best = scores.max()
+    ties = np.argwhere(scores >= best - 1e-12)
+    i, j = min(ties.tolist(), key=lambda ij: (abs(thresholds[ij[0]] - DEFAULT_THRESHOLD), min_areas[ij[1]], ij[0]))
+    return thresholds[i], min_areas[j]
+
+
+def _group_scores(image_scores: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, Any]]:
+    return {
+        str(int(g)): {"n": int((groups == g).sum()), "score": round(float(image_scores[groups == g].mean()), 6)}
+        for g in np.unique(groups)
+    }
+
+
+def tune_oof(truth: np.ndarray, probs: np.ndarray, blank: np.ndarray, cfg: Config) -> dict[str, Any]:
+    """Search the grid and decide on blank images; the scores come from the final masks themselves."""
+    from pipeline.metric import image_scores, threshold_scores
+    from pipeline.submit import binarize
+
+    thresholds, min_areas = search_grid(cfg)
+    grid = np.asarray(threshold_scores(truth, probs, thresholds, min_areas), dtype=np.float64)
+    threshold, min_area = best_pair(grid, thresholds, min_areas)
+
+    # Rescore the chosen masks directly (the same binarize as `submit`), so tune.json, oof.csv
+    # and the submission agree even where the grid search rounds differently.
+    at_05 = image_scores(truth, binarize(probs, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA))
+    tuned = image_scores(truth, binarize(probs, threshold, min_area))
+    if tuned.mean() < at_05.mean():
+        threshold, min_area, tuned = DEFAULT_THRESHOLD, DEFAULT_MIN_AREA, at_05
+    # 1st place: blank images (one pixel value) carry no salt; forcing them empty is only kept
+    # when it helps on this OOF.
+    blank_scores = image_scores(truth, binarize(probs, threshold, min_area, empty_mask=blank))
+    empty_blank = bool(blank.any() and blank_scores.mean() > tuned.mean())
+    return {
+        "threshold": float(threshold),
+        "min_area": int(min_area),
+        "empty_blank": empty_blank,
+        "cv_at_05": float(at_05.mean()),
+        "cv_before_blank": float(tuned.mean()),
+        "cv_blank_forced_empty": float(blank_scores.mean()),
+        "image_scores": blank_scores if empty_blank else tuned,
+        "grid": grid,
+        "thresholds": thresholds,
+        "min_areas": min_areas,
+    }
+
+
+# ---------------------------------------------------------------- the command
+
+
+def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/leaderboard.csv") -> dict:
+    """Tune the run's post-processing on its OOF; write tune.json and oof.csv; record the run."""
+    from pipeline.data import is_blank, load_train
+    from pipeline.folds import coverage_class
+    from pipeline.leaderboard import record_run
+    from pipeline.rle import encode_many, write_rle_csv
+    from pipeline.submit import binarize
+
+    started = time.perf_counter()
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    ids, probs = assemble_oof(run)
+    if not ids:
+        raise PipelineError(f"{run}: the config trains no folds, nothing to tune")
+    train = load_train(cfg.data, ids)
+    if list(train.ids) != ids:
+        raise PipelineError(f"{cfg.data}: returned train images in another order than the OOF ids")
+    truth = np.asarray(train.masks, dtype=bool)
+    blank = np.asarray(is_blank(train.images), dtype=bool)
+
+    found = tune_oof(truth, probs, blank, cfg)
+    scores = found["image_scores"]
+    fold_of = oof_fold_of(run)
+    folds = np.array([fold_of[i] for i in ids])
+    result: dict[str, Any] = {
+        "threshold": round(found["threshold"], 6),
+        "min_area": found["min_area"],
+        "cv_at_05": round(found["cv_at_05"], 6),
+        "cv_tuned": round(float(scores.mean()), 6),
+        "per_class": _group_scores(scores, np.asarray(coverage_class(truth))),
+        "per_fold": _group_scores(scores, folds),
+        "n_images": len(ids),
+        "empty_blank": found["empty_blank"],
+        "n_blank": int(blank.sum()),
+        "cv_blank_forced_empty": round(found["cv_blank_forced_empty"], 6),
+        "folds": cfg.fold_list(),
+        "grid_size": [len(found["thresholds"]), len(found["min_areas"])],
+        "seconds": 0.0,
+    }
+
+    forced_empty = blank if found["empty_blank"] else None
+    masks = binarize(probs, found["threshold"], found["min_area"], empty_mask=forced_empty)
+    write_rle_csv(run / "oof.csv", ids, encode_many(masks))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    fileio.write_json(run / "tune.json", result)
+    print(format_summary(run, result, found))
+    record_run(run, result, leaderboard_csv=leaderboard_csv)
+    return result
+
+
+def format_summary(run: Path, result: dict, found: dict) -> str:
+    gain = result["cv_tuned"] - result["cv_at_05"]
+    blank_line = (
+        f"  blank images forced empty:  {result['cv_blank_forced_empty']:.4f} over {result['n_blank']} blank "
+        f"-> {'applied' if result['empty_blank'] else 'not applied'}"
+    )
+    lines = [
+        f"{run}: {result['n_images']} OOF images from folds {','.join(map(str, result['folds']))}",
+        f"  CV at threshold 0.50, min area 0:  {result['cv_at_05']:.4f}",
+        f"  CV tuned (threshold {result['threshold']:.2f}, min area {result['min_area']}):  "
+        f"{result['cv_tuned']:.4f}  ({gain:+.4f}; {found['grid'].size} pairs searched)",
+        blank_line,
+        "  per fold:   " + "  ".join(f"{k}: {v['score']:.4f} ({v['n']})" for k, v in result["per_fold"].items()),
+        "  per coverage class (0 = empty):",
+    ]
+    lines += [f"    class {k:>2}  {v['n']:5d} images  {v['score']:.4f}" for k, v in result["per_class"].items()]
+    lines.append(f"  wrote {run / 'tune.json'} and {run / 'oof.csv'}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The leaderboard CSV: one row per run, ranked by tuned CV, safe under concurrent writers;
+and config diffs between runs."""
+
+from __future__ import annotations
+
+import csv
+import re
+import threading
+
+import pytest
+
+from pipeline.config import Config, save_config
+from pipeline.errors import PipelineError
+from pipeline.leaderboard import COLUMNS, diff_runs, format_leaderboard, read_leaderboard, record_run
+from tests.fake_run import write_fold
+
+
+def make_run(root, name: str, **train) -> Config:
+    """A run dir with config.yaml and fold done.json files (2 folds of 90 s and 150 s)."""
+    import numpy as np
+
+    cfg = Config(name=name, runs_dir=str(root / "runs"), n_folds=2)
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    for fold, seconds in ((0, 90.0), (1, 150.0)):
+        write_fold(cfg.run_dir, fold, ["a"], np.zeros((1, 101, 101), np.float32), seconds=seconds)
+    return cfg
+
+
+def tune_result(cv: float) -> dict:
+    return {"threshold": 0.42, "min_area": 20, "cv_at_05": cv - 0.01, "cv_tuned": cv}
+
+
+def test_rows_are_ranked_by_cv_tuned_and_a_rerecorded_run_replaces_its_row(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    for name, cv in (("low", 0.70), ("high", 0.85), ("mid", 0.80)):
+        record_run(make_run(tmp_path, name).run_dir, tune_result(cv), leaderboard_csv=board)
+    assert [r["run"] for r in read_leaderboard(board)] == ["high", "mid", "low"]
+
+    record_run(tmp_path / "runs" / "low", tune_result(0.90), leaderboard_csv=board)
+    rows = read_leaderboard(board)
+    assert [r["run"] for r in rows] == ["low", "high", "mid"]
+    assert rows[0]["cv_tuned"] == "0.9000"
+    table = format_leaderboard(board).splitlines()
+    assert [line.split()[1] for line in table[2:5]] == ["low", "high", "mid"]
+
+
+def test_row_has_every_column_with_values_from_the_run(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    cfg = make_run(tmp_path, "one")
+    record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
+    with open(board, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == COLUMNS
+        (row,) = list(reader)
+    assert row["run"] == "one" and row["model"] == "seed_unet" and row["loss"] == "bce"
+    assert row["folds"] == "2/2" and row["threshold"] == "0.42" and row["min_area"] == "20"
+    assert row["train_minutes"] == "4.0"  # (90 + 150) s
+    assert row["config_hash"] == cfg.digest()
+    assert row["tta"] == "none+hflip"
+    assert re.fullmatch(r"[0-9a-f]{4,40}|", row["git_commit"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["date"])
+
+
+def test_concurrent_record_run_calls_all_land(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    names = [f"run{i}" for i in range(8)]
+    runs = [make_run(tmp_path, name).run_dir for name in names]
+    start = threading.Barrier(len(runs))
+    errors: list[BaseException] = []
+
+    def record(index: int) -> None:
+        try:
+            start.wait()
+            record_run(runs[index], tune_result(0.5 + index / 100), leaderboard_csv=board)
+        except BaseException as exc:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(r["run"] for r in read_leaderboard(board)) == sorted(names)
+    assert list(tmp_path.glob(".leaderboard.csv.*.tmp")) == []
+
+
+def test_missing_leaderboard_is_a_friendly_message(tmp_path):
+    text = format_leaderboard(tmp_path / "none.csv")
+    assert "no runs yet" in text and "python -m pipeline tune" in text
+
+
+def test_top_n_shows_only_the_best(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    for name, cv in (("a", 0.7), ("b", 0.9), ("c", 0.8)):
+        record_run(make_run(tmp_path, name).run_dir, tune_result(cv), leaderboard_csv=board)
+    lines = format_leaderboard(board, top=1).splitlines()
+    assert len(lines) == 4 and lines[2].split()[1] == "b" and "1 of 3 runs" in lines[3]
+
+
+def test_diff_runs_lists_exactly_the_differing_keys(tmp_path):
+    make_run(tmp_path, "base", lr=0.001)
+    make_run(tmp_path, "faster", lr=0.003, epochs=10)
+    text = diff_runs("base", "faster", runs_dir=tmp_path / "runs")
+    lines = text.splitlines()
+    assert lines[0].endswith(": 3 keys differ")
+    assert sorted(lines[1:]) == ["name: base -> faster", "train.epochs: 30 -> 10", "train.lr: 0.001 -> 0.003"]
+    # run dirs work as well as names
+    by_dir = diff_runs(tmp_path / "runs" / "base", tmp_path / "runs" / "faster")
+    assert by_dir.splitlines()[1:] == lines[1:]
+    assert "identical" in diff_runs("base", "base", runs_dir=tmp_path / "runs")
+
+
+def test_diff_with_unknown_run_is_one_line_error(tmp_path):
+    make_run(tmp_path, "base")
+    with pytest.raises(PipelineError) as exc:
+        diff_runs("base", "ghost", runs_dir=tmp_path / "runs")
+    assert "\n" not in str(exc.value) and "ghost" in str(exc.value) and "config.yaml: missing" in str(exc.value)
+
+
+def test_cli_leaderboard_and_diff(tmp_path, capsys):
+    from pipeline.cli import main
+
+    board = tmp_path / "leaderboard.csv"
+    record_run(make_run(tmp_path, "base").run_dir, tune_result(0.8), leaderboard_csv=board)
+    make_run(tmp_path, "other", lr=0.01)
+    assert main(["leaderboard", "--file", str(board)]) == 0
+    assert "base" in capsys.readouterr().out
+    assert main(["leaderboard", "--diff", "base", "other", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().out
