@@ -63,6 +63,8 @@ class LossConfig:
     # Schedule: from this epoch on (0-based) the loss switches to `stage2_name`.
     stage2_from_epoch: int = -1
     stage2_name: str = "lovasz"
+    # Lovasz as (L(x, y) + L(-x, 1 - y)) / 2: background scored too (9th place: +0.02)
+    symmetric_lovasz: bool = False
     # Deep supervision weights (only when model.deep_supervision)
     empty_head_weight: float = 0.05
     stage_heads_weight: float = 0.1
@@ -194,7 +196,10 @@ def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
         except (TypeError, ValueError):
             raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}") from None
     if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare on/off as a boolean; for string fields ("precision: off") mean the word.
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise PipelineError(f"{source}: '{where}' must be a string, got {value!r}")
         return str(value)
     raise AssertionError(f"unsupported config annotation {annotation!r}")

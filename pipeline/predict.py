@@ -69,7 +69,7 @@ def load_fold_model(cfg: Config, fold: int, rt: Runtime) -> torch.nn.Module:
     if not path.exists():
         raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
     checkpoint = load_checkpoint(path)
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, load_pretrained=False)  # the checkpoint holds every weight
     model.load_state_dict(checkpoint["model"])
     return model.to(rt.device, memory_format=rt.memory_format()).eval()
 

@@ -203,7 +203,7 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: 
             outputs = {k: _to_float(v) for k, v in outputs.items()}
             loss, _ = loss_fn(outputs, target, epoch)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(float(loss))
+                raise NonFiniteLoss(float(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
@@ -211,7 +211,7 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: 
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            total_loss += float(loss) * len(images)
+            total_loss += float(loss.detach()) * len(images)
             total_images += len(images)
             bar.update(len(images))
             bar.set_postfix(loss=f"{total_loss / total_images:.4f}")
@@ -242,7 +242,7 @@ def validation_loss(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: 
         with rt.autocast():
             outputs = model(x)
         loss, _ = loss_fn({"mask": outputs["mask"].float()}, target, epoch)
-        total += float(loss) * len(x)
+        total += float(loss.detach()) * len(x)
     return total / max(len(images), 1)
 
 

@@ -1,0 +1,138 @@
+"""Segmentation losses: BCE, the Lovasz hinge, their mix, a schedule, deep-supervision terms.
+
+Lovasz hinge (Berman, Rannen Triki & Blaschko, CVPR 2018): the tight convex surrogate of
+the Jaccard loss 1 - IoU, computed per image on LOGITS (never probabilities), which is
+what the competition's per-image IoU metric rewards (+0.010 over BCE in reported
+ablations). Known behaviour kept as published: on an empty mask it only penalises the
+worst pixel, so pair it with BCE (`bce_lovasz`) or a salt-present head; the
+`symmetric_lovasz` option averages L(x, y) and L(-x, 1-y), which also scores the
+background as a class (the 9th place reported +0.02).
+
+The per-image Lovasz is batched: one sort over [B, H*W] instead of a Python loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from pipeline.config import LossConfig
+from pipeline.errors import PipelineError
+
+LOSS_NAMES = ("bce", "lovasz", "bce_lovasz")
+
+
+# ---------------------------------------------------------------- Lovasz hinge
+
+
+def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. errors sorted descending.
+
+    gt_sorted: [..., P] 0/1 labels in the order of decreasing error. Entry i is
+    J(first i+1 pixels wrong) - J(first i pixels wrong), J = 1 - IoU.
+    """
+    if not gt_sorted.is_floating_point():
+        gt_sorted = gt_sorted.float()
+    gts = gt_sorted.sum(dim=-1, keepdim=True)
+    intersection = gts - gt_sorted.cumsum(dim=-1)
+    union = gts + (1.0 - gt_sorted).cumsum(dim=-1)  # >= 1 everywhere: never divides by zero
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], dim=-1)
+
+
+def lovasz_hinge_flat(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Lovasz hinge of one image: logits [P], labels [P] in {0,1}; or a batch [B,P] -> [B]."""
+    if logits.shape[-1] == 0:
+        return logits.sum(dim=-1) * 0.0
+    labels = labels.to(logits.dtype)
+    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    errors_sorted, order = torch.sort(errors, dim=-1, descending=True)
+    grad = lovasz_grad(torch.gather(labels, -1, order))
+    return (F.relu(errors_sorted) * grad).sum(dim=-1)
+
+
+def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True) -> torch.Tensor:
+    """Mean per-image Lovasz hinge of logits [B,H,W] against labels [B,H,W] (0/1);
+    per_image=False treats the whole batch as one image."""
+    if per_image:
+        return lovasz_hinge_flat(logits.flatten(1), labels.flatten(1)).mean()
+    return lovasz_hinge_flat(logits.flatten(), labels.flatten())
+
+
+def symmetric_lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True) -> torch.Tensor:
+    """(L(x, y) + L(-x, 1 - y)) / 2: salt and background both scored as Jaccard classes."""
+    return (lovasz_hinge(logits, labels, per_image) + lovasz_hinge(-logits, 1.0 - labels, per_image)) / 2
+
+
+# ---------------------------------------------------------------- the training loss
+
+
+class SegLoss:
+    """`(outputs, target [B,1,S,S] 0/1 float, epoch) -> (loss, {"bce": .., "lovasz": .., ...})`.
+
+    Main loss by name: "bce", "lovasz" or "bce_lovasz" (bce_weight * BCE + lovasz_weight *
+    Lovasz); from epoch `stage2_from_epoch` (if >= 0) on, `stage2_name` replaces it.
+    With deep supervision and the heads present in `outputs` (training mode only), adds
+      empty_head_weight * BCE(salt_logit, any salt in the image)
+      stage_heads_weight * mean over stages of the main loss on the non-empty images,
+        each against the target max-pooled to the stage size.
+    The returned dict holds floats for logging; "total" is the returned loss.
+    """
+
+    def __init__(self, loss_cfg: LossConfig, deep_supervision: bool = False):
+        for key in ("name", "stage2_name"):
+            value = getattr(loss_cfg, key)
+            if value not in LOSS_NAMES:
+                raise PipelineError(f"loss.{key} {value!r}: choose one of {list(LOSS_NAMES)}")
+        self.cfg = loss_cfg
+        self.deep_supervision = deep_supervision
+
+    def loss_name(self, epoch: int) -> str:
+        stage2 = self.cfg.stage2_from_epoch
+        return self.cfg.stage2_name if 0 <= stage2 <= epoch else self.cfg.name
+
+    def _lovasz(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fn = symmetric_lovasz_hinge if self.cfg.symmetric_lovasz else lovasz_hinge
+        return fn(logits[:, 0], target[:, 0])
+
+    def mask_loss(self, logits: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, dict]:
+        """The main loss `name` of mask logits [B,1,H,W]; also its parts (tensors)."""
+        parts: dict[str, torch.Tensor] = {}
+        if name in ("bce", "bce_lovasz"):
+            parts["bce"] = F.binary_cross_entropy_with_logits(logits, target)
+        if name in ("lovasz", "bce_lovasz"):
+            parts["lovasz"] = self._lovasz(logits, target)
+        if name == "bce":
+            return parts["bce"], parts
+        if name == "lovasz":
+            return parts["lovasz"], parts
+        return self.cfg.bce_weight * parts["bce"] + self.cfg.lovasz_weight * parts["lovasz"], parts
+
+    def __call__(self, outputs: dict, target: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        name = self.loss_name(epoch)
+        total, parts = self.mask_loss(outputs["mask"], target, name)
+        if self.deep_supervision and "salt_logit" in outputs:
+            salt_present = target.flatten(1).amax(dim=1)
+            parts["salt"] = F.binary_cross_entropy_with_logits(outputs["salt_logit"], salt_present)
+            total = total + self.cfg.empty_head_weight * parts["salt"]
+        if self.deep_supervision and outputs.get("stages"):
+            parts["stages"] = self.stage_loss(outputs["stages"], target, name)
+            total = total + self.cfg.stage_heads_weight * parts["stages"]
+        parts["total"] = total
+        names = list(parts)
+        # one device sync for all logged values
+        values = torch.stack([parts[k].detach().float() for k in names]).tolist()
+        return total, dict(zip(names, values))
+
+    def stage_loss(self, stages: list[torch.Tensor], target: torch.Tensor, name: str) -> torch.Tensor:
+        non_empty = target.flatten(1).amax(dim=1) > 0
+        if not bool(non_empty.any()):
+            # no salt in the batch: a zero that still reaches every head (DDP wants all grads)
+            return torch.stack([stage_logits.sum() * 0.0 for stage_logits in stages]).mean()
+        losses = []
+        for stage_logits in stages:
+            # a stage pixel is salt if any full-size pixel under it is
+            stage_target = F.adaptive_max_pool2d(target, stage_logits.shape[-2:])
+            loss, _ = self.mask_loss(stage_logits[non_empty], stage_target[non_empty], name)
+            losses.append(loss)
+        return torch.stack(losses).mean()

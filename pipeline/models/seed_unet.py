@@ -1,0 +1,85 @@
+"""`seed_unet`: a PyTorch port of the public Keras TGS tutorial UNet ("UNet with depth" kernels).
+
+The Keras model (n_filters = start_neurons = 16):
+    encoder   4 x [conv2d_block(n*2^i) -> MaxPool2x2 -> Dropout]      n*2^i = 16, 32, 64, 128
+    middle    conv2d_block(16n = 256)
+    decoder   4 x [Conv2DTranspose(3x3, stride 2, 'same') halving channels -> concat skip
+                   -> Dropout -> conv2d_block]
+    head      Conv2D(1, 1x1)   (a logit here; Keras applied the sigmoid in the layer)
+where conv2d_block = (Conv2D 3x3 'same' -> BatchNorm -> ReLU) x 2. Keras convs carry a
+bias even before BatchNorm, so ours do too: the trainable parameter count is the Keras
+one (tests/test_models.py recomputes it from the layer shapes).
+
+`keras_bug=True` reproduces the kernel whose conv2d_block feeds `input_tensor` to its second
+conv: Keras drops the dead first conv from the graph, so each block is a single conv.
+The tutorial's dropout was 0.25/0.5; here every dropout is `cfg.dropout` (default 0.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.models.blocks import DoubleConv, SaltPresentHead, StageHeads
+
+DEPTH = 4  # pooling steps: inputs must be a multiple of 2**DEPTH = 16
+
+
+class SeedUNet(nn.Module):
+    def __init__(self, in_chans: int = 1, n_filters: int = 16, dropout: float = 0.1, keras_bug: bool = False,
+                 deep_supervision: bool = False):
+        super().__init__()
+        widths = [n_filters * 2**i for i in range(DEPTH + 1)]  # 16, 32, 64, 128, 256
+        self.encoder = nn.ModuleList()
+        in_channels = in_chans
+        for width in widths[:-1]:
+            self.encoder.append(DoubleConv(in_channels, width, keras_bug=keras_bug, bias=True))
+            in_channels = width
+        self.pool = nn.MaxPool2d(2)
+        self.dropout = nn.Dropout(dropout)
+        self.middle = DoubleConv(widths[-2], widths[-1], keras_bug=keras_bug, bias=True)
+        self.upsamplers = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for width in reversed(widths[:-1]):  # 128, 64, 32, 16
+            # stride 2, padding 1, output_padding 1 = Keras 'same' transposed conv: exactly x2
+            self.upsamplers.append(nn.ConvTranspose2d(width * 2, width, 3, stride=2, padding=1, output_padding=1))
+            self.decoder.append(DoubleConv(width * 2, width, keras_bug=keras_bug, bias=True))
+        self.head = nn.Conv2d(n_filters, 1, 1)
+        self.deep_supervision = deep_supervision
+        if deep_supervision:
+            self.salt_head = SaltPresentHead(widths[-1])
+            self.stage_heads = StageHeads(list(reversed(widths[1:-1])))  # decoder outputs before the last
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if x.shape[-1] % 2**DEPTH or x.shape[-2] % 2**DEPTH:
+            raise PipelineError(f"seed_unet: input size {tuple(x.shape[-2:])} is not a multiple of {2**DEPTH}")
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.dropout(self.pool(x))
+        middle = self.middle(x)
+        x = middle
+        decoded = []
+        for upsample, block, skip in zip(self.upsamplers, self.decoder, reversed(skips)):
+            x = block(self.dropout(torch.cat([upsample(x), skip], dim=1)))
+            decoded.append(x)
+        outputs = {"mask": self.head(x)}
+        if self.deep_supervision and self.training:
+            outputs["salt_logit"] = self.salt_head(middle)
+            outputs["stages"] = self.stage_heads(decoded[:-1])
+        return outputs
+
+
+def build_seed_unet(cfg: ModelConfig) -> SeedUNet:
+    unsupported = [name for name in ("scse", "hypercolumn", "pretrained") if getattr(cfg, name)]
+    if unsupported:
+        raise PipelineError(
+            f"model.{unsupported[0]}: not available for seed_unet (use a unet_<encoder> model, e.g. unet_resnet34)"
+        )
+    if cfg.n_filters < 1 or not 0.0 <= cfg.dropout < 1.0:
+        raise PipelineError(f"model: seed_unet needs n_filters >= 1 and 0 <= dropout < 1, "
+                            f"got n_filters={cfg.n_filters}, dropout={cfg.dropout}")
+    return SeedUNet(cfg.in_chans, cfg.n_filters, cfg.dropout, cfg.keras_bug, cfg.deep_supervision)

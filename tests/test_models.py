@@ -1,0 +1,242 @@
+"""pipeline.models: registry, the Keras-tutorial seed UNet, timm-encoder UNets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.geometry import restore, to_model_input
+from pipeline.models import create_model, list_models
+
+
+def padded_batch(n: int = 2, in_chans: int = 1) -> torch.Tensor:
+    """101x101 uint8 images reflect-padded to 128, as the training loop feeds them."""
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 101, 101), dtype=np.uint8)
+    return to_model_input(images, "pad", 128).expand(-1, in_chans, -1, -1)
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    model.train()
+    outputs = model(x)
+    loss = outputs["mask"].mean()
+    if "stages" in outputs:
+        loss = loss + outputs["salt_logit"].mean() + sum(s.mean() for s in outputs["stages"])
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    return outputs
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- the Keras count, by hand
+# Keras layer sizes: Conv2D(k x k, cin -> cout) = k*k*cin*cout weights + cout biases (use_bias
+# is on by default, even before BatchNormalization); Conv2DTranspose likewise; a
+# BatchNormalization has 4 per channel: gamma, beta trainable, moving mean/var not.
+
+
+def keras_conv(k: int, cin: int, cout: int) -> int:
+    return k * k * cin * cout + cout
+
+
+def keras_conv2d_block(cin: int, n: int, keras_bug: bool) -> int:
+    """(trainable) conv+BN+ReLU twice; with the bug Keras keeps only the input-reading conv."""
+    if keras_bug:
+        return keras_conv(3, cin, n) + 2 * n
+    return keras_conv(3, cin, n) + 2 * n + keras_conv(3, n, n) + 2 * n
+
+
+def keras_unet_trainable_parameters(n: int = 16, keras_bug: bool = False, in_chans: int = 1,
+                                    classes: int = 1) -> int:
+    total = 0
+    cin = in_chans
+    for width in (n, 2 * n, 4 * n, 8 * n):  # encoder (pool/dropout have no weights)
+        total += keras_conv2d_block(cin, width, keras_bug)
+        cin = width
+    total += keras_conv2d_block(8 * n, 16 * n, keras_bug)  # middle
+    for width in (8 * n, 4 * n, 2 * n, n):  # Conv2DTranspose halves, concat doubles back
+        total += keras_conv(3, 2 * width, width) + keras_conv2d_block(2 * width, width, keras_bug)
+    return total + keras_conv(1, n, classes)  # the 1x1 output layer
+
+
+def keras_unet_batchnorm_channels(n: int = 16, keras_bug: bool = False) -> int:
+    blocks = [n, 2 * n, 4 * n, 8 * n, 16 * n, 8 * n, 4 * n, 2 * n, n]
+    return sum(blocks) * (1 if keras_bug else 2)
+
+
+@pytest.mark.parametrize("keras_bug", [False, True])
+def test_seed_unet_parameter_count_matches_the_keras_model(keras_bug):
+    model = create_model(ModelConfig(name="seed_unet", n_filters=16, keras_bug=keras_bug))
+    assert count_parameters(model) == keras_unet_trainable_parameters(16, keras_bug)
+    # Keras' "non-trainable params" are the BN moving statistics: our running mean/var buffers
+    moving = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
+    assert moving == 2 * keras_unet_batchnorm_channels(16, keras_bug)
+
+
+def test_hand_keras_count_agrees_with_a_published_keras_summary():
+    # model.summary() of the same 16-filter, 4-block BN UNet in R keras (maju116/platypus,
+    # examples/2018 Data Science Bowl): RGB input, 2-class head -> 2,161,666 trainable,
+    # 2,944 non-trainable. Ours is 1 channel in, 1 logit out: 2,161,361.
+    assert keras_unet_trainable_parameters(16, in_chans=3, classes=2) == 2_161_666
+    assert keras_unet_batchnorm_channels(16) * 2 == 2_944
+    assert keras_unet_trainable_parameters(16) == 2_161_361
+
+
+def test_seed_unet_maps_a_padded_101_batch_to_128_logits_and_trains():
+    model = create_model(ModelConfig(name="seed_unet"))
+    outputs = forward_backward(model, padded_batch())
+    assert set(outputs) == {"mask"}
+    assert outputs["mask"].shape == (2, 1, 128, 128)
+    assert restore(outputs["mask"], "pad").shape == (2, 1, 101, 101)
+
+
+def test_keras_bug_variant_is_a_different_smaller_network_that_still_trains():
+    torch.manual_seed(0)
+    fixed = create_model(ModelConfig(name="seed_unet", dropout=0.0)).eval()
+    torch.manual_seed(0)
+    buggy = create_model(ModelConfig(name="seed_unet", dropout=0.0, keras_bug=True)).eval()
+    x = padded_batch()
+    assert count_parameters(buggy) < count_parameters(fixed)
+    assert not torch.allclose(fixed(x)["mask"], buggy(x)["mask"])
+    assert forward_backward(buggy, x)["mask"].shape == (2, 1, 128, 128)
+
+
+def test_seed_unet_dropout_follows_the_config_and_is_off_in_eval():
+    model = create_model(ModelConfig(name="seed_unet", dropout=0.3)).eval()
+    assert model.dropout.p == 0.3
+    x = padded_batch()
+    assert torch.equal(model(x)["mask"], model(x)["mask"])
+
+
+def test_seed_unet_deep_supervision_heads_only_in_training():
+    model = create_model(ModelConfig(name="seed_unet", n_filters=8, deep_supervision=True))
+    outputs = forward_backward(model, padded_batch())
+    assert outputs["salt_logit"].shape == (2,)
+    assert [s.shape[-1] for s in outputs["stages"]] == [16, 32, 64]
+    assert set(model.eval()(padded_batch())) == {"mask"}
+
+
+def test_seed_unet_rejects_sizes_that_are_not_multiples_of_16():
+    with pytest.raises(PipelineError, match="multiple of 16"):
+        create_model(ModelConfig(name="seed_unet"))(torch.zeros(1, 1, 120, 120))
+
+
+def test_seed_unet_rejects_options_of_the_encoder_unets():
+    with pytest.raises(PipelineError, match="model.scse"):
+        create_model(ModelConfig(name="seed_unet", scse=True))
+
+
+def test_unet_resnet34_maps_a_padded_101_batch_to_128_logits_and_trains():
+    model = create_model(ModelConfig(name="unet_resnet34"))
+    outputs = forward_backward(model, padded_batch())
+    assert set(outputs) == {"mask"}
+    assert outputs["mask"].shape == (2, 1, 128, 128)
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "efficientnet_b0"])
+def test_encoder_unet_with_scse_hypercolumn_and_deep_supervision(encoder):
+    cfg = ModelConfig(name=f"unet_{encoder}", scse=True, hypercolumn=True, deep_supervision=True,
+                      decoder_channels=[64, 32, 32, 16, 16])
+    model = create_model(cfg)
+    outputs = forward_backward(model, padded_batch())
+    assert outputs["mask"].shape == (2, 1, 128, 128)
+    assert outputs["salt_logit"].shape == (2,)
+    # every decoder step but the last (which makes the mask): /16, /8, /4, /2
+    assert [s.shape[-1] for s in outputs["stages"]] == [8, 16, 32, 64]
+    assert set(model.eval()(padded_batch())) == {"mask"}
+
+
+def test_hypercolumn_head_equals_a_1x1_conv_over_the_concatenated_upsampled_stages():
+    from torch.nn import functional as F
+
+    from pipeline.models.timm_unet import HypercolumnHead
+
+    head = HypercolumnHead([8, 4, 2]).eval()
+    stages = [torch.randn(2, c, s, s) for c, s in ((8, 8), (4, 16), (2, 32))]
+    upsampled = torch.cat([F.interpolate(f, size=(32, 32), mode="bilinear", align_corners=False)
+                           for f in stages], dim=1)
+    weight = torch.cat([p.weight for p in head.projections], dim=1)
+    expected = head.fuse(F.conv2d(upsampled, weight))
+    assert torch.allclose(head(stages, (32, 32)), expected, atol=1e-5)
+
+
+def test_encoder_unet_takes_three_channel_input():
+    model = create_model(ModelConfig(name="unet_resnet18", in_chans=3, decoder_channels=[32, 32, 16, 16, 8]))
+    assert model.eval()(padded_batch(in_chans=3))["mask"].shape == (2, 1, 128, 128)
+
+
+def test_encoder_whose_features_start_at_quarter_resolution_gets_skipless_steps():
+    model = create_model(ModelConfig(name="unet_convnext_atto", decoder_channels=[64, 32, 16, 16, 8]))
+    assert model.skip_indices == [2, 1, 0, None, None]
+    assert forward_backward(model, padded_batch())["mask"].shape == (2, 1, 128, 128)
+
+
+def test_too_few_decoder_channels_is_a_pipeline_error():
+    with pytest.raises(PipelineError, match="needs 5"):
+        create_model(ModelConfig(name="unet_resnet18", decoder_channels=[64, 32]))
+
+
+# ---------------------------------------------------------------- registry and weights
+
+
+def test_list_models_names_the_seed_and_encoder_unets():
+    assert {"seed_unet", "unet_resnet34", "unet_resnet18", "unet_efficientnet_b0"} <= set(list_models())
+
+
+@pytest.mark.parametrize("name,message", [
+    ("vgg_net", "unknown model"),
+    ("unet_", "unknown model"),
+    ("unet_not_a_timm_model", "not a timm model"),
+])
+def test_unknown_model_names_are_one_line_pipeline_errors(name, message):
+    with pytest.raises(PipelineError, match=message) as info:
+        create_model(ModelConfig(name=name))
+    assert "\n" not in str(info.value)
+    if message == "unknown model":
+        assert "seed_unet" in str(info.value) and "unet_<timm encoder>" in str(info.value)
+
+
+def test_pretrained_without_weights_path_asks_for_a_local_file():
+    with pytest.raises(PipelineError, match="weights_path"):
+        create_model(ModelConfig(name="unet_resnet18", pretrained=True))
+
+
+def test_missing_weights_file_is_named_in_the_error(tmp_path):
+    missing = tmp_path / "resnet18.safetensors"
+    with pytest.raises(PipelineError, match="resnet18.safetensors: model.weights_path not found"):
+        create_model(ModelConfig(name="unet_resnet18", pretrained=True, weights_path=str(missing)))
+
+
+def test_corrupt_weights_file_is_a_pipeline_error(tmp_path):
+    bad = tmp_path / "resnet18.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="cannot load as resnet18 weights") as info:
+        create_model(ModelConfig(name="unet_resnet18", pretrained=True, weights_path=str(bad)))
+    assert "\n" not in str(info.value)
+
+
+def test_local_weights_load_without_network_and_first_conv_adapts_to_one_channel(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(3)
+    source = timm.create_model("resnet18", pretrained=False)  # 3-channel ImageNet layout
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+
+    model = create_model(ModelConfig(name="unet_resnet18", pretrained=True, weights_path=str(path)))
+    assert torch.equal(model.encoder.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    # timm folds the RGB filters into one channel by summing them
+    assert torch.allclose(model.encoder.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
+
+    # a checkpoint is loaded next at predict time: the weights file need not exist there
+    path.unlink()
+    rebuilt = create_model(ModelConfig(name="unet_resnet18", pretrained=True, weights_path=str(path)),
+                           load_pretrained=False)
+    rebuilt.load_state_dict(model.state_dict())
