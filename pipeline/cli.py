@@ -273,7 +273,7 @@ def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--user", required=True, help="your Kaggle user name")
     q.add_argument("--slug", default="tgs-salt-pipeline-train")
     q.add_argument("--out", default="kernels/train")
-    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape, e.g. NvidiaTeslaP100")
+    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (default) or NvidiaL4; P100 is retired")
     q = ksub.add_parser("push", help="kaggle kernels push -p on the rendered folder")
     q.add_argument("--dir", default="kernels/train")
     q = ksub.add_parser("status", help="kaggle kernels status of the rendered kernel")
