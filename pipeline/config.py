@@ -94,6 +94,9 @@ class TrainConfig:
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
     grad_clip: float = 0.0
     sync_bn: bool = False  # DDP only: SyncBatchNorm across processes
+    # cosine_restarts only: keep the best epoch of every cycle (snapshot{c}.pt); the fold's
+    # OOF and test prediction become the average of its snapshots
+    snapshots: bool = False
 
 
 @dataclass
@@ -232,10 +235,16 @@ def _validate(cfg: Config, source: str) -> Config:
         raise PipelineError(f"{source}: 'folds' has {bad[0]}, outside 0..{cfg.n_folds - 1}")
     if cfg.input.size < 101 and cfg.input.mode == "pad":
         raise PipelineError(f"{source}: 'input.size' must be >= 101 to pad, got {cfg.input.size}")
-    if cfg.input.size % 32:
-        raise PipelineError(f"{source}: 'input.size' must be a multiple of 32, got {cfg.input.size}")
+    # seed_unet pools 4 times, timm encoders 5 times: the input must divide evenly
+    multiple = 16 if cfg.model.name == "seed_unet" else 32
+    if cfg.input.size % multiple:
+        raise PipelineError(
+            f"{source}: 'input.size' must be a multiple of {multiple} for {cfg.model.name}, got {cfg.input.size}"
+        )
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise PipelineError(f"{source}: 'train.epochs' and 'train.batch_size' must be positive")
+    if cfg.train.snapshots and cfg.train.scheduler != "cosine_restarts":
+        raise PipelineError(f"{source}: 'train.snapshots' needs train.scheduler: cosine_restarts")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise PipelineError(f"{source}: 'name' must be a plain folder name, got {cfg.name!r}")
     return cfg

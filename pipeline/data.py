@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import fileio
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 IMAGE_SIZE = 101
 # Decoding a 101x101 PNG is ~100 us of mostly Python-side Pillow work; a few threads
@@ -71,9 +71,9 @@ def _open_png(path: str | os.PathLike) -> Image.Image:
         empty = os.path.getsize(path) == 0
         raise PipelineError(f"{path}: not a readable PNG ({'empty file' if empty else 'not an image file'})") from None
     except OSError as exc:  # permissions, I/O errors: the strerror says it without repeating the path
-        raise PipelineError(f"{path}: not a readable PNG ({exc.strerror or _one_line(exc)})") from None
+        raise PipelineError(f"{path}: not a readable PNG ({exc.strerror or one_line(exc)})") from None
     except Exception as exc:  # Pillow raises many types for garbage bytes
-        raise PipelineError(f"{path}: not a readable PNG ({_one_line(exc)})") from None
+        raise PipelineError(f"{path}: not a readable PNG ({one_line(exc)})") from None
     try:
         if image.format != "PNG":
             raise PipelineError(f"{path}: not a readable PNG (it is a {image.format} file)")
@@ -86,13 +86,8 @@ def _open_png(path: str | os.PathLike) -> Image.Image:
         raise
     except Exception as exc:
         image.close()
-        raise PipelineError(f"{path}: not a readable PNG ({_one_line(exc)})") from None
+        raise PipelineError(f"{path}: not a readable PNG ({one_line(exc)})") from None
     return image
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
 
 
 def _pixel_planes(image: Image.Image) -> np.ndarray:
@@ -293,16 +288,7 @@ def read_depths(path: str | os.PathLike) -> dict[str, float]:
     path = Path(path)
     if not path.exists():
         return {}
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not UTF-8 text") from None
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: empty file, expected a header 'id,z'") from None
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise PipelineError(f"{path}: not a valid CSV ({_one_line(exc)})") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or _one_line(exc)})") from None
+    table = fileio.read_csv_strings(path, "id,z")
     header = [str(name).strip() for name in table.columns]
     if header != ["id", "z"]:
         raise PipelineError(f"{path}: header is {','.join(header)!r}, expected 'id,z'")

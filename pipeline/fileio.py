@@ -105,6 +105,29 @@ def read_json(path: str | os.PathLike) -> Any:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def read_csv_strings(path: str | os.PathLike, expected: str):
+    """A CSV as a DataFrame of str columns ("" never becomes NaN); every read failure is one
+    PipelineError naming the file. `expected` describes the header for the empty-file message."""
+    import pandas as pd
+
+    from pipeline.errors import one_line
+
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a folder, expected a CSV file") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path}: empty file, expected a header {expected!r}") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise PipelineError(f"{path}: not a valid CSV ({one_line(exc)})") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, blocking: bool = True, what: str = "") -> Iterator[None]:
     """An exclusive advisory lock (fcntl) on `path`; the holder's pid is written inside.

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.fileio import read_csv_strings
 
 N_COVERAGE_CLASSES = 11  # 0 = empty, 1..10 = coverage deciles
 FOLD_COLUMNS = ["id", "fold", "coverage_class"]
@@ -147,20 +148,9 @@ def load_folds(path: str | os.PathLike, ids: Sequence[str] | None = None) -> pd.
     leaves some of them without a fold.
     """
     path = Path(path)
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: folds file not found (make it with `python -m pipeline folds`)") from None
-    except IsADirectoryError:
-        raise PipelineError(f"{path}: is a folder, expected a folds CSV") from None
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not UTF-8 text") from None
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: empty file, expected columns {','.join(FOLD_COLUMNS)}") from None
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise PipelineError(f"{path}: not a valid CSV ({' '.join(str(exc).split())})") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not path.exists():
+        raise PipelineError(f"{path}: folds file not found (make it with `python -m pipeline folds`)")
+    table = read_csv_strings(path, ",".join(FOLD_COLUMNS))
     missing_columns = [column for column in ("id", "fold") if column not in table.columns]
     if missing_columns:
         raise PipelineError(f"{path}: columns are {','.join(map(str, table.columns))!r}, "

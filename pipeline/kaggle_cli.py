@@ -33,7 +33,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Mapping, Sequence
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 COMPETITION = "tgs-salt-identification-challenge"
 RULES_URL = f"https://www.kaggle.com/competitions/{COMPETITION}/rules"
@@ -224,14 +224,10 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[st
     except FileNotFoundError:
         raise PipelineError(f"{archive}: file not found") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
-        raise PipelineError(f"{archive}: corrupted or unreadable zip archive ({_one_line(exc)}); "
+        raise PipelineError(f"{archive}: corrupted or unreadable zip archive ({one_line(exc)}); "
                             "delete it and download again") from None
     except OSError as exc:
-        raise PipelineError(f"{archive}: cannot unpack ({exc.strerror or _one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
+        raise PipelineError(f"{archive}: cannot unpack ({exc.strerror or one_line(exc)})") from None
 
 
 def _zip_names(archive: Path) -> list[str]:
@@ -239,7 +235,7 @@ def _zip_names(archive: Path) -> list[str]:
         with zipfile.ZipFile(archive) as bundle:
             return bundle.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise PipelineError(f"{archive}: corrupted or unreadable zip archive ({_one_line(exc)}); "
+        raise PipelineError(f"{archive}: corrupted or unreadable zip archive ({one_line(exc)}); "
                             "delete it and download again") from None
 
 
@@ -370,7 +366,7 @@ def unpack_competition(source: str | os.PathLike, out: str | os.PathLike) -> Pat
         for entry, path in layout.items():
             _place(entry, path, out, staging)
     except OSError as exc:
-        raise PipelineError(f"{out}: could not unpack {source.name} ({exc.strerror or _one_line(exc)})") from None
+        raise PipelineError(f"{out}: could not unpack {source.name} ({exc.strerror or one_line(exc)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.rle import as_mask_stack
 
 THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 # The same thresholds as exact integers (percent), for rounding-free IoU tests.
@@ -232,14 +233,7 @@ def score_csvs(truth_csv: str | os.PathLike, pred_csv: str | os.PathLike,
 
 
 def _as_masks(masks: np.ndarray, name: str) -> np.ndarray:
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"{name} must be masks [N, H, W], got shape {masks.shape}")
-    if masks.dtype == np.bool_:
-        return masks
-    if not np.issubdtype(masks.dtype, np.integer):
-        raise TypeError(f"{name} must be bool masks, got {masks.dtype}; threshold probabilities first")
-    return masks != 0
+    return as_mask_stack(masks, name)
 
 
 def _rows(array: np.ndarray) -> np.ndarray:

@@ -60,18 +60,30 @@ def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_siz
     return out
 
 
-def load_fold_model(cfg: Config, fold: int, rt: Runtime) -> torch.nn.Module:
-    """The fold's best checkpoint, built from the run's own config, in eval mode."""
+def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
+    """The checkpoints whose average is the fold's prediction: its cycle snapshots, or best.pt."""
+    from pipeline.train import snapshot_paths
+
+    fold_dir = cfg.run_dir / f"fold{fold}"
+    if cfg.train.snapshots and snapshot_paths(fold_dir):
+        return snapshot_paths(fold_dir)
+    path = fold_dir / "best.pt"
+    if not path.exists():
+        raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
+    return [path]
+
+
+def load_fold_models(cfg: Config, fold: int, rt: Runtime) -> list[torch.nn.Module]:
+    """The fold's model(s), built from the run's own config, in eval mode."""
     from pipeline.models import create_model
     from pipeline.train import load_checkpoint
 
-    path = cfg.run_dir / f"fold{fold}" / "best.pt"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
-    checkpoint = load_checkpoint(path)
-    model = create_model(cfg.model, load_pretrained=False)  # the checkpoint holds every weight
-    model.load_state_dict(checkpoint["model"])
-    return model.to(rt.device, memory_format=rt.memory_format()).eval()
+    models = []
+    for path in fold_checkpoints(cfg, fold):
+        model = create_model(cfg.model, load_pretrained=False)  # the checkpoint holds every weight
+        model.load_state_dict(load_checkpoint(path)["model"])
+        models.append(model.to(rt.device, memory_format=rt.memory_format()).eval())
+    return models
 
 
 def parse_tta(text: str | None, default: list[str]) -> list[str]:
@@ -103,9 +115,12 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",
               unit="img", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
         for fold in folds:
-            model = load_fold_model(cfg, fold, rt)
-            total += predict_probs(model, test.images, cfg, rt, cfg.predict.batch_size, flips, bar=bar)
-            del model
+            # each fold weighs the same, however many snapshots it averages
+            models = load_fold_models(cfg, fold, rt)
+            for model in models:
+                total += predict_probs(model, test.images, cfg, rt, cfg.predict.batch_size, flips) / len(models)
+            bar.update(len(test.ids))
+            del models
     probs = (total / len(folds)).astype(np.float16)
     run = Path(run_dir)
     fileio.write_npy(run / "test_probs.npy", probs)

@@ -54,7 +54,7 @@ def encode(mask: np.ndarray) -> str:
 
 def encode_many(masks: np.ndarray) -> list[str]:
     """RLE strings of a stack of masks [N, H, W], in order."""
-    masks = _as_mask_stack(masks)
+    masks = as_mask_stack(masks)
     rles: list[str] = []
     for first in range(0, len(masks), _CHUNK):
         rles.extend(_encode_chunk(masks[first:first + _CHUNK]))
@@ -86,15 +86,17 @@ def _encode_chunk(masks: np.ndarray) -> list[str]:
     return [" ".join(tokens[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _as_mask_stack(masks: np.ndarray) -> np.ndarray:
+def as_mask_stack(masks: np.ndarray, name: str = "masks") -> np.ndarray:
+    """Masks [N,H,W] as bool (integer: non-zero is salt); floats are refused, not guessed at."""
     masks = np.asarray(masks)
     if masks.ndim != 3:
-        raise ValueError(f"expected masks [N, H, W], got shape {masks.shape}")
+        raise ValueError(f"{name} must be masks [N, H, W], got shape {masks.shape}")
     if masks.dtype == np.bool_:
         return masks
     if not np.issubdtype(masks.dtype, np.integer):
         # A float array here is almost always unthresholded probabilities.
-        raise TypeError(f"masks must be bool or integer (non-zero = salt), got {masks.dtype}; threshold probabilities first")
+        raise TypeError(f"{name} must be bool or integer masks (non-zero = salt), got {masks.dtype}; "
+                        "threshold probabilities first")
     return masks != 0
 
 

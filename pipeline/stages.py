@@ -28,6 +28,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     from pipeline.folds import fold_summary, load_folds, make_folds_for_dir
     from pipeline.leaderboard import format_leaderboard
     from pipeline.predict import predict_run
+    from pipeline.show import show_run
     from pipeline.submit import submit_run
     from pipeline.train import train_folds
     from pipeline.tune import tune_run
@@ -68,14 +69,16 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     else:
         print(f"== predict: {run / 'test_probs.npy'} is up to date")
 
-    # 5. submission (checked as it is written) and the leaderboard
+    # 5. submission (checked as it is written), pictures and the leaderboard
     print("== submit")
     path = submit_run(run, out=submission, data_dir=cfg.data)
     print(f"wrote {path}")
+    print("== show")
+    pictures = show_run(run, data_dir=cfg.data)
+    print(f"pictures: {', '.join(str(p) for p in pictures)}")
     print()
     print(format_leaderboard("submissions/leaderboard.csv", top=10))
-    print(f"\n{cfg.name}: done in {(time.perf_counter() - started) / 60:.1f} min; pictures: "
-          f"python -m pipeline show --run {run}")
+    print(f"\n{cfg.name}: done in {(time.perf_counter() - started) / 60:.1f} min")
     return path
 
 

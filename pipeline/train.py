@@ -37,7 +37,7 @@ from pipeline import fileio
 from pipeline.config import Config, dump_yaml, flatten, load_config, save_config
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
-from pipeline.predict import predict_probs, to_batch
+from pipeline.predict import to_batch
 from pipeline.runtime import Runtime, resolve_runtime
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "seconds"]
@@ -130,6 +130,7 @@ class LoopState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     seconds: float = 0.0
+    cycle_best_score: float = -1.0  # snapshot ensembling: the best score within the current lr cycle
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -214,7 +215,7 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: 
             total_loss += float(loss.detach()) * len(images)
             total_images += len(images)
             bar.update(len(images))
-            bar.set_postfix(loss=f"{total_loss / total_images:.4f}")
+            bar.set_postfix(loss=f"{total_loss / total_images:.4f}", refresh=False)
     return total_loss / max(total_images, 1)
 
 
@@ -232,18 +233,24 @@ class NonFiniteLoss(Exception):
 
 
 @torch.no_grad()
-def validation_loss(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: Config, rt: Runtime,
-                    epoch: int, batch_size: int) -> float:
+def validate(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: Config, rt: Runtime, epoch: int,
+             batch_size: int) -> tuple[np.ndarray, float]:
+    """Validation probabilities at 101x101 and the mean loss, from one forward pass per batch."""
+    from pipeline.geometry import restore
+
     model.eval()
+    probs = np.empty(images.shape, dtype=np.float32)
     total = 0.0
     for start in range(0, len(images), batch_size):
         x, target = to_batch(torch.from_numpy(images[start:start + batch_size]),
                              torch.from_numpy(masks[start:start + batch_size]), cfg, rt)
         with rt.autocast():
-            outputs = model(x)
-        loss, _ = loss_fn({"mask": outputs["mask"].float()}, target, epoch)
-        total += float(loss.detach()) * len(x)
-    return total / max(len(images), 1)
+            logits = model(x)["mask"]
+        logits = logits.float()
+        loss, _ = loss_fn({"mask": logits}, target, epoch)
+        total += float(loss) * len(x)
+        probs[start:start + len(x)] = restore(torch.sigmoid(logits), cfg.input.mode)[:, 0].cpu().numpy()
+    return probs, total / max(len(images), 1)
 
 
 # ---------------------------------------------------------------- one fold
@@ -299,7 +306,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         log_rows = [row for row in read_log(fold_dir / "log.csv") if int(row["epoch"]) <= state.epoch]
         say(f"fold {fold}: resuming at epoch {state.epoch + 1}/{t.epochs} (best {state.best_score:.4f})")
     elif dist.is_main:
-        for stale in ("best.pt", "last.pt", "prev.pt", "oof.npy", "oof_ids.txt", "done.json", "log.csv"):
+        for stale in ("best.pt", "last.pt", "prev.pt", "oof.npy", "oof_ids.txt", "done.json", "log.csv",
+                      *(p.name for p in snapshot_paths(fold_dir))):
             (fold_dir / stale).unlink(missing_ok=True)
     dist.barrier()
 
@@ -340,10 +348,11 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         train_loss = dist.mean(train_loss)
 
         # --- validate with the competition metric at threshold 0.5 (shards gathered across ranks)
-        val_probs = dist.gather_concat(
-            predict_probs(model, val_images[val_shard], cfg, rt, cfg.predict.batch_size))
+        shard_probs, shard_loss = validate(model, val_images[val_shard], val_masks[val_shard], loss_fn, cfg, rt,
+                                           epoch, cfg.predict.batch_size)
+        val_probs = dist.gather_concat(shard_probs)
         val_score = competition_score(val_masks, val_probs > 0.5)
-        val_loss = validation_loss(model, val_images, val_masks, loss_fn, cfg, rt, epoch, cfg.predict.batch_size)
+        val_loss = dist.mean(shard_loss)
         lr = optimizer.param_groups[0]["lr"]
         step_scheduler(scheduler, val_score)
 
@@ -353,6 +362,14 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
+        snapshot_improved = False
+        if t.snapshots:
+            # one snapshot per cosine cycle: the best epoch of that cycle (1st place's recipe)
+            if epoch % t.cycle_epochs == 0:
+                state.cycle_best_score = -1.0
+            snapshot_improved = val_score > state.cycle_best_score
+            if snapshot_improved:
+                state.cycle_best_score = val_score
         seconds = time.perf_counter() - started
         state.seconds += seconds
         state.epoch = epoch + 1
@@ -363,6 +380,11 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                 fileio.write_npy(fold_dir / "oof.npy", val_probs.astype(np.float16))
                 fileio.write_text(fold_dir / "oof_ids.txt", "\n".join(data.ids[i] for i in val_index) + "\n")
                 save_checkpoint(fold_dir / "best.pt", {
+                    "model": model.state_dict(), "epoch": epoch, "val_score": val_score,
+                    "config_digest": digest, "fold": fold,
+                })
+            if snapshot_improved:
+                save_checkpoint(fold_dir / f"snapshot{epoch // t.cycle_epochs}.pt", {
                     "model": model.state_dict(), "epoch": epoch, "val_score": val_score,
                     "config_digest": digest, "fold": fold,
                 })
@@ -390,10 +412,30 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
 
     done = {"fold": fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "config_digest": digest}
+    if t.snapshots and dist.is_main:
+        done.update(write_snapshot_oof(cfg, fold, val_images, val_masks, rt))
     if dist.is_main:
         fileio.write_json(fold_dir / "done.json", done)
     dist.barrier()
     return done
+
+
+def snapshot_paths(fold_dir: Path) -> list[Path]:
+    return sorted(fold_dir.glob("snapshot*.pt"), key=lambda p: int(p.stem.removeprefix("snapshot")))
+
+
+def write_snapshot_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: np.ndarray,
+                       rt: Runtime) -> dict:
+    """Replace the fold's OOF by the average of its cycle snapshots, as predict will average them."""
+    from pipeline.metric import competition_score
+    from pipeline.predict import load_fold_models, predict_probs
+
+    models = load_fold_models(cfg, fold, rt)
+    probs = np.mean([predict_probs(m, val_images, cfg, rt, cfg.predict.batch_size) for m in models], axis=0)
+    fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
+    score = competition_score(val_masks, probs > 0.5)
+    print(f"fold {fold}: {len(models)} snapshots, ensemble val_score {score:.4f}")
+    return {"snapshots": len(models), "snapshot_score": score}
 
 
 # ---------------------------------------------------------------- all folds

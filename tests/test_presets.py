@@ -1,0 +1,31 @@
+"""Every shipped preset runs the whole pipeline (folds -> train -> tune -> predict -> submit)
+on CPU with a tiny override, so a config that only a GPU would exercise cannot rot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+from pipeline.stages import run_all
+from pipeline.submit import check_submission
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+TINY = ("n_folds=2", "train.epochs=1", "train.limit_train=16", "train.batch_size=8", "train.num_workers=0",
+        "train.threads=2", "predict.batch_size=32", "loss.stage2_from_epoch=0",
+        "tune.thresholds=[0.4,0.5]", "tune.min_areas=[0,20]")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_preset_runs_end_to_end_on_cpu_with_a_tiny_override(path, synth_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # submissions/ and folds/ are relative to the working folder
+    cfg = load_config(path, [*TINY, f"runs_dir={tmp_path / 'runs'}"])
+    submission = run_all(cfg, str(synth_data))
+    assert check_submission(submission, synth_data) == 30
+    probs = np.load(cfg.run_dir / "test_probs.npy")
+    assert probs.shape == (30, 101, 101) and np.isfinite(probs.astype(np.float32)).all()
+    board = pd.read_csv(tmp_path / "submissions" / "leaderboard.csv")
+    assert board["run"].tolist() == [cfg.name]
