@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import io
@@ -61,6 +62,15 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
 
 
 # ---------------------------------------------------------------- data
+
+
+def seed_loader_worker(seed: int, worker_id: int) -> None:
+    """Each DataLoader worker gets its own augmentation stream (albumentations' Compose has its
+    own RNG, copied into every worker: unseeded, all workers would repeat one sequence)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.dataset.transform is not None:
+        info.dataset.transform.set_random_seed(seed * 100 + worker_id)
+    torch.manual_seed(seed * 100 + worker_id)
 
 
 class SaltDataset(torch.utils.data.Dataset):
@@ -335,6 +345,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
             drop_last=len(train_set) > t.batch_size, num_workers=t.num_workers,
             generator=torch.Generator().manual_seed(seed), pin_memory=rt.is_cuda,
+            worker_init_fn=functools.partial(seed_loader_worker, seed + 1000 * dist.rank) if t.num_workers else None,
         )
         desc = f"fold {fold} epoch {epoch + 1}/{t.epochs}"
         try:
