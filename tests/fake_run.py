@@ -55,6 +55,17 @@ def fake_config(data_dir: Path, root: Path, name: str = "fake", n_folds: int = 3
     return cfg
 
 
+def private_copy(run: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of a shared fake run that a test may change; the cwd moves to tmp_path so
+    submissions/ (and the leaderboard) land there."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    return copy
+
+
 def make_fake_run(data_dir: Path, root: Path, name: str = "fake", n_folds: int = 3, seed: int = 0,
                   with_test: bool = True, **changes) -> Path:
     """runs/<name>/ with config.yaml, fold<k>/{oof.npy, oof_ids.txt, log.csv, done.json} for every

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.submit import binarize, check_submission, submit_run
-from tests.fake_run import make_fake_run
+from tests.fake_run import make_fake_run, private_copy
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,7 @@ def tuned_run(synth_data, tmp_path_factory):
 
 @pytest.fixture
 def run(tuned_run, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    copy = tmp_path / "runs" / tuned_run.name
-    shutil.copytree(tuned_run, copy)
-    return copy
+    return private_copy(tuned_run, tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.tune import assemble_oof, tune_oof, tune_run
-from tests.fake_run import fake_probs, make_fake_run
+from tests.fake_run import fake_probs, make_fake_run, private_copy
 
 TUNE_KEYS = {"threshold", "min_area", "cv_at_05", "cv_tuned", "per_class", "per_fold", "n_images", "empty_blank"}
 
@@ -23,11 +23,7 @@ def base_run(synth_data, tmp_path_factory):
 
 @pytest.fixture
 def run(base_run, tmp_path, monkeypatch):
-    """A private copy of the fake run; the cwd is tmp_path so submissions/ lands there."""
-    monkeypatch.chdir(tmp_path)
-    copy = tmp_path / "runs" / base_run.name
-    shutil.copytree(base_run, copy)
-    return copy
+    return private_copy(base_run, tmp_path, monkeypatch)
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
