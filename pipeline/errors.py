@@ -7,7 +7,22 @@ prints it as one line and exits 2. Anything else is a bug and keeps its tracebac
 
 
 class PipelineError(Exception):
-    """A user-facing error: printed as one line by the CLI, never as a traceback."""
+    """A user-facing error: printed as one line by the CLI, never as a traceback.
+
+    The message is kept on one line whatever it quotes: an id or a file name read from a
+    damaged file may hold a newline or another control character, which is shown escaped
+    ("\\n") rather than breaking the line.
+    """
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(printable(str(message)), *args)
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (line breaks, tabs, controls) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

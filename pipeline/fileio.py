@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -92,7 +93,35 @@ def write_npy(path: str | os.PathLike, array) -> None:
 def write_with(path: str | os.PathLike, writer: Callable[[IO], None]) -> None:
     """Atomically write whatever `writer(handle)` writes (e.g. `torch.save`)."""
     with atomic_open(path, "wb") as handle:
-        writer(handle)
+        recorder = _WriteErrorRecorder(handle)
+        try:
+            writer(recorder)
+        except OSError:
+            raise
+        except Exception:
+            # torch.save reports a failed write (disk full) as a RuntimeError from its C++
+            # writer; the OSError underneath is what the user can act on.
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
+class _WriteErrorRecorder:
+    """A file handle that remembers the OSError its write raised (all else passes through)."""
+
+    def __init__(self, handle: IO):
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -113,7 +142,14 @@ def read_csv_strings(path: str | os.PathLike, expected: str):
     from pipeline.errors import one_line
 
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        with warnings.catch_warnings():
+            # A row with more fields than the header: pandas would silently take the first
+            # column as the index (shifting every value one column) or, with index_col=False,
+            # drop the extra fields with a ParserWarning; refuse the file instead.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", index_col=False)
+    except pd.errors.ParserWarning:
+        raise PipelineError(f"{path}: a row has more fields than the header {expected!r}") from None
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -178,6 +178,12 @@ def _non_negative_ints(table: pd.DataFrame, column: str, path: Path) -> np.ndarr
         row = int(np.flatnonzero(~valid)[0])
         raise PipelineError(f"{path}: id {table['id'].iloc[row]} has {column} {table[column].iloc[row]!r}, "
                             "expected a non-negative integer")
+    # more than 18 digits would overflow int64 in astype (an OverflowError, not a message)
+    too_long = (text.str.lstrip("0").str.len() > 18).to_numpy(dtype=bool)
+    if too_long.any():
+        row = int(np.flatnonzero(too_long)[0])
+        raise PipelineError(f"{path}: id {table['id'].iloc[row]} has {column} {table[column].iloc[row]!r}, "
+                            "far too large")
     return text.astype(np.int64).to_numpy()
 
 

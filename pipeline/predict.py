@@ -101,11 +101,13 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path."""
     from tqdm import tqdm
 
-    from pipeline.data import load_test
+    from pipeline.data import fingerprint_test_images, load_test
 
     cfg = load_run_config(run_dir)
     flips = parse_tta(tta, cfg.predict.tta)
     folds = cfg.fold_list()
+    # taken before reading: a test set changed while predicting then looks stale next time
+    fingerprint = fingerprint_test_images(data_dir or cfg.data)
     test = load_test(data_dir or cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(data_dir or cfg.data) / 'test' / 'images'}: no test images")
@@ -128,7 +130,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     seconds = time.perf_counter() - started
     fileio.write_json(run / "predict.json", {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
-        "data": str(data_dir or cfg.data), "device": rt.describe(),
+        "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),
     })
     print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA "
           f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")

@@ -1,7 +1,8 @@
 """The whole pipeline as one command: folds -> train -> tune -> predict -> submit -> leaderboard.
 
 Each stage is skipped when its outputs exist and are newer than its inputs, so rerunning
-after a crash picks up where it stopped (training itself resumes from last.pt). A run dir
+after a crash picks up where it stopped (training itself resumes from last.pt); predict also
+reruns when the test set differs from the one predict.json recorded (folder, ids, files). A run dir
 whose config differs from the requested one is refused by `train` (see prepare_run_dir);
 `force=True` recomputes every stage.
 """
@@ -63,7 +64,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     # 4. predict the test set with TTA, averaged over folds
     best_files = [run / f"fold{k}" / "best.pt" for k in cfg.fold_list()]
     if force or not _is_fresh(run / "test_probs.npy", best_files + [run / "config.yaml"]) \
-            or not _same_data(run, cfg.data):
+            or not _same_test_set(run, cfg.data):
         print("== predict")
         predict_run(run, data_dir=cfg.data)
     else:
@@ -82,8 +83,18 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     return path
 
 
-def _same_data(run: Path, data: str) -> bool:
+def _same_test_set(run: Path, data: str) -> bool:
+    """predict.json says the test set was predicted from this folder as it is now (same path,
+    same ids, same files); an unreadable predict.json means predicting again, not failing."""
+    from pipeline.data import fingerprint_test_images
     from pipeline.fileio import read_json
 
-    meta = run / "predict.json"
-    return meta.exists() and read_json(meta).get("data") == str(data)
+    meta_path = run / "predict.json"
+    if not meta_path.exists():
+        return False
+    try:
+        meta = read_json(meta_path)
+    except PipelineError:
+        return False
+    return isinstance(meta, dict) and meta.get("data") == str(data) \
+        and meta.get("test_fingerprint") == fingerprint_test_images(data)

@@ -253,9 +253,11 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     masks = binarize(probs, found["threshold"], found["min_area"], empty_mask=forced_empty)
     write_rle_csv(run / "oof.csv", ids, encode_many(masks))
     result["seconds"] = round(time.perf_counter() - started, 1)
-    fileio.write_json(run / "tune.json", result)
     print(format_summary(run, result, found))
     record_run(run, result, leaderboard_csv=leaderboard_csv)
+    # tune.json last: it tells `all` that tuning is done, so it must not exist when the
+    # leaderboard row could not be written (a full disk), or the run would never be recorded
+    fileio.write_json(run / "tune.json", result)
     return result
 
 
