@@ -8,7 +8,8 @@ schedule, checkpoint, early stop), OOF. Everything a fold writes lives in
     last.pt    model + optimizer + scheduler + loop state: enough to resume
     prev.pt    the last.pt before it (fallback when last.pt is found damaged)
     log.csv    epoch, lr, train_loss, val_loss, val_score, seconds
-    oof.npy    float16 validation probabilities (101x101) of the best epoch
+    oof.npy    float16 validation probabilities (101x101) of the best epoch; at the end of the
+               fold, those of the fold's final model(s) with the config's TTA (as the test set)
     oof_ids.txt  their ids, one per line, in the same order
     done.json  written last: the fold is complete
 
@@ -423,8 +424,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
 
     done = {"fold": fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "config_digest": digest}
-    if t.snapshots and dist.is_main:
-        done.update(write_snapshot_oof(cfg, fold, val_images, val_masks, rt))
+    if dist.is_main:
+        done.update(write_final_oof(cfg, fold, val_images, val_masks, rt))
     if dist.is_main:
         fileio.write_json(fold_dir / "done.json", done)
     dist.barrier()
@@ -435,18 +436,26 @@ def snapshot_paths(fold_dir: Path) -> list[Path]:
     return sorted(fold_dir.glob("snapshot*.pt"), key=lambda p: int(p.stem.removeprefix("snapshot")))
 
 
-def write_snapshot_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: np.ndarray,
-                       rt: Runtime) -> dict:
-    """Replace the fold's OOF by the average of its cycle snapshots, as predict will average them."""
+def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: np.ndarray,
+                    rt: Runtime) -> dict:
+    """Predict the fold's validation images exactly as `predict` will predict the test set (its
+    checkpoints: best.pt or the cycle snapshots, averaged; with the config's TTA) and make that
+    the fold's OOF, so the threshold is tuned on the same kind of probabilities it is applied to.
+    Training kept the single-pass OOF of the best epoch; this replaces it only when it differs
+    (TTA or snapshots), and done.json records both scores."""
     from pipeline.metric import competition_score
     from pipeline.predict import load_fold_models, predict_probs
 
+    tta = list(cfg.predict.tta)
+    if tta == ["none"] and not (cfg.train.snapshots and snapshot_paths(cfg.run_dir / f"fold{fold}")):
+        return {}
     models = load_fold_models(cfg, fold, rt)
-    probs = np.mean([predict_probs(m, val_images, cfg, rt, cfg.predict.batch_size) for m in models], axis=0)
+    probs = np.mean([predict_probs(m, val_images, cfg, rt, cfg.predict.batch_size, tta) for m in models], axis=0)
     fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
-    print(f"fold {fold}: {len(models)} snapshots, ensemble val_score {score:.4f}")
-    return {"snapshots": len(models), "snapshot_score": score}
+    print(f"fold {fold}: OOF as predicted for the test set ({len(models)} checkpoint(s) x TTA {tta}): "
+          f"val_score {score:.4f}")
+    return {"oof_checkpoints": len(models), "oof_tta": tta, "oof_score": score}
 
 
 # ---------------------------------------------------------------- all folds

@@ -168,10 +168,10 @@ def test_snapshots_keep_each_cycles_best_and_average_them_into_the_oof(synth_dat
                       "train.cycle_epochs=1", "train.snapshots=true")
     (done,) = train_folds(cfg)
     assert sorted(p.name for p in fold_dir(cfg).glob("snapshot*.pt")) == ["snapshot0.pt", "snapshot1.pt"]
-    assert done["snapshots"] == 2
+    assert done["oof_checkpoints"] == 2
     ids = (fold_dir(cfg) / "oof_ids.txt").read_text().split()
     images = load_train(synth_data, ids).images
     rt = resolve_runtime("off", "off", "cpu", 2)
     models = load_fold_models(cfg, 0, rt)
-    expected = np.mean([predict_probs(m, images, cfg, rt, 64) for m in models], axis=0)
+    expected = np.mean([predict_probs(m, images, cfg, rt, 64, cfg.predict.tta) for m in models], axis=0)
     np.testing.assert_allclose(np.load(fold_dir(cfg) / "oof.npy").astype(np.float32), expected, atol=1e-3)

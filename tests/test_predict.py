@@ -1,0 +1,108 @@
+"""Test-time augmentation: flips are undone before averaging, at 101x101, in any batch split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.predict import parse_tta, predict_probs
+from pipeline.runtime import resolve_runtime
+
+
+class PixelModel(nn.Module):
+    """A 1x1 conv: it commutes with every flip (flip-equivariant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(6.0)
+            self.conv.bias.fill_(-3.0)
+
+    def forward(self, x):
+        return {"mask": self.conv(x)}
+
+
+class LeftLeaningModel(nn.Module):
+    """A lopsided 1x3 conv: shift-equivariant (as a UNet is) but NOT flip-equivariant, so hflip
+    TTA must change its output, into exactly the mean of the model and its mirror image.
+    (A model that depends on absolute position would not do: 101 -> 128 pads 13 columns
+    before and 14 after, so a flip moves the image by one column inside the padded frame.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, (1, 3), padding=(0, 1))
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([3.0, 1.0, -2.0]).view(1, 1, 1, 3))
+            self.conv.bias.fill_(-1.0)
+
+    def forward(self, x):
+        return {"mask": self.conv(x)}
+
+
+@pytest.fixture
+def cfg() -> Config:
+    cfg = Config()
+    cfg.input.mode, cfg.input.size = "pad", 128
+    return cfg
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (7, 101, 101), dtype=np.uint8)
+
+
+FP32 = dict(precision="off", channels_last="off", device="cpu")
+
+
+@pytest.mark.parametrize("tta", [["none", "hflip"], ["none", "hflip", "vflip", "hvflip"]])
+def test_tta_of_a_flip_equivariant_model_equals_the_plain_prediction(cfg, images, tta):
+    rt = resolve_runtime(**FP32)
+    model = PixelModel()
+    plain = predict_probs(model, images, cfg, rt, batch_size=4)
+    with_tta = predict_probs(model, images, cfg, rt, batch_size=4, tta=tta)
+    assert plain.shape == (7, 101, 101)
+    np.testing.assert_allclose(with_tta, plain, atol=1e-6)
+
+
+def test_hflip_tta_averages_the_model_with_its_mirror_image(cfg, images):
+    """Each flipped prediction is flipped back before averaging: the result is the mean of
+    sigmoid(model(x)) and mirror(sigmoid(model(mirror(x))))."""
+    rt = resolve_runtime(**FP32)
+    model = LeftLeaningModel()
+    plain = predict_probs(model, images, cfg, rt, batch_size=3)
+    mirrored = predict_probs(model, images[:, :, ::-1].copy(), cfg, rt, batch_size=3)[:, :, ::-1]
+    with_tta = predict_probs(model, images, cfg, rt, batch_size=3, tta=["none", "hflip"])
+    assert not np.allclose(plain, with_tta, atol=1e-3)  # the model is not equivariant
+    np.testing.assert_allclose(with_tta, (plain + mirrored) / 2, atol=1e-6)
+
+
+def test_batch_size_does_not_change_the_prediction(cfg, images):
+    rt = resolve_runtime(**FP32)
+    model = LeftLeaningModel()
+    one = predict_probs(model, images, cfg, rt, batch_size=1, tta=["none", "hflip"])
+    all_at_once = predict_probs(model, images, cfg, rt, batch_size=64, tta=["none", "hflip"])
+    np.testing.assert_allclose(one, all_at_once, atol=1e-6)
+
+
+def test_resize_mode_tta_is_undone_at_101(images):
+    cfg = Config()
+    cfg.input.mode, cfg.input.size = "resize", 128
+    rt = resolve_runtime(**FP32)
+    probs = predict_probs(PixelModel(), images, cfg, rt, batch_size=4, tta=["none", "hflip"])
+    plain = predict_probs(PixelModel(), images, cfg, rt, batch_size=4)
+    assert probs.shape == (7, 101, 101)
+    np.testing.assert_allclose(probs, plain, atol=1e-5)
+
+
+def test_parse_tta_takes_a_comma_list_and_refuses_unknown_flips():
+    assert parse_tta(None, ["none", "hflip"]) == ["none", "hflip"]
+    assert parse_tta("none, vflip", ["none"]) == ["none", "vflip"]
+    with pytest.raises(PipelineError, match="--tta 'rotate'"):
+        parse_tta("rotate", ["none"])
+    with pytest.raises(PipelineError):
+        parse_tta(" , ", ["none"])
