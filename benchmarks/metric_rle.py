@@ -83,6 +83,25 @@ def naive_threshold_scores(truth: np.ndarray, probs: np.ndarray, thresholds: np.
     return scores
 
 
+def naive_grid_scores(truth: np.ndarray, probs: np.ndarray, thresholds: list[float],
+                      min_areas: list[int]) -> np.ndarray:
+    """The threshold x min-area search as kernels wrote it: per pair, per image, binarise,
+    empty the mask if it is smaller than the area, score."""
+    scores = np.empty((len(thresholds), len(min_areas)))
+    for t, threshold in enumerate(thresholds):
+        preds = [prob_map > np.float64(threshold) for prob_map in probs]
+        for a, min_area in enumerate(min_areas):
+            total = 0.0
+            for truth_mask, pred in zip(truth, preds):
+                if np.count_nonzero(pred) < min_area:
+                    pred = np.zeros_like(pred)
+                intersection = np.count_nonzero(truth_mask & pred)
+                union = np.count_nonzero(truth_mask | pred)
+                total += 1.0 if union == 0 else np.mean([100 * intersection > k * union for k in range(50, 100, 5)])
+            scores[t, a] = total / len(truth)
+    return scores
+
+
 def naive_encode_per_image(masks: np.ndarray) -> list[str]:
     """The popular Kaggle-kernel encoder: numpy per image, one image at a time."""
     out = []
@@ -163,6 +182,22 @@ def run(count: int, n_thresholds: int, repeats: int, naive_repeats: int, pixel_s
         assert np.allclose(check, reference, atol=1e-12), f"threshold_scores ({name}) disagrees with the naive loop"
         add(task, f"vectorised ({name} probs)", fast_s)
     add(task, "naive per-image loop (float32)", naive_s)
+
+    # --- the tune command's search: the default threshold x min-area grid
+    from pipeline.config import Config
+    from pipeline.tune import search_grid
+
+    grid_thresholds, grid_areas = search_grid(Config())
+    task = f"tune grid {len(grid_thresholds)}x{len(grid_areas)} x {count}"
+    fast_s, fast = median_seconds(lambda: metric.threshold_scores(masks, probs16, grid_thresholds, grid_areas), repeats)
+    subset = slice(0, min(count, 100))  # the naive search takes minutes on everything: time 100 images
+    naive_s, naive = median_seconds(
+        lambda: naive_grid_scores(masks[subset], probs16[subset], grid_thresholds, grid_areas), 1)
+    check = metric.threshold_scores(masks[subset], probs16[subset], grid_thresholds, grid_areas)
+    assert np.allclose(check, naive, atol=1e-12), "grid search disagrees with the naive loop"
+    add(task, "threshold_scores(thresholds, min_areas)", fast_s)
+    add(task, "naive per-pair, per-image loop", naive_s * count / len(masks[subset]),
+        f"scaled from {len(masks[subset])} images")
 
     # --- encode
     task = f"encode {count} masks"
