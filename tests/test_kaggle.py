@@ -131,7 +131,11 @@ def competition_zip(data: Path, out: Path, style: str = "nested") -> Path:
     staging.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w") as bundle:
         for name in ("train.csv", "depths.csv", "sample_submission.csv"):
-            bundle.write(data / name, name)
+            if (data / name).exists():
+                bundle.write(data / name, name)
+            else:  # the real sample in ../shared/tgs comes without it; Kaggle always ships one
+                ids = sorted(p.stem for p in (data / "test" / "images").glob("*.png"))
+                bundle.writestr(name, "id,rle_mask\n" + "".join(f"{i},1 1\n" for i in ids))
         if style == "folders":
             _add_tree(bundle, data / "train", "train/")
             _add_tree(bundle, data / "test", "test/")
@@ -602,10 +606,26 @@ def test_verify_counts_salt_masks(tiny_data):
 # ---------------------------------------------------------------- end to end
 
 
+def _run_kernel(folder: Path, data: Path, tmp_path: Path) -> Path:
+    """Run the rendered kernel.py as Kaggle would: the competition mounted as train.zip/test.zip
+    plus CSVs, a separate working folder, no network, started from an empty folder so the repo's
+    own `pipeline` package cannot be imported by accident. Returns the working folder."""
+    mount = _kaggle_input_mount(data, tmp_path / "input" / COMPETITION)
+    working = tmp_path / "working"
+    env = dict(os.environ, TGS_KAGGLE_INPUT=str(mount), TGS_KAGGLE_WORKING=str(working),
+               TMPDIR=str(tmp_path / "tmp"), PYTHONPATH="")
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run([sys.executable, str(folder / "kernel.py")], cwd=tmp_path / "tmp", env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"pipeline from {tmp_path / 'tmp'}" in result.stdout, "the bundled package ran, not the repo's"
+    assert not (working / "data").exists() and not (working / "src").exists(), "the output holds results only"
+    return working
+
+
 @pytest.mark.slow
 def test_kernel_py_trains_and_writes_a_valid_submission_offline(tiny_data, tmp_path):
-    """The rendered kernel, run as Kaggle would (zipped input, separate working folder), on a
-    tiny synthetic dataset with a tiny config: `pipeline all` end to end."""
+    """The rendered kernel on a tiny synthetic dataset with a tiny config: `pipeline all` end to end."""
     from pipeline.submit import check_submission
 
     folder = _built_kernel(
@@ -613,18 +633,28 @@ def test_kernel_py_trains_and_writes_a_valid_submission_offline(tiny_data, tmp_p
         "--set", "train.batch_size=8", "--set", "model.n_filters=4", "--set", "predict.tta=[none]",
         "--set", "train.threads=1",
     )
-    mount = _kaggle_input_mount(tiny_data, tmp_path / "input" / COMPETITION)
-    working = tmp_path / "working"
-    env = dict(os.environ, TGS_KAGGLE_INPUT=str(mount), TGS_KAGGLE_WORKING=str(working),
-               TMPDIR=str(tmp_path / "tmp"), PYTHONPATH="")
-    (tmp_path / "tmp").mkdir()
-    # Run from an empty folder so the repo's own `pipeline` package cannot be imported by accident.
-    result = subprocess.run([sys.executable, str(folder / "kernel.py")], cwd=tmp_path / "tmp", env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"pipeline from {tmp_path / 'tmp'}" in result.stdout, "the bundled package ran, not the repo's"
-
+    working = _run_kernel(folder, tiny_data, tmp_path)
     assert check_submission(working / "submission.csv", tiny_data) == 6
     assert (working / "runs" / "kernel_smoke" / "tune.json").is_file()
     assert (working / "folds" / "folds.csv").is_file()
-    assert not (working / "data").exists() and not (working / "src").exists(), "the output holds results only"
+
+
+def test_kernel_py_runs_on_the_real_sample_and_its_submission_passes_the_check(tgs_sample, tmp_path):
+    """The rendered kernel in the simulated Kaggle layout on the real sample (3001 train, 1000
+    test images): every train image loaded, folded, tuned on; every test image predicted with
+    hflip TTA; submission.csv checked against the test folder. Training is cut to one epoch on
+    96 images per fold so the test stays fast; the pipeline around it is the real one."""
+    from pipeline.rle import read_rle_csv
+    from pipeline.submit import check_submission
+
+    folder = _built_kernel(
+        tmp_path, "--set", "name=kernel_real", "--set", "n_folds=2", "--set", "train.epochs=1",
+        "--set", "train.limit_train=96", "--set", "model.n_filters=4",
+    )
+    working = _run_kernel(folder, tgs_sample, tmp_path)
+    assert check_submission(working / "submission.csv", tgs_sample) == 1000
+    tuned = json.loads((working / "runs" / "kernel_real" / "tune.json").read_text())
+    assert tuned["n_images"] == 3001  # the OOF covers every train image once
+    predicted = json.loads((working / "runs" / "kernel_real" / "predict.json").read_text())
+    assert predicted["n_images"] == 1000 and predicted["tta"] == ["none", "hflip"]
+    assert len(read_rle_csv(working / "submission.csv")) == 1000
