@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -54,19 +54,6 @@ def peer_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, size: int, steps: int,
-               repeats: int, device: str) -> list[dict]:
-    rows = []
-    for model_name in models:
-        for path in paths:
-            ours = speed.run_isolated(model_name, path, False, batch, size, steps, repeats, device)
-            theirs = speed.run_isolated(model_name, path, True, batch, size, steps, repeats, device) if peer else None
-            row = {"model": model_name, "path": path, "ours": ours, "peer": theirs}
-            print(speed._format_row(row), flush=True)
-            rows.append(row)
-    return rows
 
 
 def fast_path_speedups(rows: list[dict]) -> dict[str, dict]:
@@ -101,10 +88,9 @@ def end_to_end(timeout: float) -> dict:
         if done.returncode != 0:
             tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
             return {"error": f"./run.sh exited {done.returncode}: {' | '.join(tail)}", "seconds": round(seconds, 1)}
-        found = re.search(r"CV tuned \(threshold ([\d.]+), min area (\d+)\):\s+([\d.]+)", done.stdout)
-        at_05 = re.search(r"CV at threshold 0.50, min area 0:\s+([\d.]+)", done.stdout)
-        return {"seconds": round(seconds, 1), "cv_tuned": float(found.group(3)) if found else None,
-                "cv_at_05": float(at_05.group(1)) if at_05 else None,
+        tuned = [json.loads(p.read_text()) for p in (copy / "runs").glob("*/tune.json")]
+        return {"seconds": round(seconds, 1), "cv_tuned": tuned[0]["cv_tuned"] if tuned else None,
+                "cv_at_05": tuned[0]["cv_at_05"] if tuned else None,
                 "submission": sorted(p.name for p in (copy / "submissions").glob("*.csv"))}
 
 
@@ -164,15 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    paths = args.paths.split(",") if args.paths else (
-        ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"] if device.startswith("cuda")
-        else ["fp32", "cl", "bf16", "bf16_cl", "compile"])
+    paths = args.paths.split(",") if args.paths else speed.default_paths(device)
     peer = not args.no_peer and peer_available()
     if not args.no_peer and not peer:
         print("segmentation-models-pytorch not installed: no peer column (pip install -e '.[bench]')", file=sys.stderr)
 
     print("== 1. models", flush=True)
-    rows = model_rows(args.models.split(","), paths, peer=peer, batch=args.batch, size=args.size,
+    rows = speed.model_rows(args.models.split(","), paths, peer=peer, batch=args.batch, size=args.size,
                       steps=args.steps, repeats=args.repeats, device=device)
     print("== 2. training data path", flush=True)
     loader = speed.data_throughput(args.batch, args.size, seconds=2.0 if args.quick else 5.0)

@@ -66,19 +66,21 @@ def fake_probs(masks: np.ndarray, seed: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------- naive versions (what the fast code replaces)
 
 
+def naive_image_score(truth_mask: np.ndarray, pred: np.ndarray) -> float:
+    """One image as a typical kernel scores it: IoU, then ten threshold tests."""
+    intersection = np.count_nonzero(truth_mask & pred)
+    union = np.count_nonzero(truth_mask | pred)
+    if union == 0:
+        return 1.0
+    return float(np.mean([100 * intersection > k * union for k in range(50, 100, 5)]))
+
+
 def naive_threshold_scores(truth: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Per threshold, per image: binarise, IoU, ten threshold tests (a typical kernel's loop)."""
+    """Per threshold, per image: binarise, score (a typical kernel's loop)."""
     scores = np.empty(len(thresholds))
     for t, threshold in enumerate(thresholds):
-        total = 0.0
-        for truth_mask, prob_map in zip(truth, probs):
-            pred = prob_map > np.float64(threshold)
-            intersection = np.count_nonzero(truth_mask & pred)
-            union = np.count_nonzero(truth_mask | pred)
-            if union == 0:
-                total += 1.0
-            else:
-                total += np.mean([100 * intersection > k * union for k in range(50, 100, 5)])
+        total = sum(naive_image_score(truth_mask, prob_map > np.float64(threshold))
+                    for truth_mask, prob_map in zip(truth, probs))
         scores[t] = total / len(truth)
     return scores
 
@@ -91,13 +93,8 @@ def naive_grid_scores(truth: np.ndarray, probs: np.ndarray, thresholds: list[flo
     for t, threshold in enumerate(thresholds):
         preds = [prob_map > np.float64(threshold) for prob_map in probs]
         for a, min_area in enumerate(min_areas):
-            total = 0.0
-            for truth_mask, pred in zip(truth, preds):
-                if np.count_nonzero(pred) < min_area:
-                    pred = np.zeros_like(pred)
-                intersection = np.count_nonzero(truth_mask & pred)
-                union = np.count_nonzero(truth_mask | pred)
-                total += 1.0 if union == 0 else np.mean([100 * intersection > k * union for k in range(50, 100, 5)])
+            total = sum(naive_image_score(truth_mask, pred if np.count_nonzero(pred) >= min_area else np.zeros_like(pred))
+                        for truth_mask, pred in zip(truth, preds))
             scores[t, a] = total / len(truth)
     return scores
 

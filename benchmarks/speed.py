@@ -153,6 +153,26 @@ def run_isolated(*args) -> dict | None:
     return result
 
 
+def default_paths(device: str) -> list[str]:
+    if device.startswith("cuda"):
+        return ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"]
+    return ["fp32", "cl", "bf16", "bf16_cl", "compile"]
+
+
+def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, size: int, steps: int,
+               repeats: int, device: str) -> list[dict]:
+    """One row per (model, path): ours and (if `peer`) smp's, each measured in its own process."""
+    rows = []
+    for model_name in models:
+        for path in paths:
+            ours = run_isolated(model_name, path, False, batch, size, steps, repeats, device)
+            theirs = run_isolated(model_name, path, True, batch, size, steps, repeats, device) if peer else None
+            row = {"model": model_name, "path": path, "ours": ours, "peer": theirs}
+            print(_format_row(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def data_throughput(batch: int, size: int, seconds: float = 5.0) -> dict:
     """Images/second through augmentation + batching + padding (the CPU side of a train step)."""
     import numpy as np
@@ -199,18 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    paths = args.paths.split(",") if args.paths else (
-        ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"] if device == "cuda"
-        else ["fp32", "cl", "bf16", "bf16_cl", "compile"])
-    rows = []
-    for model_name in args.models.split(","):
-        for path in paths:
-            ours = run_isolated(model_name, path, False, args.batch, args.size, args.steps, args.repeats, device)
-            peer = None if args.no_peer else run_isolated(
-                model_name, path, True, args.batch, args.size, args.steps, args.repeats, device)
-            row = {"model": model_name, "path": path, "ours": ours, "peer": peer}
-            rows.append(row)
-            print(_format_row(row), flush=True)
+    paths = args.paths.split(",") if args.paths else default_paths(device)
+    rows = model_rows(args.models.split(","), paths, peer=not args.no_peer, batch=args.batch, size=args.size,
+                      steps=args.steps, repeats=args.repeats, device=device)
     extra = data_throughput(args.batch, args.size) if args.data else {}
     if extra:
         print(f"data loader (augment + batch + pad): {extra['loader_img_s']} img/s")

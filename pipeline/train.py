@@ -426,7 +426,6 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "config_digest": digest}
     if dist.is_main:
         done.update(write_final_oof(cfg, fold, val_images, val_masks, rt))
-    if dist.is_main:
         fileio.write_json(fold_dir / "done.json", done)
     dist.barrier()
     return done
@@ -444,11 +443,11 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
     Training kept the single-pass OOF of the best epoch; this replaces it only when it differs
     (TTA or snapshots), and done.json records both scores."""
     from pipeline.metric import competition_score
-    from pipeline.predict import load_fold_models, predict_probs
+    from pipeline.predict import fold_checkpoints, load_fold_models, predict_probs
 
     tta = list(cfg.predict.tta)
-    if tta == ["none"] and not (cfg.train.snapshots and snapshot_paths(cfg.run_dir / f"fold{fold}")):
-        return {}
+    if tta == ["none"] and fold_checkpoints(cfg, fold) == [cfg.run_dir / f"fold{fold}" / "best.pt"]:
+        return {}  # one plain pass of best.pt: the OOF training kept is already that
     models = load_fold_models(cfg, fold, rt)
     probs = np.mean([predict_probs(m, val_images, cfg, rt, cfg.predict.batch_size, tta) for m in models], axis=0)
     fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
