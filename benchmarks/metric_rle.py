@@ -85,17 +85,20 @@ def naive_threshold_scores(truth: np.ndarray, probs: np.ndarray, thresholds: np.
     return scores
 
 
-def naive_grid_scores(truth: np.ndarray, probs: np.ndarray, thresholds: list[float],
-                      min_areas: list[int]) -> np.ndarray:
-    """The threshold x min-area search as kernels wrote it: per pair, per image, binarise,
-    empty the mask if it is smaller than the area, score."""
-    scores = np.empty((len(thresholds), len(min_areas)))
+def naive_grid_scores(truth: np.ndarray, probs: np.ndarray, thresholds: list[float], empty_thresholds: list[float],
+                      searched: np.ndarray, min_areas: list[int]) -> np.ndarray:
+    """The tune search as kernels wrote it: per searched (threshold, empty threshold, min area),
+    per image, binarise, empty the mask if fewer than min_area pixels are above the empty
+    threshold, score. Combinations not searched stay NaN."""
+    scores = np.full((len(thresholds), len(empty_thresholds), len(min_areas)), np.nan)
     for t, threshold in enumerate(thresholds):
         preds = [prob_map > np.float64(threshold) for prob_map in probs]
-        for a, min_area in enumerate(min_areas):
-            total = sum(naive_image_score(truth_mask, pred if np.count_nonzero(pred) >= min_area else np.zeros_like(pred))
-                        for truth_mask, pred in zip(truth, preds))
-            scores[t, a] = total / len(truth)
+        for e in np.flatnonzero(searched[t]):
+            areas = [np.count_nonzero(prob_map > np.float64(empty_thresholds[e])) for prob_map in probs]
+            for a, min_area in enumerate(min_areas):
+                total = sum(naive_image_score(truth_mask, pred if area >= min_area else np.zeros_like(pred))
+                            for truth_mask, pred, area in zip(truth, preds, areas))
+                scores[t, e, a] = total / len(truth)
     return scores
 
 
@@ -180,20 +183,25 @@ def run(count: int, n_thresholds: int, repeats: int, naive_repeats: int, pixel_s
         add(task, f"vectorised ({name} probs)", fast_s)
     add(task, "naive per-image loop (float32)", naive_s)
 
-    # --- the tune command's search: the default threshold x min-area grid
+    # --- the tune command's search: the default threshold x empty-threshold x min-area grid
     from pipeline.config import Config
-    from pipeline.tune import search_grid
+    from pipeline.tune import search_grid, search_space
 
-    grid_thresholds, grid_areas = search_grid(Config())
-    task = f"tune grid {len(grid_thresholds)}x{len(grid_areas)} x {count}"
-    fast_s, fast = median_seconds(lambda: metric.threshold_scores(masks, probs16, grid_thresholds, grid_areas), repeats)
+    grid_thresholds, configured_empty, grid_areas = search_grid(Config())
+    grid_empty, searched = search_space(grid_thresholds, configured_empty)
+    task = f"tune grid {int(searched.sum()) * len(grid_areas)} triples x {count}"
+
+    def grid(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        return metric.threshold_scores(truth, probs, grid_thresholds, grid_areas, empty_thresholds=grid_empty)
+
+    fast_s, fast = median_seconds(lambda: grid(masks, probs16), repeats)
     subset = slice(0, min(count, 100))  # the naive search takes minutes on everything: time 100 images
     naive_s, naive = median_seconds(
-        lambda: naive_grid_scores(masks[subset], probs16[subset], grid_thresholds, grid_areas), 1)
-    check = metric.threshold_scores(masks[subset], probs16[subset], grid_thresholds, grid_areas)
-    assert np.allclose(check, naive, atol=1e-12), "grid search disagrees with the naive loop"
-    add(task, "threshold_scores(thresholds, min_areas)", fast_s)
-    add(task, "naive per-pair, per-image loop", naive_s * count / len(masks[subset]),
+        lambda: naive_grid_scores(masks[subset], probs16[subset], grid_thresholds, grid_empty, searched, grid_areas), 1)
+    check = grid(masks[subset], probs16[subset])
+    assert np.allclose(check[searched], naive[searched], atol=1e-12), "grid search disagrees with the naive loop"
+    add(task, "threshold_scores(thr, min_areas, empty_thr)", fast_s)
+    add(task, "naive per-triple, per-image loop", naive_s * count / len(masks[subset]),
         f"scaled from {len(masks[subset])} images")
 
     # --- encode

@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 COLUMNS = [
-    "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "min_area", "tta",
+    "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "empty_threshold", "min_area", "tta",
     "train_minutes", "git_commit", "date", "config_hash", "run_dir",
 ]
 DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
@@ -26,8 +26,8 @@ DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
 TABLE_COLUMNS = [
     ("run", "run", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
     ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
-    ("min_area", "min_area", True), ("tta", "tta", False), ("train_minutes", "train_min", True),
-    ("date", "date (UTC)", False), ("git_commit", "commit", False),
+    ("empty_threshold", "empty_thr", True), ("min_area", "min_area", True), ("tta", "tta", False),
+    ("train_minutes", "train_min", True), ("date", "date (UTC)", False), ("git_commit", "commit", False),
 ]
 
 
@@ -91,6 +91,8 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
         "cv_at_05": f"{float(tune_result['cv_at_05']):.4f}",
         "cv_tuned": f"{float(tune_result['cv_tuned']):.4f}",
         "threshold": f"{float(tune_result['threshold']):.2f}",
+        # the threshold deciding "any salt?" (a tune result without one decided at the threshold)
+        "empty_threshold": f"{float(tune_result.get('empty_threshold', tune_result['threshold'])):.2f}",
         "min_area": str(int(tune_result["min_area"])),
         "tta": _tta_used(run, cfg.predict.tta),
         "train_minutes": f"{_train_minutes(run, folds):.1f}",
@@ -102,7 +104,8 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
 
 
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a leaderboard CSV ([] when it does not exist yet)."""
+    """The rows of a leaderboard CSV ([] when it does not exist yet). A row from a file written
+    before a column existed has "" there, except empty_threshold: the row's threshold (what it was)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -113,7 +116,11 @@ def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
                 return []
             if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
                 raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
-            return [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+            rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+            if "empty_threshold" not in reader.fieldnames:
+                for row in rows:
+                    row["empty_threshold"] = row.get("threshold", "")
+            return rows
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not UTF-8 text") from None
     except csv.Error as exc:

@@ -12,6 +12,11 @@ IoU > t is tested in integers, 100 * intersection > percent * union, so a ratio
 that lands exactly on a threshold (11/20 vs 0.55) is never decided by float
 rounding. A probability map is binarised as `probs > threshold`, compared in the
 probabilities' own precision without rounding the threshold (see `binarize`).
+
+Post-processing: the mask `probs > threshold` is kept only when at least `min_area`
+pixels have `probs > empty_threshold`, else the image is predicted empty. The empty
+decision ("is there salt at all?") may use a stricter threshold than the one that draws
+the mask; empty_threshold == threshold is the plain min-area rule.
 """
 
 from __future__ import annotations
@@ -55,10 +60,15 @@ def competition_score(truth: np.ndarray, pred: np.ndarray) -> float:
 
 def _scores_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
     """Per-image score from integer counts of any shape; union == 0 means both empty."""
+    return _tenths_from_counts(intersection, union) / 10.0
+
+
+def _tenths_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """10 x the per-image score, as int64 (0..10): the hits over the ten IoU thresholds."""
     intersection = intersection.astype(np.int64)[..., None]
     union = union.astype(np.int64)[..., None]
-    hits = 100 * intersection > _THRESHOLD_PERCENTS * union
-    return np.where(union[..., 0] == 0, 1.0, hits.mean(axis=-1))
+    hits = np.count_nonzero(100 * intersection > _THRESHOLD_PERCENTS * union, axis=-1)
+    return np.where(union[..., 0] == 0, 10, hits).astype(np.int64)
 
 
 # ---------------------------------------------------------------- post-processing
@@ -69,8 +79,13 @@ def apply_min_area(pred: np.ndarray, min_area: int) -> np.ndarray:
     pred = _as_masks(pred, "pred")
     if min_area < 0:
         raise ValueError(f"min_area must be >= 0, got {min_area}")
-    keep = _count_per_row(_rows(pred)) >= min_area
+    keep = mask_areas(pred) >= min_area
     return pred & keep[:, None, None]
+
+
+def mask_areas(masks: np.ndarray) -> np.ndarray:
+    """Pixels per mask, int64 [N], of bool masks [N, H, W]."""
+    return _count_per_row(_rows(_as_masks(masks, "masks")))
 
 
 def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -95,8 +110,13 @@ def threshold_scores(
     probs: np.ndarray,
     thresholds: Sequence[float],
     min_areas: Sequence[int] = (0,),
+    empty_thresholds: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Dataset score [T, A] of `probs > thresholds[t]` with masks under `min_areas[a]` pixels emptied.
+
+    With `empty_thresholds` [E]: the score [T, E, A] of the mask `probs > thresholds[t]`,
+    emptied when fewer than `min_areas[a]` pixels have `probs > empty_thresholds[e]`
+    (a stricter "is there salt at all" decision; e with the same value as t is the [T, A] rule).
 
     One pass per block of images gives, for every threshold at once, each image's
     predicted area and its intersection with the truth; IoU and min-area rules are
@@ -111,12 +131,13 @@ def threshold_scores(
         raise ValueError(f"truth {truth.shape} and probs {probs.shape} differ in shape")
     if truth.shape[0] == 0:
         raise ValueError("threshold_scores needs at least one image")
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    if thresholds.ndim != 1 or thresholds.size == 0 or not np.isfinite(thresholds).all():
-        raise ValueError(f"thresholds must be a non-empty list of finite numbers, got {thresholds!r}")
+    thresholds = _threshold_list(thresholds, "thresholds")
     min_areas = np.asarray(min_areas)
     if min_areas.ndim != 1 or min_areas.size == 0 or not np.issubdtype(min_areas.dtype, np.integer) or (min_areas < 0).any():
         raise ValueError(f"min_areas must be a non-empty list of non-negative integers, got {min_areas!r}")
+    if empty_thresholds is not None:
+        return _empty_threshold_scores(truth, probs, thresholds, min_areas,
+                                       _threshold_list(empty_thresholds, "empty_thresholds"))
     if thresholds.size > 254:
         raise ValueError(f"at most 254 thresholds at once (bins are uint8), got {thresholds.size}")
 
@@ -133,6 +154,43 @@ def threshold_scores(
     result = np.empty_like(sorted_result)
     result[order] = sorted_result
     return result
+
+
+def _threshold_list(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0 or not np.isfinite(array).all():
+        raise ValueError(f"{name} must be a non-empty list of finite numbers, got {array!r}")
+    return array
+
+
+def _empty_threshold_scores(truth: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+                            min_areas: np.ndarray, empty_thresholds: np.ndarray) -> np.ndarray:
+    """threshold_scores' [T, E, A] grid, from one binning pass over both threshold lists.
+
+    With s[n, t] the score of image n at mask threshold t and z[n] its score when emptied
+    (1 on an empty truth, else 0), result[t, e, a] = mean_n s[n, t] - mean_n emptied[n, e, a]
+    * (s[n, t] - z[n]): one matrix product, no [N, T, E, A] array. Scores are counted in
+    tenths (integers), so the float64 product is exact and ties stay ties.
+    """
+    levels = np.unique(np.concatenate([thresholds, empty_thresholds]))  # sorted, each value once
+    if levels.size > 254:
+        raise ValueError(f"at most 254 distinct thresholds and empty thresholds at once (bins are uint8), "
+                         f"got {levels.size}")
+    pred_area, intersection = _areas_above(truth, probs, levels)  # [N, L] each
+    mask_at = np.searchsorted(levels, thresholds)  # column of each threshold, in the caller's order
+    empty_at = np.searchsorted(levels, empty_thresholds)
+    truth_area = _count_per_row(_rows(truth)).astype(np.int64)
+    count = truth.shape[0]
+    union = truth_area[:, None] + pred_area[:, mask_at] - intersection[:, mask_at]
+    tenths = _tenths_from_counts(intersection[:, mask_at], union)  # [N, T]
+    emptied_tenths = np.where(truth_area == 0, 10, 0)  # [N]
+    # emptied[n, e, a]: fewer than min_areas[a] pixels above empty_thresholds[e]
+    emptied = pred_area[:, empty_at, None] < min_areas[None, None, :]  # [N, E, A]
+    change = (tenths - emptied_tenths[:, None]).astype(np.float64)  # [N, T]
+    lost = emptied.reshape(count, -1).astype(np.float64).T @ change  # [E*A, T], exact integers
+    total = tenths.sum(axis=0).astype(np.float64)  # [T]
+    grid = (total[None, :] - lost).reshape(empty_thresholds.size, min_areas.size, thresholds.size)
+    return grid.transpose(2, 0, 1) / (10.0 * count)
 
 
 def _areas_above(truth: np.ndarray, probs: np.ndarray, sorted_thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,8 @@ Writes into `runs/<name>/show/`:
     oof_by_class.png  a few OOF examples of every coverage class
     test_samples.png  test images with the predicted mask outline (after `predict`)
     curves.png        per-fold train/val loss and val_score per epoch (fold*/log.csv)
-Masks are binarised with the tuned threshold/min area when tune.json exists, else 0.5.
+Masks are binarised with the tuned post-processing (threshold, empty threshold, min area,
+blank images) when tune.json exists, else at 0.5.
 matplotlib is imported here only, on its Agg (file-only) backend.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.tune import PostProcess
 
 DPI = 100
 TILE_INCHES = 2.0  # one 101x101 image
@@ -86,11 +88,11 @@ def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
 # ---------------------------------------------------------------- what to draw
 
 
-def read_tuned_postprocessing(run: Path) -> tuple[float, int, bool]:
-    """(threshold, min_area, empty_blank) from tune.json, or the untuned (0.5, 0, False)."""
+def read_tuned_postprocessing(run: Path) -> PostProcess:
+    """The post-processing in tune.json, or the untuned one (threshold 0.5, min area 0)."""
     from pipeline.tune import read_tuned
 
-    return read_tuned(run) if (run / "tune.json").exists() else (0.5, 0, False)
+    return read_tuned(run) if (run / "tune.json").exists() else PostProcess()
 
 
 def _available_oof(run: Path, folds: list[int]) -> tuple[list[str], np.ndarray]:
@@ -115,20 +117,18 @@ def _oof_tiles(ids, images, truth, pred, scores, classes, order) -> list[dict]:
     } for i in order]
 
 
-def draw_oof(run: Path, data_dir: Path, out_dir: Path, threshold: float, min_area: int,
-             empty_blank: bool, folds: list[int]) -> list[Path]:
+def draw_oof(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, folds: list[int]) -> list[Path]:
     from pipeline.data import is_blank, load_train
     from pipeline.folds import coverage_class
     from pipeline.metric import image_scores
-    from pipeline.submit import binarize
 
     ids, probs = _available_oof(run, folds)
     if not ids:
         return []
     train = load_train(data_dir, ids)
     truth = np.asarray(train.masks, dtype=bool)
-    blank = np.asarray(is_blank(train.images), dtype=bool) if empty_blank else None
-    pred = binarize(probs, threshold, min_area, empty_mask=blank)
+    blank = np.asarray(is_blank(train.images), dtype=bool) if post.empty_blank else None
+    pred = post.apply(probs, blank=blank)
     scores = np.asarray(image_scores(truth, pred))
     classes = np.asarray(coverage_class(truth))
 
@@ -151,10 +151,9 @@ def draw_oof(run: Path, data_dir: Path, out_dir: Path, threshold: float, min_are
     return paths
 
 
-def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, threshold: float, min_area: int,
-                      empty_blank: bool) -> list[Path]:
+def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, post: PostProcess) -> list[Path]:
     from pipeline.data import is_blank, read_image
-    from pipeline.submit import binarize, read_test_probs
+    from pipeline.submit import read_test_probs
 
     if not (run / "test_probs.npy").exists():
         return []
@@ -162,7 +161,7 @@ def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, threshold: float
     if not ids:
         return []
     # half the samples where salt was predicted, half where not, so both kinds are seen
-    salty = np.flatnonzero(binarize(probs, threshold, min_area).any(axis=(1, 2)))
+    salty = np.flatnonzero(post.apply(probs).any(axis=(1, 2)))
     plain = np.setdiff1d(np.arange(len(ids)), salty)
     rng = np.random.default_rng(0)
     take_salty = min(len(salty), max(N_TEST // 2, N_TEST - len(plain)))
@@ -170,8 +169,8 @@ def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, threshold: float
                              rng.choice(plain, min(len(plain), N_TEST - take_salty), replace=False)])
     picked = np.sort(picked.astype(int))
     images = np.stack([read_image(data_dir / "test" / "images" / f"{ids[i]}.png") for i in picked])
-    blank = np.asarray(is_blank(images), dtype=bool) if empty_blank else None
-    pred = binarize(probs[picked], threshold, min_area, empty_mask=blank)
+    blank = np.asarray(is_blank(images), dtype=bool) if post.empty_blank else None
+    pred = post.apply(probs[picked], blank=blank)
     tiles = [{"image": images[k], "pred": pred[k],
               "title": f"{ids[i]}\npredicted salt {pred[k].mean():.0%}"} for k, i in enumerate(picked)]
     rows = -(-len(tiles) // GRID_COLS)
@@ -219,11 +218,11 @@ def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Pa
     run = Path(run_dir)
     cfg = load_run_config(run)
     data = Path(data_dir if data_dir is not None else cfg.data)
-    threshold, min_area, empty_blank = read_tuned_postprocessing(run)
+    post = read_tuned_postprocessing(run)
     out_dir = run / "show"
     folds = cfg.fold_list()
-    paths = draw_oof(run, data, out_dir, threshold, min_area, empty_blank, folds)
-    paths += draw_test_samples(run, data, out_dir, threshold, min_area, empty_blank)
+    paths = draw_oof(run, data, out_dir, post, folds)
+    paths += draw_test_samples(run, data, out_dir, post)
     paths += draw_curves(run, out_dir, folds)
     if not paths:
         raise PipelineError(f"{run}: nothing to show yet (no fold OOF, log.csv or test_probs.npy)")

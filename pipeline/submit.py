@@ -19,25 +19,33 @@ BINARIZE_BLOCK = 1024  # images per block
 
 
 def binarize(probs: np.ndarray, threshold: float, min_area: int,
-             empty_mask: np.ndarray | None = None) -> np.ndarray:
-    """Probabilities [N,H,W] -> bool masks: > threshold, masks under min_area pixels emptied,
-    and the images flagged in empty_mask [N] (e.g. blank images) forced empty."""
+             empty_mask: np.ndarray | None = None, empty_threshold: float | None = None) -> np.ndarray:
+    """Probabilities [N,H,W] -> bool masks: > threshold; a mask is emptied when fewer than
+    min_area pixels are > empty_threshold (None: the threshold itself, the plain min-area rule);
+    and the images flagged in empty_mask [N] (e.g. blank images) are forced empty.
+
+    The same rule, compared in the same precision, as metric.threshold_scores scored it while tuning.
+    """
     from pipeline import metric
 
     probs = np.asarray(probs)
+    if empty_mask is not None:
+        empty_mask = np.asarray(empty_mask, dtype=bool)
+        if empty_mask.shape != (len(probs),):
+            raise ValueError(f"empty_mask has shape {empty_mask.shape}, expected ({len(probs)},)")
+    same_cut = empty_threshold is None or float(empty_threshold) == float(threshold)
     masks = np.empty(probs.shape, dtype=bool)
     # In blocks: 18000 float16 test images would need 700 MB more as one float32 copy.
     for first in range(0, len(probs), BINARIZE_BLOCK):
         block = probs[first:first + BINARIZE_BLOCK]
         # probs > threshold with the threshold taken exactly, as metric.threshold_scores decided
         # it while tuning, never rounded to the array's float16 precision
-        masks[first:first + len(block)] = metric.binarize(block, float(threshold))
-    if min_area > 0:
-        masks = metric.apply_min_area(masks, int(min_area))
+        block_masks = metric.binarize(block, float(threshold))
+        if min_area > 0:
+            decides = block_masks if same_cut else metric.binarize(block, float(empty_threshold))
+            block_masks &= (metric.mask_areas(decides) >= int(min_area))[:, None, None]
+        masks[first:first + len(block)] = block_masks
     if empty_mask is not None:
-        empty_mask = np.asarray(empty_mask, dtype=bool)
-        if empty_mask.shape != (len(masks),):
-            raise ValueError(f"empty_mask has shape {empty_mask.shape}, expected ({len(masks)},)")
         masks[empty_mask] = False
     return masks
 
@@ -85,7 +93,7 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
 
     run = Path(run_dir)
     cfg = load_run_config(run)
-    threshold, min_area, empty_blank = read_tuned(run)
+    post = read_tuned(run)
     ids, probs = read_test_probs(run)
 
     data = Path(data_dir if data_dir is not None else cfg.data)
@@ -102,13 +110,13 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
             f"— run `python -m pipeline predict --run {run} --data {data}`"
         )
 
-    empty = _blank_test_images(data, ids) if empty_blank else None
-    masks = binarize(probs, threshold, min_area, empty_mask=empty)
+    empty = _blank_test_images(data, ids) if post.empty_blank else None
+    masks = post.apply(probs, blank=empty)
     path = Path(out) if out is not None else SUBMISSIONS_DIR / f"{cfg.name}.csv"
     write_rle_csv(path, ids, encode_many(masks))
     rows = check_submission(path, data)
     empties = int((~masks.any(axis=(1, 2))).sum())
-    print(f"{path}: {rows} rows, threshold {threshold:.2f}, min area {min_area}, "
+    print(f"{path}: {rows} rows, {post.describe()}, "
           f"{empties} empty masks ({empties / max(rows, 1):.0%})"
           + (f", {int(empty.sum())} blank images forced empty" if empty is not None else ""))
     return path

@@ -1,16 +1,22 @@
-"""Post-processing chosen on the out-of-fold predictions: threshold, min area, blank images.
+"""Post-processing chosen on the out-of-fold predictions: threshold, empty threshold, min area,
+blank images.
 
 Thresholding is a separate command on saved probabilities (as in lopuhin's imet): training
 saves every fold's validation probabilities (`fold<k>/oof.npy`), `tune_run` puts them
-together into one OOF covering the train set, searches the threshold x min-area grid
-with the competition metric, and writes `runs/<name>/tune.json` (read by `submit`) and
-`runs/<name>/oof.csv` (the tuned OOF masks, scoreable with `python -m pipeline score`).
+together into one OOF covering the train set, searches the threshold x empty-threshold x
+min-area grid with the competition metric, and writes `runs/<name>/tune.json` (read by
+`submit`) and `runs/<name>/oof.csv` (the tuned OOF masks, scoreable with `python -m pipeline score`).
+
+The rule (`PostProcess`): the mask is `probs > threshold`, kept only when at least `min_area`
+pixels have `probs > empty_threshold`, else the image is predicted empty; blank images are
+forced empty when `empty_blank`. empty_threshold == threshold is the plain min-area rule.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +31,40 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_MIN_AREA = 0
 
 
-def read_tuned(run_dir: str | Path) -> tuple[float, int, bool]:
-    """(threshold, min_area, empty_blank) from the run's tune.json, with a hint when it is missing."""
+@dataclass(frozen=True)
+class PostProcess:
+    """How probabilities become the submitted masks: what `tune` chose (tune.json), or the untuned
+    default PostProcess(). empty_threshold None (the default) means the threshold itself."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    min_area: int = DEFAULT_MIN_AREA
+    empty_threshold: float | None = None  # None: the threshold (a float after __post_init__)
+    empty_blank: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "min_area", int(self.min_area))
+        empty = self.threshold if self.empty_threshold is None else float(self.empty_threshold)
+        object.__setattr__(self, "empty_threshold", empty)
+        object.__setattr__(self, "empty_blank", bool(self.empty_blank))
+
+    def apply(self, probs: np.ndarray, blank: np.ndarray | None = None) -> np.ndarray:
+        """Bool masks [N,H,W] from probabilities; blank [N] (blank images) is forced empty only
+        when empty_blank."""
+        from pipeline.submit import binarize
+
+        return binarize(probs, self.threshold, self.min_area, empty_mask=blank if self.empty_blank else None,
+                        empty_threshold=self.empty_threshold)
+
+    def describe(self) -> str:
+        """E.g. 'threshold 0.45, empty threshold 0.80, min area 100' (the empty threshold only when it differs)."""
+        empty = f", empty threshold {self.empty_threshold:.2f}" if self.empty_threshold != self.threshold else ""
+        return f"threshold {self.threshold:.2f}{empty}, min area {self.min_area}"
+
+
+def read_tuned(run_dir: str | Path) -> PostProcess:
+    """The post-processing in the run's tune.json, with a hint when it is missing. A tune.json
+    written before the empty threshold existed decides emptiness at the mask threshold."""
     from pipeline.fileio import read_json
 
     run = Path(run_dir)
@@ -36,9 +74,15 @@ def read_tuned(run_dir: str | Path) -> tuple[float, int, bool]:
         raise PipelineError(f"{path}: missing — {rerun}")
     tuned = read_json(path)
     try:
-        return float(tuned["threshold"]), int(tuned["min_area"]), bool(tuned.get("empty_blank", False))
+        threshold, min_area = float(tuned["threshold"]), int(tuned["min_area"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise PipelineError(f"{path}: lacks threshold/min_area — {rerun}") from None
+    try:
+        empty_threshold = float(tuned.get("empty_threshold", threshold))
+    except (TypeError, ValueError):
+        raise PipelineError(
+            f"{path}: empty_threshold {tuned['empty_threshold']!r} is not a number — {rerun}") from None
+    return PostProcess(threshold, min_area, empty_threshold, bool(tuned.get("empty_blank", False)))
 
 
 # ---------------------------------------------------------------- OOF assembly
@@ -146,24 +190,46 @@ def oof_fold_of(run_dir: str | Path) -> dict[str, int]:
 # ---------------------------------------------------------------- search
 
 
-def search_grid(cfg: Config) -> tuple[list[float], list[int]]:
-    """The config's grid, always including the untuned pair (0.5, 0) so tuning never loses."""
+def search_grid(cfg: Config) -> tuple[list[float], list[float], list[int]]:
+    """(thresholds, empty thresholds, min areas) of the config, the thresholds always including
+    the untuned 0.5 and the areas 0, so tuning never loses. Each threshold t is searched with the
+    empty thresholds {t} | empty thresholds: {t} is the plain min-area rule (see `search_space`)."""
     thresholds = sorted({round(float(t), 6) for t in cfg.tune.thresholds} | {DEFAULT_THRESHOLD})
+    empty_thresholds = sorted({round(float(t), 6) for t in cfg.tune.empty_thresholds})
     min_areas = sorted({int(a) for a in cfg.tune.min_areas} | {DEFAULT_MIN_AREA})
-    bad = [t for t in thresholds if not 0.0 <= t < 1.0]
-    if bad:
-        raise PipelineError(f"tune.thresholds: {bad[0]} is outside [0, 1)")
+    for key, values in (("thresholds", thresholds), ("empty_thresholds", empty_thresholds)):
+        bad = [t for t in values if not 0.0 <= t < 1.0]
+        if bad:
+            raise PipelineError(f"tune.{key}: {bad[0]} is outside [0, 1)")
     if min_areas[0] < 0:
         raise PipelineError(f"tune.min_areas: {min_areas[0]} is negative")
-    return thresholds, min_areas
+    return thresholds, empty_thresholds, min_areas
 
 
-def best_pair(scores: np.ndarray, thresholds: list[float], min_areas: list[int]) -> tuple[float, int]:
-    """Arg-max of the grid; among ties the pair nearest the defaults (least tuned to noise)."""
-    best = scores.max()
-    ties = np.argwhere(scores >= best - 1e-12)
-    i, j = min(ties.tolist(), key=lambda ij: (abs(thresholds[ij[0]] - DEFAULT_THRESHOLD), min_areas[ij[1]], ij[0]))
-    return thresholds[i], min_areas[j]
+def search_space(thresholds: list[float], empty_thresholds: list[float]) -> tuple[list[float], np.ndarray]:
+    """(every empty-threshold value, searched [T, E]): the grid's empty axis is the union of both
+    lists, and threshold t is searched only with itself and the configured empty thresholds,
+    not with every other threshold of the grid (fewer candidates, less tuning to noise)."""
+    values = sorted(set(thresholds) | set(empty_thresholds))
+    configured = np.isin(values, empty_thresholds)
+    searched = (np.asarray(values)[None, :] == np.asarray(thresholds)[:, None]) | configured[None, :]
+    return values, searched
+
+
+def best_choice(grid: np.ndarray, thresholds: list[float], empty_thresholds: list[float],
+                min_areas: list[int]) -> tuple[float, float, int]:
+    """(threshold, empty threshold, min area) of the grid's maximum [T, E, A] (-inf: not searched);
+    among ties the one nearest the defaults (least tuned to noise): threshold nearest 0.5, then
+    empty threshold nearest the threshold, then the smallest min area."""
+    best = grid.max()
+    ties = np.argwhere(grid >= best - 1e-12).tolist()
+
+    def untuned_first(tea: list[int]) -> tuple:
+        t, e, a = thresholds[tea[0]], empty_thresholds[tea[1]], min_areas[tea[2]]
+        return abs(t - DEFAULT_THRESHOLD), abs(e - t), a, tuple(tea)
+
+    i, j, k = min(ties, key=untuned_first)
+    return thresholds[i], empty_thresholds[j], min_areas[k]
 
 
 def _group_scores(image_scores: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -178,30 +244,41 @@ def tune_oof(truth: np.ndarray, probs: np.ndarray, blank: np.ndarray, cfg: Confi
     from pipeline.metric import image_scores, threshold_scores
     from pipeline.submit import binarize
 
-    thresholds, min_areas = search_grid(cfg)
-    grid = np.asarray(threshold_scores(truth, probs, thresholds, min_areas), dtype=np.float64)
-    threshold, min_area = best_pair(grid, thresholds, min_areas)
+    thresholds, configured_empty, min_areas = search_grid(cfg)
+    empty_thresholds, searched = search_space(thresholds, configured_empty)
+    grid = np.asarray(threshold_scores(truth, probs, thresholds, min_areas, empty_thresholds=empty_thresholds),
+                      dtype=np.float64)  # [T, E, A]
+    grid[~searched] = -np.inf
+    threshold, empty_threshold, min_area = best_choice(grid, thresholds, empty_thresholds, min_areas)
+    # the best of the plain rule (empty decision at the mask threshold), for the summary
+    plain = grid[np.arange(len(thresholds)), [empty_thresholds.index(t) for t in thresholds]]  # [T, A]
 
     # Rescore the chosen masks directly (the same binarize as `submit`), so tune.json, oof.csv
     # and the submission agree even where the grid search rounds differently.
     at_05 = image_scores(truth, binarize(probs, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA))
-    tuned = image_scores(truth, binarize(probs, threshold, min_area))
+    tuned = image_scores(truth, binarize(probs, threshold, min_area, empty_threshold=empty_threshold))
     if tuned.mean() < at_05.mean():
-        threshold, min_area, tuned = DEFAULT_THRESHOLD, DEFAULT_MIN_AREA, at_05
+        threshold, empty_threshold, min_area, tuned = DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA, at_05
     # 1st place: blank images (one pixel value) carry no salt; forcing them empty is only kept
     # when it helps on this OOF.
-    blank_scores = image_scores(truth, binarize(probs, threshold, min_area, empty_mask=blank))
+    blank_scores = image_scores(truth, binarize(probs, threshold, min_area, empty_mask=blank,
+                                                empty_threshold=empty_threshold))
     empty_blank = bool(blank.any() and blank_scores.mean() > tuned.mean())
     return {
         "threshold": float(threshold),
+        "empty_threshold": float(empty_threshold),
         "min_area": int(min_area),
         "empty_blank": empty_blank,
+        "post": PostProcess(threshold, min_area, empty_threshold, empty_blank),
         "cv_at_05": float(at_05.mean()),
+        "cv_plain_rule": float(plain.max()),
         "cv_before_blank": float(tuned.mean()),
         "cv_blank_forced_empty": float(blank_scores.mean()),
         "image_scores": blank_scores if empty_blank else tuned,
         "grid": grid,
+        "n_searched": int(searched.sum()) * len(min_areas),
         "thresholds": thresholds,
+        "empty_thresholds": empty_thresholds,
         "min_areas": min_areas,
     }
 
@@ -215,7 +292,6 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     from pipeline.folds import coverage_class
     from pipeline.leaderboard import record_run
     from pipeline.rle import encode_many, write_rle_csv
-    from pipeline.submit import binarize
 
     started = time.perf_counter()
     run = Path(run_dir)
@@ -235,9 +311,12 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     folds = np.array([fold_of[i] for i in ids])
     result: dict[str, Any] = {
         "threshold": round(found["threshold"], 6),
+        "empty_threshold": round(found["empty_threshold"], 6),
         "min_area": found["min_area"],
         "cv_at_05": round(found["cv_at_05"], 6),
         "cv_tuned": round(float(scores.mean()), 6),
+        # the best CV with the empty decision at the mask threshold (before the empty threshold existed)
+        "cv_plain_rule": round(found["cv_plain_rule"], 6),
         "per_class": _group_scores(scores, np.asarray(coverage_class(truth))),
         "per_fold": _group_scores(scores, folds),
         "n_images": len(ids),
@@ -245,12 +324,12 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
         "n_blank": int(blank.sum()),
         "cv_blank_forced_empty": round(found["cv_blank_forced_empty"], 6),
         "folds": cfg.fold_list(),
-        "grid_size": [len(found["thresholds"]), len(found["min_areas"])],
+        "grid_size": [len(found["thresholds"]), len(found["empty_thresholds"]), len(found["min_areas"])],
+        "n_searched": found["n_searched"],
         "seconds": 0.0,
     }
 
-    forced_empty = blank if found["empty_blank"] else None
-    masks = binarize(probs, found["threshold"], found["min_area"], empty_mask=forced_empty)
+    masks = found["post"].apply(probs, blank=blank)
     write_rle_csv(run / "oof.csv", ids, encode_many(masks))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(format_summary(run, result, found))
@@ -267,11 +346,19 @@ def format_summary(run: Path, result: dict, found: dict) -> str:
         f"  blank images forced empty:  {result['cv_blank_forced_empty']:.4f} over {result['n_blank']} blank "
         f"-> {'applied' if result['empty_blank'] else 'not applied'}"
     )
+    post = found["post"]
     lines = [
         f"{run}: {result['n_images']} OOF images from folds {','.join(map(str, result['folds']))}",
         f"  CV at threshold 0.50, min area 0:  {result['cv_at_05']:.4f}",
-        f"  CV tuned (threshold {result['threshold']:.2f}, min area {result['min_area']}):  "
-        f"{result['cv_tuned']:.4f}  ({gain:+.4f}; {found['grid'].size} pairs searched)",
+        f"  CV tuned ({post.describe()}):  "
+        f"{result['cv_tuned']:.4f}  ({gain:+.4f}; {found['n_searched']} combinations searched)",
+    ]
+    if post.empty_threshold != post.threshold:
+        # what deciding "any salt?" at its own threshold gained over the best plain min-area rule
+        gain_empty = found["cv_before_blank"] - result["cv_plain_rule"]
+        lines.append(f"  empty decision at {post.empty_threshold:.2f}, not at the mask threshold: "
+                     f"{gain_empty:+.4f} over the best with one threshold ({result['cv_plain_rule']:.4f})")
+    lines += [
         blank_line,
         "  per fold:   " + "  ".join(f"{k}: {v['score']:.4f} ({v['n']})" for k, v in result["per_fold"].items()),
         "  per coverage class (0 = empty):",

@@ -29,7 +29,7 @@ def make_run(root, name: str, **train) -> Config:
 
 
 def tune_result(cv: float) -> dict:
-    return {"threshold": 0.42, "min_area": 20, "cv_at_05": cv - 0.01, "cv_tuned": cv}
+    return {"threshold": 0.42, "empty_threshold": 0.8, "min_area": 20, "cv_at_05": cv - 0.01, "cv_tuned": cv}
 
 
 def test_rows_are_ranked_by_cv_tuned_and_a_rerecorded_run_replaces_its_row(tmp_path):
@@ -56,11 +56,35 @@ def test_row_has_every_column_with_values_from_the_run(tmp_path):
         (row,) = list(reader)
     assert row["run"] == "one" and row["model"] == "seed_unet" and row["loss"] == "bce"
     assert row["folds"] == "2/2" and row["threshold"] == "0.42" and row["min_area"] == "20"
+    assert row["empty_threshold"] == "0.80"
     assert row["train_minutes"] == "4.0"  # (90 + 150) s
     assert row["config_hash"] == cfg.digest()
     assert row["tta"] == "none+hflip"
     assert re.fullmatch(r"[0-9a-f]{4,40}|", row["git_commit"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["date"])
+
+
+def test_a_leaderboard_from_before_the_empty_threshold_stays_readable(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    old_columns = [c for c in COLUMNS if c != "empty_threshold"]
+    old_row = {c: "" for c in old_columns} | {"run": "old", "cv_tuned": "0.7000", "threshold": "0.46",
+                                               "min_area": "100"}
+    with open(board, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=old_columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerow(old_row)
+    # its rows decided emptiness at the threshold
+    assert read_leaderboard(board)[0]["empty_threshold"] == "0.46"
+    assert "0.46" in format_leaderboard(board)
+
+    result = tune_result(0.8)
+    del result["empty_threshold"]  # a tune result without one: decided at the threshold too
+    record_run(make_run(tmp_path, "new").run_dir, result, leaderboard_csv=board)
+    rows = {r["run"]: r for r in read_leaderboard(board)}
+    assert rows["old"]["empty_threshold"] == "0.46" and rows["old"]["min_area"] == "100"
+    assert rows["new"]["empty_threshold"] == "0.42"
+    with open(board, newline="") as handle:
+        assert csv.DictReader(handle).fieldnames == COLUMNS
 
 
 def test_concurrent_record_run_calls_all_land(tmp_path):

@@ -1,5 +1,6 @@
 """The competition metric: hand-checked IoU cases, the vectorised threshold search
-against a naive loop, min-area post-processing, and scoring CSV files."""
+against a naive loop (also with a separate empty threshold), min-area post-processing, and
+scoring CSV files."""
 
 from __future__ import annotations
 
@@ -180,6 +181,55 @@ def test_threshold_scores_handle_a_fine_grid_of_many_thresholds():
         metric.threshold_scores(truth, probs, np.linspace(0, 1, 300))
 
 
+def naive_empty_threshold_scores(truth, probs, thresholds, empty_thresholds, min_areas):
+    """[T, E, A] one image at a time: the mask at t, emptied when under min_area pixels exceed e."""
+    table = np.zeros((len(thresholds), len(empty_thresholds), len(min_areas)))
+    for e, empty_threshold in enumerate(empty_thresholds):
+        decided = [int((prob_map.astype(np.float64) > empty_threshold).sum()) for prob_map in probs]
+        for a, min_area in enumerate(min_areas):
+            keep = np.array([area >= min_area for area in decided])
+            for t, threshold in enumerate(thresholds):
+                pred = (probs.astype(np.float64) > threshold) & keep[:, None, None]
+                table[t, e, a] = naive_threshold_scores(truth, pred.astype(np.float64), [0.5], [0])[0, 0]
+    return table
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_empty_threshold_grid_equals_a_naive_per_image_loop(dtype):
+    truth, probs = random_case(dtype, seed=4)
+    thresholds = [0.45, 0.3, 1 / 3, 0.55, 0.7]
+    empty_thresholds = [0.7, 0.6, 0.45, 0.9, 0.95]  # shares values with thresholds, and in another order
+    min_areas = [0, 3, 20]
+    fast = metric.threshold_scores(truth, probs, thresholds, min_areas, empty_thresholds=empty_thresholds)
+    assert fast.shape == (len(thresholds), len(empty_thresholds), len(min_areas))
+    naive = naive_empty_threshold_scores(truth, probs, thresholds, empty_thresholds, min_areas)
+    np.testing.assert_allclose(fast, naive, atol=1e-12)
+    # min area 0 never empties: every empty threshold scores as the plain mask
+    np.testing.assert_allclose(fast[:, :, 0], np.repeat(fast[:, :1, 0], len(empty_thresholds), axis=1), atol=0)
+
+
+def test_empty_thresholds_equal_to_the_thresholds_give_the_2d_grid_on_the_diagonal():
+    truth, probs = random_case(np.float16, seed=5)
+    thresholds = [0.7, 0.2, 0.5, 0.2, 0.45]  # duplicates and any order, as the 2-D grid allows
+    min_areas = [20, 0, 5]
+    plain = metric.threshold_scores(truth, probs, thresholds, min_areas)
+    grid = metric.threshold_scores(truth, probs, thresholds, min_areas, empty_thresholds=thresholds)
+    diagonal = grid[np.arange(len(thresholds)), np.arange(len(thresholds))]
+    np.testing.assert_allclose(diagonal, plain, atol=1e-12)
+
+
+@pytest.mark.parametrize(("empty_thresholds", "message"), [
+    ([], "empty_thresholds must be a non-empty list"),
+    ([0.5, float("nan")], "empty_thresholds must be a non-empty list of finite numbers"),
+    ([[0.5, 0.6]], "empty_thresholds must be"),
+    (np.linspace(0.001, 0.999, 250), "at most 254 distinct thresholds and empty thresholds"),
+])
+def test_bad_empty_thresholds_are_a_clear_value_error(empty_thresholds, message):
+    truth, probs = random_case(np.float32, count=4)
+    with pytest.raises(ValueError, match=message):
+        metric.threshold_scores(truth, probs, [0.3, 0.4, 0.5, 0.55, 0.6], [0, 5], empty_thresholds=empty_thresholds)
+
+
 def test_binarize_matches_an_exact_float64_comparison():
     every_float16 = np.arange(2**16, dtype=np.uint16).view(np.float16)
     every_float16 = every_float16[np.isfinite(every_float16)]
@@ -210,6 +260,20 @@ def test_threshold_scores_on_real_sample_perfect_and_emptied(real_truth):
     np.testing.assert_allclose(scores[:, 0], 1.0)
     # min_area above 101*101 empties every prediction: the all-empty score
     np.testing.assert_allclose(scores[:, 1], metric.competition_score(real_truth, np.zeros_like(real_truth)))
+
+
+def test_empty_threshold_grid_on_real_sample_scores_what_submit_writes(real_truth):
+    from pipeline.submit import binarize
+
+    rng = np.random.default_rng(0)
+    probs = np.clip(0.6 * real_truth + 0.5 * rng.random(real_truth.shape), 0, 1).astype(np.float16)
+    thresholds, empty_thresholds, min_areas = [0.45, 0.55], [0.55, 0.9], [0, 50, 300]
+    grid = metric.threshold_scores(real_truth, probs, thresholds, min_areas, empty_thresholds=empty_thresholds)
+    for t, threshold in enumerate(thresholds):
+        for e, empty_threshold in enumerate(empty_thresholds):
+            for a, min_area in enumerate(min_areas):
+                masks = binarize(probs, threshold, min_area, empty_threshold=empty_threshold)
+                assert grid[t, e, a] == pytest.approx(metric.competition_score(real_truth, masks), abs=1e-12)
 
 
 def test_score_csvs_on_real_sample(tgs_sample, tmp_path):

@@ -71,6 +71,35 @@ def test_binarize_takes_the_threshold_exactly_whatever_the_probability_dtype():
     assert binarize(probs, 0.42, 0).sum() == 0
 
 
+def test_binarize_decides_emptiness_at_the_empty_threshold_but_draws_at_the_threshold():
+    probs = np.zeros((4, 101, 101), np.float32)
+    probs[:, :10, :10] = 0.6  # every mask: 100 pixels above 0.5
+    probs[0, :2, :2] = 0.95  # 4 pixels above 0.9: under min area 5, emptied
+    probs[1, :3, :3] = 0.95  # 9 pixels above 0.9: kept, with all 100 pixels of the mask
+    probs[2, :2, :3] = 0.9  # 6 pixels at 0.9 exactly: not above it, emptied
+    probs[3] = 0.0
+    masks = binarize(probs, 0.5, 5, empty_threshold=0.9)
+    assert masks.sum(axis=(1, 2)).tolist() == [0, 100, 0, 0]
+    # None, or the threshold itself: the plain min-area rule
+    plain = [100, 100, 100, 0]
+    assert binarize(probs, 0.5, 5).sum(axis=(1, 2)).tolist() == plain
+    assert binarize(probs, 0.5, 5, empty_threshold=0.5).sum(axis=(1, 2)).tolist() == plain
+    # min area 0 never empties, whatever the empty threshold
+    assert binarize(probs, 0.5, 0, empty_threshold=0.99).sum(axis=(1, 2)).tolist() == plain
+    # forced empties still win
+    forced = binarize(probs, 0.5, 5, empty_mask=np.array([False, True, False, False]), empty_threshold=0.9)
+    assert not forced.any()
+
+
+def test_binarize_takes_the_empty_threshold_exactly_too():
+    probs = np.zeros((1, 101, 101), np.float16)
+    probs[0, :10, :10] = 0.35
+    probs[0, :3, :3] = 0.42  # float16 0.419921875: above 0.4199, not above 0.42
+    for dtype in (np.float16, np.float32):
+        assert binarize(probs.astype(dtype), 0.3, 9, empty_threshold=0.4199).sum() == 100
+        assert binarize(probs.astype(dtype), 0.3, 9, empty_threshold=0.42).sum() == 0
+
+
 # ---------------------------------------------------------------- submit_run
 
 
@@ -95,6 +124,20 @@ def test_submission_masks_are_the_tuned_binarisation_of_test_probs(good_csv, tun
     expected = binarize(probs, 0.4, 10)
     np.testing.assert_array_equal(decode_many(frame["rle_mask"].tolist()), expected)
     assert 0 < expected.any(axis=(1, 2)).sum() < len(expected)  # some salt, some empty
+
+
+def test_submission_applies_the_tuned_empty_threshold(run, capsys):
+    from pipeline.rle import decode_many, read_rle_csv
+
+    tune = json.loads((run / "tune.json").read_text())
+    (run / "tune.json").write_text(json.dumps({**tune, "empty_threshold": 0.9}))
+    frame = read_rle_csv(submit_run(run))
+    probs = np.load(run / "test_probs.npy")
+    expected = binarize(probs, 0.4, 10, empty_threshold=0.9)
+    np.testing.assert_array_equal(decode_many(frame["rle_mask"].tolist()), expected)
+    # the test salt sits around 0.7: hardly a pixel above 0.9, so every mask is emptied
+    assert binarize(probs, 0.4, 10).any() and not expected.any()
+    assert "threshold 0.40, empty threshold 0.90, min area 10" in capsys.readouterr().out
 
 
 def test_blank_test_images_are_emptied_when_tune_says_so(run, synth_data, tmp_path):

@@ -1,4 +1,4 @@
-"""OOF assembly and threshold/min-area tuning on hand-built run dirs (see tests/fake_run.py)."""
+"""OOF assembly and threshold/empty-threshold/min-area tuning on hand-built run dirs (see tests/fake_run.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.tune import assemble_oof, tune_oof, tune_run
+from pipeline.tune import PostProcess, assemble_oof, read_tuned, search_grid, tune_oof, tune_run
 from tests.fake_run import fake_probs, make_fake_run, private_copy
 
-TUNE_KEYS = {"threshold", "min_area", "cv_at_05", "cv_tuned", "per_class", "per_fold", "n_images", "empty_blank"}
+TUNE_KEYS = {"threshold", "empty_threshold", "min_area", "cv_at_05", "cv_tuned", "cv_plain_rule", "per_class",
+             "per_fold", "n_images", "empty_blank"}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,64 @@ def test_tuned_score_is_never_below_the_score_at_05(synth_data, case):
     at_05 = competition_score(truth, probs > 0.5)
     assert found["cv_at_05"] == pytest.approx(at_05)
     assert found["image_scores"].mean() >= at_05 - 1e-12
-    if case == "perfect":  # nothing to gain: keep the untuned pair rather than an arbitrary tie
-        assert (found["threshold"], found["min_area"]) == (0.5, 0)
+    # nor below the best of the plain rule (emptiness decided at the mask threshold) on the same grid
+    plain = plain_rule_best(truth, probs, small_config())
+    assert found["cv_plain_rule"] == pytest.approx(plain, abs=1e-12)
+    assert found["image_scores"].mean() >= plain - 1e-12
+    if case == "perfect":  # nothing to gain: keep the untuned choice rather than an arbitrary tie
+        assert (found["threshold"], found["empty_threshold"], found["min_area"]) == (0.5, 0.5, 0)
+
+
+def plain_rule_best(truth, probs, cfg) -> float:
+    from pipeline.metric import threshold_scores
+
+    thresholds, _, min_areas = search_grid(cfg)
+    return float(threshold_scores(truth, probs, thresholds, min_areas).max())
+
+
+def stricter_empty_probs(truth: np.ndarray) -> np.ndarray:
+    """A model whose "any salt?" needs a stricter threshold than its masks: salt at 0.65 with every
+    other column at 0.95, and a 15x15 false-positive blob at 0.65 on every empty image. A mask
+    threshold at or above 0.65 halves the masks; one below keeps the blobs, which no min area up
+    to 200 removes; a mask at 0.5 kept only where 5 pixels exceed 0.7 is right nearly everywhere."""
+    probs = np.full(truth.shape, 0.05, np.float32)
+    probs[truth] = 0.65
+    core = truth.copy()
+    core[:, :, 1::2] = False
+    probs[core] = 0.95
+    probs[~truth.any(axis=(1, 2)), 40:55, 40:55] = 0.65
+    return probs
+
+
+def test_a_stricter_empty_threshold_is_chosen_where_it_helps(synth_data):
+    from pipeline.data import load_train
+    from pipeline.metric import competition_score
+    from pipeline.submit import binarize
+
+    truth = np.asarray(load_train(synth_data).masks, bool)
+    probs = stricter_empty_probs(truth)
+    found = tune_oof(truth, probs, np.zeros(len(truth), bool), small_config())
+    assert (found["threshold"], found["empty_threshold"], found["min_area"]) == (0.5, 0.7, 5)
+    assert found["post"] == PostProcess(0.5, 5, 0.7, False)
+    plain = plain_rule_best(truth, probs, small_config())
+    assert found["image_scores"].mean() > plain + 0.05
+    # the reported score is the score of the masks submit would write
+    masks = binarize(probs, 0.5, 5, empty_threshold=0.7)
+    assert found["image_scores"].mean() == pytest.approx(competition_score(truth, masks), abs=1e-12)
+
+    # empty_thresholds: [] searches the plain rule only
+    cfg = small_config()
+    cfg.tune.empty_thresholds = []
+    found = tune_oof(truth, probs, np.zeros(len(truth), bool), cfg)
+    assert found["empty_threshold"] == found["threshold"]
+    assert found["image_scores"].mean() == pytest.approx(plain, abs=1e-12)
+
+
+def test_empty_thresholds_outside_0_1_are_refused():
+    cfg = small_config()
+    cfg.tune.empty_thresholds = [0.8, 1.2]
+    with pytest.raises(PipelineError, match=r"tune.empty_thresholds: 1.2 is outside \[0, 1\)"):
+        search_grid(cfg)
 
 
 def test_blank_images_are_forced_empty_only_when_it_helps():
@@ -176,6 +233,40 @@ def test_oof_csv_scores_exactly_cv_tuned(run, synth_data):
     score, count = score_csvs(synth_data / "train.csv", run / "oof.csv")
     assert count == result["n_images"] == 120
     assert score == pytest.approx(result["cv_tuned"], abs=1e-6)
+
+
+def test_tune_run_with_a_stricter_empty_threshold_agrees_with_oof_csv(run, synth_data, capsys):
+    from pipeline.data import load_train
+    from pipeline.leaderboard import read_leaderboard
+    from pipeline.metric import score_csvs
+
+    for fold_dir in sorted(run.glob("fold*")):
+        ids = (fold_dir / "oof_ids.txt").read_text().split()
+        truth = np.asarray(load_train(synth_data, ids).masks, bool)
+        np.save(fold_dir / "oof.npy", stricter_empty_probs(truth).astype(np.float16))
+    result = tune_run(run)
+    saved = json.loads((run / "tune.json").read_text())
+    assert saved["empty_threshold"] > saved["threshold"]
+    assert saved["cv_tuned"] > saved["cv_plain_rule"] + 0.05
+    assert read_tuned(run) == PostProcess(saved["threshold"], saved["min_area"], saved["empty_threshold"],
+                                          saved["empty_blank"])
+    score, _ = score_csvs(synth_data / "train.csv", run / "oof.csv")
+    assert score == pytest.approx(result["cv_tuned"], abs=1e-6)
+    out = capsys.readouterr().out
+    assert f"empty threshold {saved['empty_threshold']:.2f}" in out and "empty decision at" in out
+    (row,) = read_leaderboard(run.parent.parent / "submissions" / "leaderboard.csv")
+    assert row["empty_threshold"] == f"{saved['empty_threshold']:.2f}"
+
+
+def test_a_tune_json_without_empty_threshold_decides_emptiness_at_the_threshold(tmp_path):
+    (tmp_path / "tune.json").write_text(json.dumps({"threshold": 0.42, "min_area": 30, "empty_blank": True,
+                                                    "cv_at_05": 0.7, "cv_tuned": 0.72}))
+    post = read_tuned(tmp_path)
+    assert post == PostProcess(0.42, 30, 0.42, True) and post.empty_threshold == 0.42
+    assert post.describe() == "threshold 0.42, min area 30"
+    (tmp_path / "tune.json").write_text(json.dumps({"threshold": 0.42, "min_area": 30, "empty_threshold": "x"}))
+    with pytest.raises(PipelineError, match="empty_threshold 'x' is not a number"):
+        read_tuned(tmp_path)
 
 
 def test_cli_tune_exits_0_and_missing_fold_exits_2_with_one_line(run, capsys):
