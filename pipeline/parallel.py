@@ -19,10 +19,18 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 
 
-def plan_workers(n_folds: int, n_gpus: int, n_cores: int, threads: int = 0) -> tuple[int, int]:
-    """(concurrent processes, torch threads each): one per GPU, else cores split evenly."""
+def plan_workers(n_folds: int, n_gpus: int, n_cores: int, threads: int = 0, workers: int = 0) -> tuple[int, int]:
+    """(concurrent processes, torch threads each): one per GPU, else the cores split evenly.
+
+    `workers` (CPU only) asks for that many processes even beyond the core count: on 2 cores,
+    3 folds as 3 single-thread processes finish together, where 2 + 1 would leave a core idle
+    for the last fold.
+    """
     if n_gpus:
         return min(n_folds, n_gpus), threads or max(1, n_cores // min(n_folds, n_gpus))
+    if workers:
+        workers = min(n_folds, workers)
+        return workers, threads or max(1, n_cores // workers)
     workers = max(1, min(n_folds, n_cores // max(threads, 1) if threads else n_cores))
     return workers, threads or max(1, n_cores // workers)
 
@@ -36,7 +44,8 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
     load_training_data(cfg)  # makes the folds file once, before the workers start
     folds = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
     n_gpus = torch.cuda.device_count()
-    workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.train.threads)
+    workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.train.threads,
+                                    cfg.train.fold_workers)
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
@@ -52,7 +61,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
             if n_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot)
             command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path),
-                       "--folds", str(fold), "--set", f"train.threads={threads}",
+                       "--folds", str(fold), "--set", f"train.threads={threads}", "--set", "train.parallel_folds=false",
                        "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}"]
             if not resume:
                 command.append("--restart")
@@ -61,7 +70,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
             log_path = cfg.run_dir / f"fold{fold}" / "train.out"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w", encoding="utf-8") as log:
-                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                code = run_echoing_epochs(command, env, log)
             if code != 0:
                 lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
                 raise PipelineError(f"{log_path}: fold {fold} failed: {lines[-1] if lines else f'exit {code}'}")
@@ -74,3 +83,17 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
         for future in [pool.submit(run_fold, fold) for fold in folds]:
             future.result()
     return [fileio.read_json(cfg.run_dir / f"fold{k}" / "done.json") for k in cfg.fold_list()]
+
+
+def run_echoing_epochs(command: list[str], env: dict[str, str], log) -> int:
+    """Run one fold's process with all its output in `log`, and its per-epoch summary lines
+    (and errors) echoed here too, so the parallel run shows its progress, not only its end."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          encoding="utf-8", errors="replace") as process:
+        for line in process.stdout:  # universal newlines: tqdm's \r redraws arrive as lines too
+            log.write(line)
+            log.flush()
+            text = line.strip()
+            if text.startswith(("error:", "Traceback")) or (" epoch " in text and "train_loss" in text):
+                print(text, flush=True)
+        return process.wait()

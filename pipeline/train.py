@@ -45,7 +45,8 @@ from pipeline.runtime import Runtime, resolve_runtime
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "seconds"]
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
-NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers")
+NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
+                     "train.parallel_folds", "train.fold_workers")
 
 
 def is_training_key(key: str) -> bool:
@@ -360,26 +361,29 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         train_loss = dist.mean(train_loss)
 
         # --- validate with the competition metric at threshold 0.5 (shards gathered across ranks)
-        shard_probs, shard_loss = validate(model, val_images[val_shard], val_masks[val_shard], loss_fn, cfg, rt,
-                                           epoch, cfg.predict.batch_size)
-        val_probs = dist.gather_concat(shard_probs)
-        val_score = competition_score(val_masks, val_probs > 0.5)
-        val_loss = dist.mean(shard_loss)
+        validating = epoch + 1 >= t.validate_from
+        val_score = val_loss = float("nan")
+        if validating:
+            shard_probs, shard_loss = validate(model, val_images[val_shard], val_masks[val_shard], loss_fn, cfg,
+                                               rt, epoch, cfg.predict.batch_size)
+            val_probs = dist.gather_concat(shard_probs)
+            val_score = competition_score(val_masks, val_probs > 0.5)
+            val_loss = dist.mean(shard_loss)
         lr = optimizer.param_groups[0]["lr"]
         step_scheduler(scheduler, val_score)
 
-        improved = val_score > state.best_score
+        improved = validating and val_score > state.best_score
         if improved:
             state.best_score, state.best_epoch = val_score, epoch
             state.epochs_without_improvement = 0
-        else:
+        elif validating:
             state.epochs_without_improvement += 1
         snapshot_improved = False
         if t.snapshots:
             # one snapshot per cosine cycle: the best epoch of that cycle (1st place's recipe)
             if epoch % t.cycle_epochs == 0:
                 state.cycle_best_score = -1.0
-            snapshot_improved = val_score > state.cycle_best_score
+            snapshot_improved = validating and val_score > state.cycle_best_score
             if snapshot_improved:
                 state.cycle_best_score = val_score
         seconds = time.perf_counter() - started
@@ -413,9 +417,10 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                              "val_loss": f"{val_loss:.5f}", "val_score": f"{val_score:.5f}",
                              "seconds": f"{seconds:.1f}"})
             write_log(fold_dir / "log.csv", log_rows)
+        validated = (f"val_loss {val_loss:.4f}  val_score {val_score:.4f}{' *' if improved else '  '}"
+                     if validating else f"(validation from epoch {t.validate_from})")
         say(f"fold {fold} epoch {epoch + 1:3d}/{t.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
-            f"val_loss {val_loss:.4f}  val_score {val_score:.4f}{' *' if improved else '  '}  {seconds:5.1f}s",
-            flush=True)
+            f"{validated}  {seconds:5.1f}s", flush=True)
         dist.barrier()
 
         if t.early_stop_patience and state.epochs_without_improvement >= t.early_stop_patience:
@@ -514,7 +519,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
     Under torchrun (WORLD_SIZE > 1) every process runs this; the folds are trained one
     after another, each by all processes together.
     """
-    if parallel_folds:
+    if (parallel_folds or cfg.train.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         from pipeline.parallel import train_folds_in_parallel
 
         return train_folds_in_parallel(cfg, resume=resume, force=force)

@@ -47,12 +47,18 @@ def test_two_process_ddp_matches_single_process_metric(synth_data, tmp_path):
     assert oof.shape[0] == len((ddp.run_dir / "fold0" / "oof_ids.txt").read_text().split())
 
 
-def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path):
+def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys):
     overrides = ("folds=[0,1]", "train.epochs=1", "train.threads=1")
     sequential = tiny_config(synth_data, tmp_path / "seq", *overrides)
     train_folds(sequential)
-    parallel = tiny_config(synth_data, tmp_path / "par", *overrides, f"folds_csv={sequential.folds_path()}")
-    train_folds(parallel, parallel_folds=True)
+    # asked for by the config (as cpu_best does): the fold processes must not fan out again
+    parallel = tiny_config(synth_data, tmp_path / "par", *overrides, f"folds_csv={sequential.folds_path()}",
+                           "train.parallel_folds=true", "train.fold_workers=2")
+    train_folds(parallel)
+    out = capsys.readouterr().out
+    assert "in 2 parallel processes" in out
+    # each fold's per-epoch line is echoed by the parent, not only written to its train.out
+    assert "fold 0 epoch   1/1" in out and "fold 1 epoch   1/1" in out
     for fold in (0, 1):
         a = load_checkpoint(sequential.run_dir / f"fold{fold}" / "best.pt")["model"]
         b = load_checkpoint(parallel.run_dir / f"fold{fold}" / "best.pt")["model"]
@@ -60,8 +66,11 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "folds, gpus, cores, threads, expected",
-    [(5, 0, 2, 0, (2, 1)), (5, 0, 16, 0, (5, 3)), (5, 4, 16, 0, (4, 4)), (2, 0, 8, 2, (2, 2)), (1, 0, 2, 0, (1, 2))],
+    "folds, gpus, cores, threads, workers, expected",
+    [(5, 0, 2, 0, 0, (2, 1)), (5, 0, 16, 0, 0, (5, 3)), (5, 4, 16, 0, 0, (4, 4)), (2, 0, 8, 2, 0, (2, 2)),
+     (1, 0, 2, 0, 0, (1, 2)),
+     # fold_workers: 3 single-thread folds on 2 cores (cpu_best); never more processes than folds
+     (3, 0, 2, 0, 3, (3, 1)), (2, 0, 2, 0, 3, (2, 1)), (3, 0, 8, 0, 2, (2, 4)), (5, 4, 16, 0, 8, (4, 4))],
 )
-def test_plan_workers_splits_gpus_then_cores(folds, gpus, cores, threads, expected):
-    assert plan_workers(folds, gpus, cores, threads) == expected
+def test_plan_workers_splits_gpus_then_cores(folds, gpus, cores, threads, workers, expected):
+    assert plan_workers(folds, gpus, cores, threads, workers) == expected

@@ -42,6 +42,24 @@ def test_fold_writes_checkpoints_log_and_oof(synth_data, tmp_path):
     assert load_checkpoint(out / "best.pt")["val_score"] == pytest.approx(done["best_score"])
 
 
+def test_validate_from_skips_early_validation_and_keeps_a_later_best(synth_data, tmp_path, capsys):
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=3", "train.validate_from=3")
+    (done,) = train_folds(cfg)
+    rows = read_log(fold_dir(cfg) / "log.csv")
+    assert [r["val_score"] for r in rows[:2]] == ["nan", "nan"] and float(rows[2]["val_score"]) >= 0
+    assert done["best_epoch"] == 3 and "(validation from epoch 3)" in capsys.readouterr().out
+    assert load_checkpoint(fold_dir(cfg) / "best.pt")["epoch"] == 2  # 0-based
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("train.validate_from=5", "must be in 0..train.epochs"),
+    ("train.scheduler=plateau", "does not follow the val metric"),
+])
+def test_validate_from_is_checked(synth_data, tmp_path, override, problem):
+    with pytest.raises(PipelineError, match=problem):
+        tiny_config(synth_data, tmp_path, "train.validate_from=2", override)
+
+
 def test_second_call_skips_a_complete_fold(synth_data, tmp_path, capsys):
     cfg = tiny_config(synth_data, tmp_path, "train.epochs=1")
     train_folds(cfg)
