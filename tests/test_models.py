@@ -113,6 +113,44 @@ def test_seed_unet_dropout_follows_the_config_and_is_off_in_eval():
     assert torch.equal(model(x)["mask"], model(x)["mask"])
 
 
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_dropout_has_nn_dropouts_distribution(p, channels_last):
+    from pipeline.models.blocks import Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(8, 16, 64, 64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = Dropout(p).train()(x)
+    kept = out != 0
+    # keep rate 1 - p (n = 524288: 5 sigma is < 0.004), kept values scaled by 1 / (1 - p)
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.004
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # independent elements: no structure along channels or rows (neighbours agree as often as chance)
+    same = (kept[:, 1:] == kept[:, :-1]).float().mean().item()
+    assert abs(same - ((1 - p) ** 2 + p**2)) < 0.005
+    # the gradient flows through the kept elements only, with the same scale
+    out.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], out[kept])
+
+
+def test_cpu_dropout_is_seeded_by_torch_and_identity_in_eval():
+    from pipeline.models.blocks import Dropout
+
+    x = torch.randn(4, 8, 16, 16)
+    torch.manual_seed(1)
+    a = Dropout(0.3).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, Dropout(0.3).train()(x))
+    assert not torch.equal(a, Dropout(0.3).train()(x))  # a fresh mask every call
+    assert Dropout(0.3).eval()(x) is x and Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.0)
+
+
 def test_seed_unet_deep_supervision_heads_only_in_training():
     model = create_model(ModelConfig(name="seed_unet", n_filters=8, deep_supervision=True))
     outputs = forward_backward(model, padded_batch())

@@ -10,6 +10,7 @@
   by the 1st and 4th place TGS solutions after every decoder block.
 - `SaltPresentHead`: image-level "is there any salt" logit from a feature map, and
   `StageHeads`: 1x1 mask heads on intermediate decoder outputs (deep supervision).
+- `Dropout`: element-wise dropout, as nn.Dropout, with a faster random mask on CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,48 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+DROPOUT_LEVELS = 32768  # the CPU mask compares 15-bit uniform integers: p is kept to 1/32768
+
+
+def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool tensor shaped (and laid out, e.g. channels_last) like `like`: True with
+    probability 1 - p, independently per element.
+
+    Why not torch.bernoulli: on CPU it draws one Mersenne-twister number per element in a
+    single thread, and in the seed UNet at n_filters 16 that was 18% of a bf16 training
+    step (more than all batch norms). One 32-bit draw here serves two elements (two 15-bit
+    uniforms), ~4x less generator work for the same distribution.
+    """
+    n = like.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int32, device=like.device).random_()  # 31 random bits
+    halves = words.view(torch.int16)[:n].bitwise_and_(DROPOUT_LEVELS - 1)  # low and high 15 bits
+    keep = halves >= round(p * DROPOUT_LEVELS)
+    # i.i.d. elements: any layout is valid, so build the mask in `like`'s physical order
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))
+    return keep.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
+
+
+class Dropout(nn.Module):
+    """nn.Dropout (element-wise, scaled by 1 / (1 - p) in training) with keep_mask on CPU."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        if x.device.type != "cpu" or not dense:
+            return F.dropout(x, self.p, training=True)  # CUDA's Philox generator is already fast
+        return torch.where(keep_mask(x, self.p), x * (1.0 / (1.0 - self.p)), 0.0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class ConvBnRelu(nn.Sequential):

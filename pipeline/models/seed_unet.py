@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import DoubleConv, SaltPresentHead, StageHeads
+from pipeline.models.blocks import DoubleConv, Dropout, SaltPresentHead, StageHeads
 
 DEPTH = 4  # pooling steps: inputs must be a multiple of 2**DEPTH = 16
 
@@ -38,7 +38,7 @@ class SeedUNet(nn.Module):
             self.encoder.append(DoubleConv(in_channels, width, keras_bug=keras_bug, bias=True))
             in_channels = width
         self.pool = nn.MaxPool2d(2)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # nn.Dropout's distribution, a faster CPU mask
         self.middle = DoubleConv(widths[-2], widths[-1], keras_bug=keras_bug, bias=True)
         self.upsamplers = nn.ModuleList()
         self.decoder = nn.ModuleList()
