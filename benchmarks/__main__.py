@@ -5,9 +5,15 @@
 In order, on this machine:
   1. model throughput (benchmarks/speed.py): train and inference images/s and peak memory of
      each model on each path (fp32, channels_last, bf16/fp16 autocast, both, torch.compile),
-     each in a fresh process, warm-up first, median of repeats (CUDA: events after a sync);
-     the same model from segmentation-models-pytorch beside it where smp has one (the peer,
-     `pip install -e '.[bench]'`);
+     against the same model from segmentation-models-pytorch where smp has one (the peer,
+     `pip install -e '.[bench]'`). Ours and the peer are timed side by side in ONE fresh
+     process per (model, path): both warmed up, then alternated repeat by repeat in ABBA
+     order (CUDA: events after a sync); each one's img/s is the median of its repeats, and
+     "ours/smp" is the median of the per-repeat ratios, so the machine's process-to-process
+     drift (about +-5% here) cancels in it. Peak memory comes from a short separate process
+     per (model, path, side). The fast-path speed-up (best path / fp32 training img/s, same
+     model) is measured in this same run, but its paths ran in different processes, so it
+     carries that drift;
   2. the training data path: images/s through augmentation + batching + padding;
   3. metric, tune-grid search and RLE against the naive per-image code (benchmarks/metric_rle.py);
   4. the end-to-end wall time of `./run.sh` on the embedded synthetic default, in a temporary
@@ -57,7 +63,10 @@ def peer_available() -> bool:
 
 
 def fast_path_speedups(rows: list[dict]) -> dict[str, dict]:
-    """Per model: the fastest training path and its speed-up over plain fp32, measured in this run."""
+    """Per model: the fastest training path and its speed-up over plain fp32, measured in this run.
+
+    Each path's figure comes from its own process (see benchmarks/speed.py), so unlike the
+    side-by-side ours/smp ratio this speed-up carries the process-to-process drift (about +-5%)."""
     out = {}
     for model_name in dict.fromkeys(row["model"] for row in rows):
         ok = {row["path"]: row["ours"] for row in rows
@@ -101,12 +110,18 @@ def markdown(result: dict) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(res, key):
-        return "–" if not res else ("error" if "error" in res else f"{res[key]:.0f}")
+        if not res:
+            return "–"
+        if "error" in res:
+            return "error"
+        return "–" if res.get(key) is None else f"{res[key]:.0f}"
 
     for row in result["models"]:
         ours, peer = row["ours"], row["peer"]
         ratios = ["–", "–"]
-        if ours and peer and "error" not in ours and "error" not in peer:
+        if row.get("ratio_train") is not None:  # median of side-by-side per-repeat ratios
+            ratios = [f"{row[k]:.2f}x" for k in ("ratio_train", "ratio_infer")]
+        elif ours and peer and "error" not in ours and "error" not in peer:  # results from before those
             ratios = [f"{ours[k] / peer[k]:.2f}x" for k in ("train_img_s", "infer_img_s")]
         lines.append(f"| {row['model']} | {row['path']} | {cell(ours, 'train_img_s')} | {cell(ours, 'infer_img_s')} | "
                      f"{cell(ours, 'peak_mb')} | {cell(peer, 'train_img_s')} | {cell(peer, 'infer_img_s')} | "
@@ -137,15 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (CUDA: +fp16_cl)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128, help="model input size (the presets pad 101 -> 128)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=speed.DEFAULT_STEPS, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=speed.DEFAULT_REPEATS,
+                        help="timed repeats per model and path (even: balanced ABBA order)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-peer", action="store_true", help="skip segmentation-models-pytorch")
     parser.add_argument("--no-e2e", action="store_true", help="skip the ./run.sh wall time")
-    parser.add_argument("--quick", action="store_true", help="1 repeat of 2 steps, 1000 images for the metric")
+    parser.add_argument("--quick", action="store_true", help="2 repeats of 1 step, 1000 images for the metric")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats = 2, 1
+        args.steps, args.repeats = 1, 2
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
 
     import torch
 
@@ -176,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads() if device == "cpu" else os.cpu_count(),
-        "batch": args.batch, "size": args.size, "models": rows, "fast_path": fast_path_speedups(rows),
+        "batch": args.batch, "size": args.size, "steps": args.steps, "repeats": args.repeats,
+        "models": rows, "fast_path": fast_path_speedups(rows),
         **loader, "metric_rle": metric, "end_to_end": e2e,
     }
     from pipeline.fileio import write_json

@@ -1,24 +1,52 @@
 """Training and inference throughput of our models vs the segmentation-models-pytorch peer.
 
     python -m benchmarks.speed [--models seed_unet,unet_resnet34] [--paths fp32,cl,bf16,bf16_cl,compile]
-                               [--batch 32] [--size 128] [--steps 10] [--no-peer] [--data]
+                               [--batch 32] [--size 128] [--steps 2] [--repeats 8] [--no-peer] [--data]
 
-For every (model, path) pair, in a fresh process (so peak memory is that path's own):
-warm-up steps first, then the median over repeats of steps/second; on CUDA, timed with
-events after synchronisation. Paths: fp32 (plain), cl (channels_last), bf16 / fp16
-(autocast; fp16 only on CUDA), bf16_cl (both), compile (torch.compile on the best
-eager path). `--data` also times the augmentation + batching loader. Prints a table and
-writes benchmarks/results/speed-<host>-<date>.json.
+Paths: fp32 (plain), cl (channels_last), bf16 / fp16 (autocast; fp16 only on CUDA), bf16_cl /
+fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_last).
+
+Throughput, ours vs the peer side by side. For every (model, path), ONE fresh process builds
+both models with the same path settings (memory format, autocast dtype, torch.compile), the
+same seed and the very same input/target tensors, warms both up (WARMUP steps each), then
+alternates them repeat by repeat in ABBA order (ours, peer, peer, ours, ours, peer, ...),
+each repeat timing `steps` steps (CUDA: events after a synchronisation); first all training
+repeats, then all inference repeats (model.eval(), no_grad). Each side's images/s is the
+median over its repeats; the ours/peer ratio (`ratio_train`, `ratio_infer`) is the median
+of the per-repeat ratios, each ratio taken between two back-to-back runs. Why: on a shared
+machine throughput drifts by about +-5% from one process (or minute) to the next, so two
+separately measured processes could not tell 0.95x from 1.00x for what is the same network;
+runs seconds apart in one process see the same machine state, so drift cancels in the
+per-repeat ratio, and ABBA order cancels a linear trend and any first/second-in-pair bias
+(use an even `repeats`). `ratio_of_medians` (median ours / median peer) and every
+per-repeat ratio (`ratio_runs`) are recorded too. A model without a peer (seed_unet: smp
+has no equivalent) is timed alone in its process.
+
+Peak memory cannot be told apart inside one process on CPU (VmHWM is per process), so it is
+measured separately, as before in a fresh process per (model, path, ours/peer), but short:
+MEMORY_TRAIN_STEPS training steps (the second one holds Adam's state and the gradients
+together) and MEMORY_INFER_STEPS inference steps, then CUDA max_memory_allocated or CPU
+VmHWM (which, as before, includes the interpreter and the imports).
+
+A path that fails (e.g. compile without a C++ compiler), in either process or for either
+side, becomes an error cell, not a crash; a process that dies without a result too.
+
+The fast-path speed-up `python -m benchmarks` reports (best path's train img/s / fp32 train
+img/s, same model) compares rows from different processes of the same run, so it carries the
+process-to-process drift (about +-5%) that the ours/peer ratio does not.
+
+`--data` also times the augmentation + batching loader. Prints a table and writes
+benchmarks/results/speed-<host>-<date>-<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import socket
 import statistics
 import sys
@@ -26,6 +54,12 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+DEFAULT_STEPS = 2
+DEFAULT_REPEATS = 8  # even, so ABBA order is balanced; 8 pairs for the median ratio
+WARMUP = 2  # untimed steps per model and phase (the compile path compiles in its first)
+MEMORY_TRAIN_STEPS = 2
+MEMORY_INFER_STEPS = 1
 
 
 def _peak_rss_mb() -> float:
@@ -39,15 +73,27 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def _error(exc: BaseException) -> dict:
+    first = (str(exc).splitlines() or [""])[0]
+    return {"error": f"{type(exc).__name__}: {first[:120]}"}
+
+
+def peer_encoder(model_name: str) -> str | None:
+    """The smp encoder of the peer of `model_name`, or None where smp has no equivalent."""
+    if model_name.startswith("unet_") and len(model_name) > len("unet_"):
+        return model_name.removeprefix("unet_")
+    return None  # e.g. seed_unet: smp has no equivalent of the tutorial's UNet
+
+
 def build(model_name: str, peer: bool, in_chans: int = 1):
     import torch
 
     if peer:
         import segmentation_models_pytorch as smp
 
-        if model_name == "seed_unet":
-            return None  # smp has no equivalent of the tutorial's UNet
-        encoder = model_name.removeprefix("unet_")
+        encoder = peer_encoder(model_name)
+        if encoder is None:
+            return None
         return smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=in_chans, classes=1)
 
     from pipeline.config import ModelConfig
@@ -66,89 +112,202 @@ def build(model_name: str, peer: bool, in_chans: int = 1):
     return MaskOnly(model)
 
 
-def measure(model_name: str, path: str, peer: bool, batch: int, size: int, steps: int, repeats: int,
-            device: str, queue) -> None:
+def path_settings(path: str):
+    """(memory format, autocast dtype or None, compile?) of a path."""
     import torch
 
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = build(model_name, peer)
-    if model is None:
-        queue.put(None)
-        return
-    dev = torch.device(device)
     channels_last = path in ("cl", "bf16_cl", "fp16_cl", "compile")
     amp = {"bf16": torch.bfloat16, "bf16_cl": torch.bfloat16, "fp16": torch.float16, "fp16_cl": torch.float16,
            "compile": torch.bfloat16}.get(path)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=fmt)
-    step_model = torch.compile(model) if path == "compile" else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    x = torch.rand(batch, 1, size, size, device=dev).contiguous(memory_format=fmt)
-    y = (torch.rand(batch, 1, size, size, device=dev) > 0.5).float()
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    return fmt, amp, path == "compile"
 
-    def autocast():
-        return torch.autocast(dev.type, dtype=amp, enabled=amp is not None)
 
-    def train_step():
-        with autocast():
-            logits = step_model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+def _inputs(path: str, batch: int, size: int, dev):
+    """The seeded input and target batch (built once per process, shared by ours and the peer)."""
+    import torch
 
-    @torch.no_grad()
-    def infer_step():
-        with autocast():
-            step_model(x)
+    fmt, _, _ = path_settings(path)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, size, size, generator=generator).to(dev).contiguous(memory_format=fmt)
+    y = (torch.rand(batch, 1, size, size, generator=generator) > 0.5).float().to(dev)
+    return x, y
 
-    def timed(fn) -> float:
-        """Median images/second over `repeats` runs of `steps` steps, after warm-up."""
-        for _ in range(3):
-            fn()
-        rates = []
-        for _ in range(repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(steps):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                seconds = start.elapsed_time(end) / 1000
-            else:
-                started = time.perf_counter()
-                for _ in range(steps):
-                    fn()
-                seconds = time.perf_counter() - started
-            rates.append(steps * batch / seconds)
-        return statistics.median(rates)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+class Bench:
+    """One model on one path: a training step (Adam, BCE) and an inference step on given tensors."""
+
+    def __init__(self, model, path: str, x, y, dev):
+        import torch
+
+        fmt, self.amp, compile_ = path_settings(path)
+        self.dev, self.x, self.y = dev, x, y
+        self.model = model.to(dev, memory_format=fmt)
+        self.step_model = torch.compile(self.model) if compile_ else self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == torch.float16)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.dev.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def train_step(self) -> None:
+        with self._autocast():
+            logits = self.step_model(self.x)
+        loss = self.loss_fn(logits.float(), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def infer_step(self) -> None:
+        import torch
+
+        with torch.no_grad(), self._autocast():
+            self.step_model(self.x)
+
+    def step(self, phase: str) -> None:
+        self.train_step() if phase == "train" else self.infer_step()
+
+    def mode(self, phase: str) -> None:
+        self.step_model.train(phase == "train")
+
+
+def _setup(device: str):
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device(device)
+
+
+def _timed(bench: Bench, phase: str, steps: int, batch: int) -> float:
+    """Images/second over `steps` steps of `phase`."""
+    import torch
+
+    if bench.dev.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            bench.step(phase)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        started = time.perf_counter()
+        for _ in range(steps):
+            bench.step(phase)
+        seconds = time.perf_counter() - started
+    return steps * batch / seconds
+
+
+def measure_throughput(model_name: str, path: str, with_peer: bool, batch: int, size: int, steps: int,
+                       repeats: int, device: str, queue) -> None:
+    """Ours and (if `with_peer` and smp has one) the peer, side by side in this one process."""
     try:
-        step_model.train()
-        train_rate = timed(train_step)
-        step_model.eval()
-        infer_rate = timed(infer_step)
-    except Exception as exc:  # e.g. torch.compile without a compiler: report, don't crash the table
-        queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
-        return
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb()
-    queue.put({"train_img_s": round(train_rate, 1), "infer_img_s": round(infer_rate, 1), "peak_mb": round(peak)})
+        queue.put(_throughput(model_name, path, with_peer, batch, size, steps, repeats, device))
+    except BaseException as exc:  # anything outside one side's steps: both cells become errors
+        queue.put({"ours": _error(exc), "peer": _error(exc) if with_peer else None})
 
 
-def run_isolated(*args) -> dict | None:
+def _throughput(model_name, path, with_peer, batch, size, steps, repeats, device) -> dict:
+    import torch
+
+    dev = _setup(device)
+    x, y = _inputs(path, batch, size, dev)
+    sides: dict[str, Bench] = {}
+    errors: dict[str, dict] = {}
+    names = ["ours"] + (["peer"] if with_peer and peer_encoder(model_name) else [])
+    for name in names:
+        try:
+            torch.manual_seed(0)
+            sides[name] = Bench(build(model_name, name == "peer"), path, x, y, dev)
+        except Exception as exc:
+            errors[name] = _error(exc)
+
+    rates: dict[str, dict[str, list[float]]] = {name: {"train": [], "infer": []} for name in names}
+    for phase in ("train", "infer"):
+        for name in [n for n in names if n not in errors]:
+            try:
+                sides[name].mode(phase)
+                for _ in range(WARMUP):
+                    sides[name].step(phase)
+            except Exception as exc:  # e.g. torch.compile without a compiler
+                errors[name] = _error(exc)
+        for repeat in range(repeats):
+            order = names if repeat % 2 == 0 else names[::-1]  # ABBA: ours peer peer ours ours peer ...
+            for name in order:
+                if name in errors:
+                    continue
+                try:
+                    rates[name][phase].append(_timed(sides[name], phase, steps, batch))
+                except Exception as exc:
+                    errors[name] = _error(exc)
+
+    result: dict = {}
+    for name in ("ours", "peer"):
+        if name not in names:
+            result[name] = None
+        elif name in errors:
+            result[name] = errors[name]
+        else:
+            result[name] = {f"{phase}_img_s": round(statistics.median(rates[name][phase]), 1)
+                            for phase in ("train", "infer")}
+    if result["peer"] and "error" not in result["peer"] and "error" not in result["ours"]:
+        runs = {phase: [o / p for o, p in zip(rates["ours"][phase], rates["peer"][phase])]
+                for phase in ("train", "infer")}
+        for phase in ("train", "infer"):
+            result[f"ratio_{phase}"] = round(statistics.median(runs[phase]), 3)
+        result["ratio_of_medians"] = {
+            phase: round(statistics.median(rates["ours"][phase]) / statistics.median(rates["peer"][phase]), 3)
+            for phase in ("train", "infer")}
+        result["ratio_runs"] = {phase: [round(r, 3) for r in runs[phase]] for phase in ("train", "infer")}
+    return result
+
+
+def measure_memory(model_name: str, path: str, peer: bool, batch: int, size: int, device: str, queue) -> None:
+    """Peak memory of one model on one path alone in this process: a few training and inference steps."""
+    try:
+        import torch
+
+        dev = _setup(device)
+        x, y = _inputs(path, batch, size, dev)
+        torch.manual_seed(0)
+        bench = Bench(build(model_name, peer), path, x, y, dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for phase, count in (("train", MEMORY_TRAIN_STEPS), ("infer", MEMORY_INFER_STEPS)):
+            bench.mode(phase)
+            for _ in range(count):
+                bench.step(phase)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb()
+        queue.put({"peak_mb": round(peak)})
+    except BaseException as exc:
+        queue.put(_error(exc))
+
+
+def run_isolated(target, *args):
+    """`target(*args, queue)` in a fresh (spawned) process; its one result, or an error dict if it dies."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=measure, args=(*args, queue))
+    results = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, results))
     process.start()
-    result = queue.get()
+    result = None
+    while True:
+        try:
+            result = results.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                try:
+                    result = results.get(timeout=1.0)
+                except queue_module.Empty:
+                    result = {"error": f"benchmark process died (exit code {process.exitcode})"}
+                break
     process.join()
     return result
 
@@ -161,13 +320,31 @@ def default_paths(device: str) -> list[str]:
 
 def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, size: int, steps: int,
                repeats: int, device: str) -> list[dict]:
-    """One row per (model, path): ours and (if `peer`) smp's, each measured in its own process."""
+    """One row per (model, path): ours and (if `peer` and smp has one) smp's, timed side by side in
+    one process, each one's peak memory from its own short process (see the module docstring)."""
     rows = []
     for model_name in models:
+        with_peer = peer and peer_encoder(model_name) is not None
         for path in paths:
-            ours = run_isolated(model_name, path, False, batch, size, steps, repeats, device)
-            theirs = run_isolated(model_name, path, True, batch, size, steps, repeats, device) if peer else None
-            row = {"model": model_name, "path": path, "ours": ours, "peer": theirs}
+            # memory first: on the compile path it also fills inductor's cache for the timed process
+            memory = {name: run_isolated(measure_memory, model_name, path, name == "peer", batch, size, device)
+                      for name in (["ours", "peer"] if with_peer else ["ours"])}
+            timed = run_isolated(measure_throughput, model_name, path, with_peer, batch, size, steps, repeats,
+                                 device)
+            if "error" in timed:  # the process died: both sides are errors
+                timed = {"ours": timed, "peer": timed if with_peer else None}
+            row = {"model": model_name, "path": path}
+            for name in ("ours", "peer"):
+                side = timed.get(name)
+                if side is not None and "error" not in side:
+                    mem = memory[name]
+                    side = {**side, "peak_mb": mem.get("peak_mb")}
+                    if "error" in mem:
+                        side["peak_error"] = mem["error"]
+                row[name] = side
+            for key in ("ratio_train", "ratio_infer", "ratio_of_medians", "ratio_runs"):
+                if key in timed:
+                    row[key] = timed[key]
             print(_format_row(row), flush=True)
             rows.append(row)
     return rows
@@ -206,15 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="seed_unet,unet_resnet34")
-    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (+fp16 on CUDA)")
+    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (+fp16_cl on CUDA)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed repeats per model (even: ABBA)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--data", action="store_true", help="also time the augmentation loader")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
 
     import torch
 
@@ -225,16 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     extra = data_throughput(args.batch, args.size) if args.data else {}
     if extra:
         print(f"data loader (augment + batch + pad): {extra['loader_img_s']} img/s")
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     result = {
         "host": socket.gethostname(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_name, "torch": torch.__version__, "threads": os.cpu_count(),
-        "batch": args.batch, "size": args.size, "rows": rows, **extra,
+        "batch": args.batch, "size": args.size, "steps": args.steps, "repeats": args.repeats, "rows": rows, **extra,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     from pipeline.fileio import write_json
 
-    out = RESULTS / f"speed-{socket.gethostname()}-{datetime.date.today().isoformat()}-{device}.json"
+    out = RESULTS / f"speed-{socket.gethostname()}-{datetime.date.today().isoformat()}-{device.split(':')[0]}.json"
     write_json(out, result)
     print(f"wrote {out}")
     return 0
@@ -246,17 +425,21 @@ def _format_row(row: dict) -> str:
             return "-"
         if "error" in result:
             return "error"
-        return f"{result[key]:.0f}"
+        value = result.get(key)
+        return "-" if value is None else f"{value:.0f}"
+
+    def ratio(key):
+        return f"{row[key]:.2f}x" if row.get(key) is not None else ""
 
     ours, peer = row["ours"], row["peer"]
-    ratio = ""
-    if ours and peer and "error" not in ours and "error" not in peer:
-        ratio = f"{ours['train_img_s'] / peer['train_img_s']:.2f}x"
-    error = (ours or {}).get("error", "")
+    errors = [f"{name}: {side['error']}" for name, side in (("ours", ours), ("peer", peer)) if side and "error" in side]
+    errors += [f"{name} peak: {side['peak_error']}" for name, side in (("ours", ours), ("peer", peer))
+               if side and "peak_error" in side]
     return (f"{row['model']:<16} {row['path']:<8} train {cell(ours, 'train_img_s'):>6} img/s "
             f"infer {cell(ours, 'infer_img_s'):>6} img/s peak {cell(ours, 'peak_mb'):>6} MB | "
             f"peer train {cell(peer, 'train_img_s'):>6} infer {cell(peer, 'infer_img_s'):>6} "
-            f"ratio {ratio:>6} {error}")
+            f"peak {cell(peer, 'peak_mb'):>6} | ratio train {ratio('ratio_train'):>6} "
+            f"infer {ratio('ratio_infer'):>6} {' | '.join(errors)}".rstrip())
 
 
 if __name__ == "__main__":
