@@ -98,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.folds is not None:
         cfg.folds = args.folds
-    train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds)
+    train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds,
+                fold_worker=args.fold_worker)
     return 0
 
 
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
     p.add_argument("--resume", action="store_true", help="(default) continue from last.pt")
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
+    p.add_argument("--fold-worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel-folds
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("all", help="end to end: folds, train, tune, predict, submit, leaderboard")

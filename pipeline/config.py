@@ -106,6 +106,11 @@ class TrainConfig:
     # cosine_restarts only: keep the best epoch of every cycle (snapshot{c}.pt); the fold's
     # OOF and test prediction become the average of its snapshots
     snapshots: bool = False
+    # Exponential moving average of the weights (BatchNorm statistics included), updated after
+    # every optimizer step: 0 = off; e.g. 0.995 averages over ~200 steps. When on, validation,
+    # best.pt and so the OOF and the test predictions use the average; log.csv keeps the raw
+    # weights' score beside it (val_score_raw), so every run is its own A/B.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -257,6 +262,8 @@ def _validate(cfg: Config, source: str) -> Config:
         )
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
         raise PipelineError(f"{source}: 'train.epochs' and 'train.batch_size' must be positive")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise PipelineError(f"{source}: 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
     if not 0 <= cfg.train.validate_from <= cfg.train.epochs:
         raise PipelineError(f"{source}: 'train.validate_from' must be in 0..train.epochs ({cfg.train.epochs}), "
                             f"got {cfg.train.validate_from}")

@@ -43,6 +43,9 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
     prepare_run_dir(cfg, force=force)
     load_training_data(cfg)  # makes the folds file once, before the workers start
     folds = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
+    if not folds:  # a rerun after training: nothing to start
+        print(f"{cfg.name}: folds {cfg.fold_list()} already trained, skipping")
+        return [fileio.read_json(cfg.run_dir / f"fold{k}" / "done.json") for k in cfg.fold_list()]
     n_gpus = torch.cuda.device_count()
     workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.train.threads,
                                     cfg.train.fold_workers)
@@ -62,7 +65,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
                 env["CUDA_VISIBLE_DEVICES"] = str(slot)
             command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path),
                        "--folds", str(fold), "--set", f"train.threads={threads}", "--set", "train.parallel_folds=false",
-                       "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}"]
+                       "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}", "--fold-worker"]
             if not resume:
                 command.append("--restart")
             if force:

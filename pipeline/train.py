@@ -20,6 +20,7 @@ the same weights as one never interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import csv
 import functools
 import hashlib
@@ -42,7 +43,9 @@ from pipeline.errors import PipelineError
 from pipeline.predict import to_batch
 from pipeline.runtime import Runtime, resolve_runtime
 
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "seconds"]
+# val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
+# the raw weights' when they differ (empty otherwise).
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
 NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
@@ -53,9 +56,15 @@ def is_training_key(key: str) -> bool:
     return key not in NON_TRAINING_KEYS and key.split(".")[0] not in NON_TRAINING_KEYS
 
 
+# Keys added after runs were made, at the value that reproduces what those runs did: left out
+# of the digest at that value, so the older runs stay reusable.
+NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0}
+
+
 def training_digest(cfg: Config) -> str:
     """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
-    relevant = {k: v for k, v in flatten(cfg).items() if is_training_key(k)}
+    relevant = {k: v for k, v in flatten(cfg).items()
+                if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -205,7 +214,7 @@ def progress(total: int, desc: str, disable: bool = False):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: Runtime, epoch: int,
-                    desc: str, show_progress: bool = True) -> float:
+                    desc: str, show_progress: bool = True, after_step=None) -> float:
     model.train()
     total_loss, total_images = 0.0, 0
     with progress(len(loader.sampler), desc, disable=not show_progress) as bar:
@@ -224,6 +233,8 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: 
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if after_step is not None:
+                after_step()
             total_loss += float(loss.detach()) * len(images)
             total_images += len(images)
             bar.update(len(images))
@@ -303,6 +314,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
     scheduler = build_scheduler(cfg, optimizer)
     scaler = rt.grad_scaler()
     loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
+    ema = build_ema(model, t.ema_decay)
+    eval_model = ema.module if ema is not None else model  # the weights validated and kept
 
     state = LoopState()
     log_rows: list[dict] = []
@@ -313,6 +326,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         if scheduler is not None and checkpoint.get("scheduler") is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         state = LoopState(**checkpoint["state"])
         # the log may be one epoch ahead of the checkpoint if the kill fell between the two writes
         log_rows = [row for row in read_log(fold_dir / "log.csv") if int(row["epoch"]) <= state.epoch]
@@ -352,7 +367,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         desc = f"fold {fold} epoch {epoch + 1}/{t.epochs}"
         try:
             train_loss = train_one_epoch(step_model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, desc,
-                                         show_progress=dist.is_main)
+                                         show_progress=dist.is_main,
+                                         after_step=(lambda: ema.update_parameters(model)) if ema else None)
         except NonFiniteLoss as exc:
             raise PipelineError(
                 f"{fold_dir}: fold {fold} epoch {epoch + 1}: {exc}; training stopped, "
@@ -362,13 +378,17 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
 
         # --- validate with the competition metric at threshold 0.5 (shards gathered across ranks)
         validating = epoch + 1 >= t.validate_from
-        val_score = val_loss = float("nan")
+        val_score = val_loss = val_score_raw = float("nan")
         if validating:
-            shard_probs, shard_loss = validate(model, val_images[val_shard], val_masks[val_shard], loss_fn, cfg,
-                                               rt, epoch, cfg.predict.batch_size)
+            shard_probs, shard_loss = validate(eval_model, val_images[val_shard], val_masks[val_shard], loss_fn,
+                                               cfg, rt, epoch, cfg.predict.batch_size)
             val_probs = dist.gather_concat(shard_probs)
             val_score = competition_score(val_masks, val_probs > 0.5)
             val_loss = dist.mean(shard_loss)
+            if ema is not None:
+                raw_probs, _ = validate(model, val_images[val_shard], val_masks[val_shard], loss_fn, cfg, rt,
+                                        epoch, cfg.predict.batch_size)
+                val_score_raw = competition_score(val_masks, dist.gather_concat(raw_probs) > 0.5)
         lr = optimizer.param_groups[0]["lr"]
         step_scheduler(scheduler, val_score)
 
@@ -396,12 +416,12 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                 fileio.write_npy(fold_dir / "oof.npy", val_probs.astype(np.float16))
                 fileio.write_text(fold_dir / "oof_ids.txt", "\n".join(data.ids[i] for i in val_index) + "\n")
                 save_checkpoint(fold_dir / "best.pt", {
-                    "model": model.state_dict(), "epoch": epoch, "val_score": val_score,
+                    "model": eval_model.state_dict(), "epoch": epoch, "val_score": val_score,
                     "config_digest": digest, "fold": fold,
                 })
             if snapshot_improved:
                 save_checkpoint(fold_dir / f"snapshot{epoch // t.cycle_epochs}.pt", {
-                    "model": model.state_dict(), "epoch": epoch, "val_score": val_score,
+                    "model": eval_model.state_dict(), "epoch": epoch, "val_score": val_score,
                     "config_digest": digest, "fold": fold,
                 })
             # --- checkpoint everything needed to continue; the previous one stays as prev.pt
@@ -411,13 +431,15 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict(), "state": vars(state).copy(), "config_digest": digest,
-                "fold": fold,
+                "fold": fold, **({"ema": ema.state_dict()} if ema is not None else {}),
             })
             log_rows.append({"epoch": epoch + 1, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
                              "val_loss": f"{val_loss:.5f}", "val_score": f"{val_score:.5f}",
+                             "val_score_raw": f"{val_score_raw:.5f}" if ema is not None else "",
                              "seconds": f"{seconds:.1f}"})
             write_log(fold_dir / "log.csv", log_rows)
         validated = (f"val_loss {val_loss:.4f}  val_score {val_score:.4f}{' *' if improved else '  '}"
+                     + (f"  (raw weights {val_score_raw:.4f})" if ema is not None else "")
                      if validating else f"(validation from epoch {t.validate_from})")
         say(f"fold {fold} epoch {epoch + 1:3d}/{t.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
             f"{validated}  {seconds:5.1f}s", flush=True)
@@ -434,6 +456,17 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         fileio.write_json(fold_dir / "done.json", done)
     dist.barrier()
     return done
+
+
+def build_ema(model: nn.Module, decay: float):
+    """An exponential moving average of `model`'s weights and buffers (BatchNorm running
+    statistics: the average is used as it is, no BN recalibration pass), or None when decay is 0.
+    Why buffers too: averaged weights with the raw model's running statistics mismatch."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def snapshot_paths(fold_dir: Path) -> list[Path]:
@@ -466,8 +499,12 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
 
 
 def prepare_run_dir(cfg: Config, *, force: bool) -> None:
-    """Create runs/<name>/ with config.yaml; refuse to reuse a run made with another config."""
+    """Create runs/<name>/ with config.yaml; refuse to reuse a run made with another config.
+
+    A run trained fold by fold (`train --folds 0`, later `train --folds 1`) is one experiment:
+    the saved config lists every fold asked for so far, so `tune` and `predict` see them all."""
     path = cfg.run_dir / "config.yaml"
+    saved = cfg
     if path.exists() and not force:
         previous = load_config(path)
         if training_digest(previous) != training_digest(cfg):
@@ -477,9 +514,18 @@ def prepare_run_dir(cfg: Config, *, force: bool) -> None:
                 f"{path}: this run was made with a different config (differs in {', '.join(changed[:5])}); "
                 "use another name, or --force to retrain"
             )
-        if dump_yaml(previous) == dump_yaml(cfg):
+        saved = dataclasses.replace(cfg, folds=merged_folds(previous, cfg))
+        if dump_yaml(previous) == dump_yaml(saved):
             return
-    save_config(cfg, path)
+    save_config(saved, path)
+
+
+def merged_folds(previous: Config, requested: Config) -> list[int]:
+    """The folds of a run asked for before and now ([] = all of them)."""
+    if not previous.folds or not requested.folds:
+        return []
+    folds = sorted(set(previous.folds) | set(requested.folds))
+    return [] if folds == list(range(requested.n_folds)) else folds
 
 
 def fold_is_done(cfg: Config, fold: int) -> bool:
@@ -513,11 +559,13 @@ def load_training_data(cfg: Config, dist: DistContext = DistContext()):
 
 
 def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parallel_folds: bool = False,
-                device: str | None = None) -> list[dict]:
+                device: str | None = None, fold_worker: bool = False) -> list[dict]:
     """Train every requested fold that is not already complete (under a per-fold lock).
 
     Under torchrun (WORLD_SIZE > 1) every process runs this; the folds are trained one
-    after another, each by all processes together.
+    after another, each by all processes together. `fold_worker`: this process is one of
+    `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
+    (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
     """
     if (parallel_folds or cfg.train.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         from pipeline.parallel import train_folds_in_parallel
@@ -525,7 +573,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
         return train_folds_in_parallel(cfg, resume=resume, force=force)
     dist = init_from_env()
     try:
-        if dist.is_main:
+        if dist.is_main and not fold_worker:
             prepare_run_dir(cfg, force=force)
         dist.barrier()
         todo = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]

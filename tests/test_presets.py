@@ -15,7 +15,7 @@ from pipeline.submit import check_submission
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 TINY = ("n_folds=2", "train.epochs=1", "train.limit_train=16", "train.batch_size=8", "train.num_workers=0",
-        "train.threads=2", "predict.batch_size=32", "loss.stage2_from_epoch=0",
+        "train.threads=2", "predict.batch_size=32", "loss.stage2_from_epoch=0", "train.validate_from=0",
         "tune.thresholds=[0.4,0.5]", "tune.min_areas=[0,20]")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import save_config
+from pipeline.config import load_config, save_config
 from pipeline.fileio import read_json
 from pipeline.parallel import plan_workers
 from pipeline.train import load_checkpoint, train_folds
@@ -63,6 +63,12 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys):
         a = load_checkpoint(sequential.run_dir / f"fold{fold}" / "best.pt")["model"]
         b = load_checkpoint(parallel.run_dir / f"fold{fold}" / "best.pt")["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), f"fold {fold} differs"
+    # the run's config is the parent's, not that of whichever fold process wrote last (which
+    # had folds: [k], threads: 1, parallel_folds: false, and left tune/predict seeing one fold)
+    assert load_config(parallel.run_dir / "config.yaml") == parallel
+    # and the same command again (./run.sh after a finished run) finds nothing to train
+    train_folds(parallel)
+    assert "folds [0, 1] already trained, skipping" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
