@@ -104,8 +104,11 @@ def end_to_end(timeout: float) -> dict:
 
 
 def markdown(result: dict) -> str:
+    compiled = "bf16 + channels_last" if result.get("native_bf16", True) else "fp32 + channels_last"
     lines = [f"Device: {result['device']} ({result['threads']} threads), torch {result['torch']}, "
-             f"batch {result['batch']}, {result['size']}x{result['size']}; {result['date']}", "",
+             f"batch {result['batch']}, {result['size']}x{result['size']}; {result['date']}; "
+             f"native bf16: {'yes' if result.get('native_bf16', True) else 'no'}; compile = torch.compile on {compiled}",
+             "",
              "| model | path | train img/s | infer img/s | peak MB | smp train img/s | smp infer img/s | ours/smp train | ours/smp infer |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="seed_unet,unet_resnet34")
-    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (CUDA: +fp16_cl)")
+    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (CUDA: +fp16_cl; CPU without native bf16: fp32,cl,compile)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128, help="model input size (the presets pad 101 -> 128)")
     parser.add_argument("--steps", type=int, default=speed.DEFAULT_STEPS, help="timed steps per repeat")
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads() if device == "cpu" else os.cpu_count(),
+        "native_bf16": speed.native_bf16(device),
         "batch": args.batch, "size": args.size, "steps": args.steps, "repeats": args.repeats,
         "models": rows, "fast_path": fast_path_speedups(rows),
         **loader, "metric_rle": metric, "end_to_end": e2e,

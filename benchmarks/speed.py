@@ -4,7 +4,10 @@
                                [--batch 32] [--size 128] [--steps 2] [--repeats 8] [--no-peer] [--data]
 
 Paths: fp32 (plain), cl (channels_last), bf16 / fp16 (autocast; fp16 only on CUDA), bf16_cl /
-fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_last).
+fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_last where the
+device has native bf16, else fp32 + channels_last). On a CPU without native bf16 (no AVX-512
+BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is emulated and several times slower than
+fp32, so the bf16 paths are left out of the default list there (`--paths` still runs them).
 
 Throughput, ours vs the peer side by side. For every (model, path), ONE fresh process builds
 both models with the same path settings (memory format, autocast dtype, torch.compile), the
@@ -112,13 +115,21 @@ def build(model_name: str, peer: bool, in_chans: int = 1):
     return MaskOnly(model)
 
 
-def path_settings(path: str):
+def native_bf16(device: str) -> bool:
+    import torch
+
+    from pipeline.runtime import cpu_has_bf16
+
+    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+
+
+def path_settings(path: str, device: str = "cpu"):
     """(memory format, autocast dtype or None, compile?) of a path."""
     import torch
 
     channels_last = path in ("cl", "bf16_cl", "fp16_cl", "compile")
     amp = {"bf16": torch.bfloat16, "bf16_cl": torch.bfloat16, "fp16": torch.float16, "fp16_cl": torch.float16,
-           "compile": torch.bfloat16}.get(path)
+           "compile": torch.bfloat16 if native_bf16(device) else None}.get(path)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return fmt, amp, path == "compile"
 
@@ -127,7 +138,7 @@ def _inputs(path: str, batch: int, size: int, dev):
     """The seeded input and target batch (built once per process, shared by ours and the peer)."""
     import torch
 
-    fmt, _, _ = path_settings(path)
+    fmt, _, _ = path_settings(path, dev.type)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, size, size, generator=generator).to(dev).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, size, size, generator=generator) > 0.5).float().to(dev)
@@ -140,7 +151,7 @@ class Bench:
     def __init__(self, model, path: str, x, y, dev):
         import torch
 
-        fmt, self.amp, compile_ = path_settings(path)
+        fmt, self.amp, compile_ = path_settings(path, dev.type)
         self.dev, self.x, self.y = dev, x, y
         self.model = model.to(dev, memory_format=fmt)
         self.step_model = torch.compile(self.model) if compile_ else self.model
@@ -315,6 +326,8 @@ def run_isolated(target, *args):
 def default_paths(device: str) -> list[str]:
     if device.startswith("cuda"):
         return ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"]
+    if not native_bf16(device):  # emulated bf16: slower than fp32, not a path anyone would take
+        return ["fp32", "cl", "compile"]
     return ["fp32", "cl", "bf16", "bf16_cl", "compile"]
 
 
