@@ -50,17 +50,26 @@ def _loss_label(cfg) -> str:
 
 
 def _train_minutes(run: Path, folds: list[int]) -> float:
+    """Minutes of training: the folds' training seconds added up, or, where folds overlapped in
+    time (--parallel-folds), the span from the first start to the last finish (done.json's
+    `finished` minus `seconds` is a fold's start), whichever is shorter."""
     from pipeline.fileio import read_json
 
-    seconds = 0.0
+    spans: list[tuple[float, float | None]] = []  # (seconds, finished)
     for fold in folds:
         done = run / f"fold{fold}" / "done.json"
         if done.exists():
             try:
-                seconds += float(read_json(done).get("seconds", 0.0))
+                info = read_json(done)
+                finished = info.get("finished")
+                spans.append((float(info.get("seconds", 0.0)), None if finished is None else float(finished)))
             except (PipelineError, TypeError, ValueError, AttributeError):
                 pass  # a damaged done.json costs the time column, not the row
-    return seconds / 60.0
+    total = sum(seconds for seconds, _ in spans)
+    if spans and all(finished is not None for _, finished in spans):
+        span = max(f for _, f in spans) - min(f - s for s, f in spans)
+        total = min(total, span)
+    return total / 60.0
 
 
 def _tta_used(run: Path, default: list[str]) -> str:

@@ -289,6 +289,11 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
 
     fold_dir = cfg.run_dir / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        # temp files of atomic writes that a killed run left behind (this process holds the
+        # fold's lock, so no live writer owns them)
+        for stale in fold_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     digest = training_digest(cfg)
     t = cfg.train
     say = print if dist.is_main else (lambda *a, **k: None)
@@ -450,7 +455,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             break
 
     done = {"fold": fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
-            "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "config_digest": digest}
+            "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "finished": round(time.time(), 1),
+            "config_digest": digest}
     if dist.is_main:
         done.update(write_final_oof(cfg, fold, val_images, val_masks, rt))
         fileio.write_json(fold_dir / "done.json", done)

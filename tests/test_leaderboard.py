@@ -4,6 +4,7 @@ and config diffs between runs."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import threading
 
@@ -154,3 +155,15 @@ def test_cli_leaderboard_and_diff(tmp_path, capsys):
     assert "base" in capsys.readouterr().out
     assert main(["leaderboard", "--diff", "base", "other", "--runs-dir", str(tmp_path / "runs")]) == 0
     assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().out
+
+
+def test_folds_trained_concurrently_count_their_wall_span_not_their_sum(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    cfg = make_run(tmp_path, "parallel")
+    # fold 0: 90 s ending at t=1000; fold 1: 150 s ending at t=1020: both ran from t=870 on
+    for fold, finished in ((0, 1000.0), (1, 1020.0)):
+        done = cfg.run_dir / f"fold{fold}" / "done.json"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "finished": finished}))
+    record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
+    (row,) = read_leaderboard(board)
+    assert row["train_minutes"] == "2.5"  # 1020 - 870 s, not 90 + 150

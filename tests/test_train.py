@@ -258,3 +258,13 @@ def test_run_trained_fold_by_fold_records_every_fold_for_tune_and_predict(synth_
         assert load_saved(saved).folds == expected, folds
     prepare_run_dir(tiny_config(synth_data, tmp_path, "folds=[0]"), force=False)  # a run of all folds stays so
     assert load_saved(saved).folds == []
+
+
+def test_temp_files_a_killed_run_left_in_the_fold_are_removed_when_it_resumes(synth_data, tmp_path):
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1")
+    fold = fold_dir(cfg)
+    fold.mkdir(parents=True)
+    stale = fold / ".last.pt.k1ll3d.tmp"  # what SIGKILL inside fileio's atomic write leaves
+    stale.write_bytes(b"half a checkpoint")
+    train_folds(cfg)
+    assert not stale.exists() and (fold / "done.json").exists()
