@@ -97,7 +97,7 @@ class TrainConfig:
     # Train the folds as concurrent processes (pipeline/parallel.py), as --parallel-folds does:
     # one per GPU, or on CPU `fold_workers` processes sharing the cores (0 = one per core).
     # Small convolutions scale badly across threads: on 2 cores, 2 or 3 single-thread
-    # processes train 1.39x the images/s of one 2-thread process (docs/experiments.md).
+    # processes train 1.4-1.6x the images/s of one 2-thread process (docs/experiments.md).
     parallel_folds: bool = False
     fold_workers: int = 0
     # Validate (and keep checkpoints by the metric) only from this epoch on (1-based; 0 = every
