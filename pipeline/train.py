@@ -20,8 +20,8 @@ the same weights as one never interrupted.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
