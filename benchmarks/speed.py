@@ -6,8 +6,8 @@
 Paths: fp32 (plain), cl (channels_last), bf16 / fp16 (autocast; fp16 only on CUDA), bf16_cl /
 fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_last where the
 device has native bf16, else fp32 + channels_last). On a CPU without native bf16 (no AVX-512
-BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is emulated and several times slower than
-fp32, so the bf16 paths are left out of the default list there (`--paths` still runs them).
+BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is emulated and slower than fp32 (there the
+seed UNet's bf16 process had not finished after twice fp32's time), so the bf16 paths are left out of the default list there (`--paths` still runs them).
 
 Throughput, ours vs the peer side by side. For every (model, path), ONE fresh process builds
 both models with the same path settings (memory format, autocast dtype, torch.compile), the
