@@ -104,10 +104,11 @@ def end_to_end(timeout: float) -> dict:
 
 
 def markdown(result: dict) -> str:
-    compiled = "bf16 + channels_last" if result.get("native_bf16", True) else "fp32 + channels_last"
+    native = result.get("native_bf16", True)  # results from before the key: bf16 hardware
+    compiled = "bf16 + channels_last" if native else "fp32 + channels_last"
     lines = [f"Device: {result['device']} ({result['threads']} threads), torch {result['torch']}, "
              f"batch {result['batch']}, {result['size']}x{result['size']}; {result['date']}; "
-             f"native bf16: {'yes' if result.get('native_bf16', True) else 'no'}; compile = torch.compile on {compiled}",
+             f"native bf16: {'yes' if native else 'no'}; compile = torch.compile on {compiled}",
              "",
              "| model | path | train img/s | infer img/s | peak MB | smp train img/s | smp infer img/s | ours/smp train | ours/smp infer |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

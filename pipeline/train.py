@@ -528,9 +528,7 @@ def prepare_run_dir(cfg: Config, *, force: bool) -> None:
 
 def merged_folds(previous: Config, requested: Config) -> list[int]:
     """The folds of a run asked for before and now ([] = all of them)."""
-    if not previous.folds or not requested.folds:
-        return []
-    folds = sorted(set(previous.folds) | set(requested.folds))
+    folds = sorted(set(previous.fold_list()) | set(requested.fold_list()))
     return [] if folds == list(range(requested.n_folds)) else folds
 
 
