@@ -130,6 +130,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['path']} | {cell(ours, 'train_img_s')} | {cell(ours, 'infer_img_s')} | "
                      f"{cell(ours, 'peak_mb')} | {cell(peer, 'train_img_s')} | {cell(peer, 'infer_img_s')} | "
                      f"{ratios[0]} | {ratios[1]} |")
+    procs = {row["ours"]["procs"] for row in result["models"] if row["ours"] and "procs" in row["ours"]}
+    if procs:
+        lines.append(f"\n`*_procs`: {'/'.join(map(str, sorted(procs)))} single-thread processes at once (as "
+                     f"`train.parallel_folds` trains folds), their images/s added up and peak MB summed.")
     for model_name, best in result["fast_path"].items():
         lines.append(f"\nFastest training path of {model_name}: {best['path']}, {best['train_speedup']}x fp32 "
                      f"training and {best['infer_speedup']}x fp32 inference.")
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="seed_unet,unet_resnet34")
-    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (CUDA: +fp16_cl; CPU without native bf16: fp32,cl,compile)")
+    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile,bf16_cl_procs (CUDA: fp16_cl instead of *_procs; CPU without native bf16: fp32,cl,compile,cl_procs)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128, help="model input size (the presets pad 101 -> 128)")
     parser.add_argument("--steps", type=int, default=speed.DEFAULT_STEPS, help="timed steps per repeat")

@@ -5,7 +5,10 @@
 
 Paths: fp32 (plain), cl (channels_last), bf16 / fp16 (autocast; fp16 only on CUDA), bf16_cl /
 fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_last where the
-device has native bf16, else fp32 + channels_last). On a CPU without native bf16 (no AVX-512
+device has native bf16, else fp32 + channels_last), and on a CPU with more than one core
+cl_procs (or bf16_cl_procs): that eager path in one single-thread process per core, run
+concurrently, their images/s added up (`measure_procs`) -- how `train.parallel_folds` trains
+k folds, and the only path on which more cores than one help small convolutions much. On a CPU without native bf16 (no AVX-512
 BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is emulated and slower than fp32 (there the
 seed UNet's bf16 process had not finished after twice fp32's time), so the bf16 paths are left out of the default list there (`--paths` still runs them).
 
@@ -123,10 +126,14 @@ def native_bf16(device: str) -> bool:
     return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
 
 
+PROCS_SUFFIX = "_procs"  # e.g. cl_procs: the cl path in one single-thread process per core
+
+
 def path_settings(path: str, device: str = "cpu"):
-    """(memory format, autocast dtype or None, compile?) of a path."""
+    """(memory format, autocast dtype or None, compile?) of a path (of its base path for *_procs)."""
     import torch
 
+    path = path.removesuffix(PROCS_SUFFIX)
     channels_last = path in ("cl", "bf16_cl", "fp16_cl", "compile")
     amp = {"bf16": torch.bfloat16, "bf16_cl": torch.bfloat16, "fp16": torch.float16, "fp16_cl": torch.float16,
            "compile": torch.bfloat16 if native_bf16(device) else None}.get(path)
@@ -326,9 +333,77 @@ def run_isolated(target, *args):
 def default_paths(device: str) -> list[str]:
     if device.startswith("cuda"):
         return ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"]
+    # on CPU also the best eager path as one single-thread process per core: how
+    # `train.parallel_folds` trains k folds (small convolutions scale badly across threads)
+    procs = ["cl_procs" if not native_bf16(device) else "bf16_cl_procs"] if (os.cpu_count() or 1) > 1 else []
     if not native_bf16(device):  # emulated bf16: slower than fp32, not a path anyone would take
-        return ["fp32", "cl", "compile"]
-    return ["fp32", "cl", "bf16", "bf16_cl", "compile"]
+        return ["fp32", "cl", "compile", *procs]
+    return ["fp32", "cl", "bf16", "bf16_cl", "compile", *procs]
+
+
+def _procs_worker(model_name: str, path: str, batch: int, size: int, steps: int, device: str, barrier,
+                  queue) -> None:
+    """One of the concurrent single-thread processes of a *_procs path: warm up, wait for all,
+    then time `steps` steps per phase by the wall clock (comparable across processes)."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        dev = torch.device(device)
+        x, y = _inputs(path, batch, size, dev)
+        torch.manual_seed(0)
+        bench = Bench(build(model_name, False), path, x, y, dev)
+        spans = {}
+        for phase in ("train", "infer"):
+            bench.mode(phase)
+            for _ in range(WARMUP):
+                bench.step(phase)
+            barrier.wait(timeout=900)  # all processes start each phase together
+            started = time.time()
+            for _ in range(steps):
+                bench.step(phase)
+            spans[phase] = (started, time.time())
+        queue.put({"spans": spans, "peak_mb": _peak_rss_mb()})
+    except BaseException as exc:
+        barrier.abort()  # the others stop waiting and report an error too
+        queue.put(_error(exc))
+
+
+def measure_procs(model_name: str, path: str, batch: int, size: int, steps: int, repeats: int, device: str,
+                  procs: int | None = None) -> dict:
+    """Aggregate images/s of `procs` (default: one per core) concurrent single-thread processes,
+    each training (then inferring) its own copy of the model on the base path of `path`.
+
+    All processes run steps x repeats timed steps per phase after a common start; the rate is
+    all their images over the span from the first start to the last finish, so a straggler
+    counts. No peer column: the kernels are the base path's, compared with smp there. Peak
+    memory is the sum of the processes' (each one's VmHWM)."""
+    procs = procs or os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_procs_worker, args=(model_name, path, batch, size, steps * repeats, device,
+                                                       barrier, results)) for _ in range(procs)]
+    for worker in workers:
+        worker.start()
+    reports = []
+    while len(reports) < procs:
+        try:
+            reports.append(results.get(timeout=1.0))
+        except queue_module.Empty:
+            if not any(worker.is_alive() for worker in workers) and results.empty():
+                barrier.abort()
+                reports.append({"error": "a benchmark process died"})
+                break
+    for worker in workers:
+        worker.join()
+    errors = [r for r in reports if "error" in r]
+    if errors:
+        return errors[0]
+    images = procs * steps * repeats * batch
+    rates = {f"{phase}_img_s": round(images / (max(r["spans"][phase][1] for r in reports)
+                                               - min(r["spans"][phase][0] for r in reports)), 1)
+             for phase in ("train", "infer")}
+    return {**rates, "peak_mb": round(sum(r["peak_mb"] for r in reports)), "procs": procs}
 
 
 def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, size: int, steps: int,
@@ -339,6 +414,12 @@ def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, s
     for model_name in models:
         with_peer = peer and peer_encoder(model_name) is not None
         for path in paths:
+            if path.endswith(PROCS_SUFFIX):
+                row = {"model": model_name, "path": path, "peer": None,
+                       "ours": measure_procs(model_name, path, batch, size, steps, repeats, device)}
+                print(_format_row(row), flush=True)
+                rows.append(row)
+                continue
             # memory first: on the compile path it also fills inductor's cache for the timed process
             memory = {name: run_isolated(measure_memory, model_name, path, name == "peer", batch, size, device)
                       for name in (["ours", "peer"] if with_peer else ["ours"])}
@@ -396,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="seed_unet,unet_resnet34")
-    parser.add_argument("--paths", default=None, help="default: fp32,cl,bf16,bf16_cl,compile (+fp16_cl on CUDA)")
+    parser.add_argument("--paths", default=None, help="default: see default_paths()")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="timed steps per repeat")
