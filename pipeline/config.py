@@ -34,6 +34,8 @@ class ModelConfig:
     scse: bool = False
     hypercolumn: bool = False
     deep_supervision: bool = False
+    # UNet blocks as h + conv(h) (h = the block's first conv): seed_unet's blocks, timm UNets' decoder.
+    residual: bool = False
 
 
 @dataclass

@@ -164,9 +164,38 @@ def test_seed_unet_rejects_sizes_that_are_not_multiples_of_16():
         create_model(ModelConfig(name="seed_unet"))(torch.zeros(1, 1, 120, 120))
 
 
-def test_seed_unet_rejects_options_of_the_encoder_unets():
-    with pytest.raises(PipelineError, match="model.scse"):
-        create_model(ModelConfig(name="seed_unet", scse=True))
+def test_seed_unet_rejects_pretrained_and_a_residual_keras_bug():
+    with pytest.raises(PipelineError, match="model.pretrained"):
+        create_model(ModelConfig(name="seed_unet", pretrained=True))
+    with pytest.raises(PipelineError, match="model.residual"):
+        create_model(ModelConfig(name="seed_unet", keras_bug=True, residual=True))
+
+
+def test_residual_double_conv_adds_the_first_convs_output_to_the_second():
+    from pipeline.models.blocks import DoubleConv
+
+    torch.manual_seed(0)
+    plain = DoubleConv(3, 4).eval()
+    residual = DoubleConv(3, 4, residual=True).eval()
+    residual.load_state_dict(plain.state_dict())  # same parameters, same keys
+    x = torch.randn(2, 3, 8, 8)
+    h = plain[0](x)
+    assert torch.allclose(residual(x), h + plain[1](h))
+    assert torch.allclose(plain(x), plain[1](h))
+
+
+def test_seed_unet_with_the_winners_options_trains_and_keeps_the_plain_parameter_names():
+    cfg = ModelConfig(name="seed_unet", n_filters=8, residual=True, scse=True, hypercolumn=True,
+                      deep_supervision=True)
+    model = create_model(cfg)
+    outputs = forward_backward(model, padded_batch())
+    assert outputs["mask"].shape == (2, 1, 128, 128)
+    assert outputs["salt_logit"].shape == (2,)
+    assert all(p.grad is not None for p in model.head.parameters())  # the hypercolumn head is used
+    plain = set(create_model(ModelConfig(name="seed_unet", n_filters=8)).state_dict())
+    # residual adds no parameters: the encoder's keys are the plain model's
+    assert {k for k in model.state_dict() if k.startswith("encoder.")} == {k for k in plain if k.startswith("encoder.")}
+    assert set(model.eval()(padded_batch())) == {"mask"}
 
 
 def test_unet_resnet34_maps_a_padded_101_batch_to_128_logits_and_trains():

@@ -1,13 +1,14 @@
 """Building blocks shared by the UNets (as timm/layers is shared by timm's models).
 
 - `ConvBnRelu`: conv3x3 ('same' padding) + BatchNorm + ReLU.
-- `DoubleConv`: two ConvBnRelu, the UNet block; `keras_bug=True` is the public Keras
+- `DoubleConv`: two ConvBnRelu, the UNet block (optionally residual); `keras_bug=True` is the public Keras
   tutorial's block whose second conv reads the block *input*, which leaves the first
   conv dead. Keras drops layers that do not reach the output, so the faithful port of
   that model is one conv per block; we build exactly that (nothing unused, so DDP and
   the parameter count agree with Keras).
 - `SCSE`: concurrent spatial and channel squeeze & excitation (Roy et al. 2018), used
   by the 1st and 4th place TGS solutions after every decoder block.
+- `HypercolumnHead`: the mask logit from every decoder output at full resolution.
 - `SaltPresentHead`: image-level "is there any salt" logit from a feature map, and
   `StageHeads`: 1x1 mask heads on intermediate decoder outputs (deep supervision).
 - `Dropout`: element-wise dropout, as nn.Dropout, with a faster random mask on CPU.
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
+HYPERCOLUMN_CHANNELS = 32  # default width of the hypercolumn head
 DROPOUT_LEVELS = 32768  # the CPU mask compares 15-bit uniform integers: p is kept to 1/32768
 
 
@@ -74,9 +76,17 @@ class ConvBnRelu(nn.Sequential):
 
 
 class DoubleConv(nn.Sequential):
-    """conv3x3+BN+ReLU twice; with keras_bug only the second (input-reading) conv exists."""
+    """conv3x3+BN+ReLU twice; with keras_bug only the second (input-reading) conv exists.
 
-    def __init__(self, in_channels: int, out_channels: int, *, keras_bug: bool = False, bias: bool = False):
+    `residual=True` adds the first conv's output to the second's (h + f(h)): the second
+    conv becomes a residual branch, as in the ResNet-block UNets of the TGS public kernels,
+    for an easier optimisation at the cost of one addition (same parameters and state-dict
+    keys)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, keras_bug: bool = False, bias: bool = False,
+                 residual: bool = False):
+        if keras_bug and residual:
+            raise ValueError("keras_bug blocks have one conv: nothing to make residual")
         if keras_bug:
             super().__init__(ConvBnRelu(in_channels, out_channels, bias=bias))
         else:
@@ -84,6 +94,13 @@ class DoubleConv(nn.Sequential):
                 ConvBnRelu(in_channels, out_channels, bias=bias),
                 ConvBnRelu(out_channels, out_channels, bias=bias),
             )
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.residual:
+            return super().forward(x)
+        h = self[0](x)
+        return h + self[1](h)
 
 
 class SCSE(nn.Module):
@@ -125,3 +142,26 @@ class StageHeads(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         return [head(f) for head, f in zip(self.heads, features)]
+
+
+class HypercolumnHead(nn.Module):
+    """1x1 conv over the concat of all decoder outputs upsampled to full size, then BN-ReLU-1x1.
+
+    Computed as the sum of per-stage 1x1 projections upsampled afterwards: a 1x1 conv
+    commutes with bilinear upsampling, so this is the same function as concat-then-conv
+    without materialising ~500 channels at full resolution.
+    """
+
+    def __init__(self, channels: list[int], hidden: int = HYPERCOLUMN_CHANNELS):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Conv2d(c, hidden, 1, bias=False) for c in channels)
+        self.fuse = nn.Sequential(nn.BatchNorm2d(hidden), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, stage_outputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        fused = 0
+        for projection, features in zip(self.projections, stage_outputs):
+            projected = projection(features)
+            if projected.shape[-2:] != size:
+                projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
+            fused = fused + projected
+        return self.fuse(fused)

@@ -13,6 +13,11 @@ one (tests/test_models.py recomputes it from the layer shapes).
 `keras_bug=True` reproduces the kernel whose conv2d_block feeds `input_tensor` to its second
 conv: Keras drops the dead first conv from the graph, so each block is a single conv.
 The tutorial's dropout was 0.25/0.5; here every dropout is `cfg.dropout` (default 0.1).
+
+Options beyond the tutorial, from the TGS solutions, each off by default (the faithful port):
+`residual` (every block h + conv(h)), `scse` (squeeze-excitation after every decoder block),
+`hypercolumn` (all decoder outputs feed the head, through 2 * n_filters channels) and
+`deep_supervision` (salt-present logit from the middle block, 1x1 heads on decoder stages).
 """
 
 from __future__ import annotations
@@ -22,31 +27,38 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import DoubleConv, Dropout, SaltPresentHead, StageHeads
+from pipeline.models.blocks import SCSE, DoubleConv, Dropout, HypercolumnHead, SaltPresentHead, StageHeads
 
 DEPTH = 4  # pooling steps: inputs must be a multiple of 2**DEPTH = 16
 
 
 class SeedUNet(nn.Module):
     def __init__(self, in_chans: int = 1, n_filters: int = 16, dropout: float = 0.1, keras_bug: bool = False,
-                 deep_supervision: bool = False):
+                 deep_supervision: bool = False, *, residual: bool = False, scse: bool = False,
+                 hypercolumn: bool = False):
         super().__init__()
         widths = [n_filters * 2**i for i in range(DEPTH + 1)]  # 16, 32, 64, 128, 256
+        block = dict(keras_bug=keras_bug, bias=True, residual=residual)
         self.encoder = nn.ModuleList()
         in_channels = in_chans
         for width in widths[:-1]:
-            self.encoder.append(DoubleConv(in_channels, width, keras_bug=keras_bug, bias=True))
+            self.encoder.append(DoubleConv(in_channels, width, **block))
             in_channels = width
         self.pool = nn.MaxPool2d(2)
         self.dropout = Dropout(dropout)  # nn.Dropout's distribution, a faster CPU mask
-        self.middle = DoubleConv(widths[-2], widths[-1], keras_bug=keras_bug, bias=True)
+        self.middle = DoubleConv(widths[-2], widths[-1], **block)
         self.upsamplers = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for width in reversed(widths[:-1]):  # 128, 64, 32, 16
             # stride 2, padding 1, output_padding 1 = Keras 'same' transposed conv: exactly x2
             self.upsamplers.append(nn.ConvTranspose2d(width * 2, width, 3, stride=2, padding=1, output_padding=1))
-            self.decoder.append(DoubleConv(width * 2, width, keras_bug=keras_bug, bias=True))
-        self.head = nn.Conv2d(n_filters, 1, 1)
+            decoder_block = DoubleConv(width * 2, width, **block)
+            self.decoder.append(nn.Sequential(decoder_block, SCSE(width)) if scse else decoder_block)
+        if hypercolumn:
+            self.head = HypercolumnHead(list(reversed(widths[:-1])), hidden=2 * n_filters)
+        else:
+            self.head = nn.Conv2d(n_filters, 1, 1)
+        self.hypercolumn = hypercolumn
         self.deep_supervision = deep_supervision
         if deep_supervision:
             self.salt_head = SaltPresentHead(widths[-1])
@@ -66,7 +78,7 @@ class SeedUNet(nn.Module):
         for upsample, block, skip in zip(self.upsamplers, self.decoder, reversed(skips)):
             x = block(self.dropout(torch.cat([upsample(x), skip], dim=1)))
             decoded.append(x)
-        outputs = {"mask": self.head(x)}
+        outputs = {"mask": self.head(decoded, tuple(x.shape[-2:])) if self.hypercolumn else self.head(x)}
         if self.deep_supervision and self.training:
             outputs["salt_logit"] = self.salt_head(middle)
             outputs["stages"] = self.stage_heads(decoded[:-1])
@@ -74,12 +86,13 @@ class SeedUNet(nn.Module):
 
 
 def build_seed_unet(cfg: ModelConfig) -> SeedUNet:
-    unsupported = [name for name in ("scse", "hypercolumn", "pretrained") if getattr(cfg, name)]
-    if unsupported:
-        raise PipelineError(
-            f"model.{unsupported[0]}: not available for seed_unet (use a unet_<encoder> model, e.g. unet_resnet34)"
-        )
+    if cfg.pretrained:
+        raise PipelineError("model.pretrained: seed_unet has no pretrained weights (use a unet_<encoder> model, "
+                            "e.g. unet_resnet34)")
+    if cfg.keras_bug and cfg.residual:
+        raise PipelineError("model.residual: the keras_bug blocks have a single conv, nothing to make residual")
     if cfg.n_filters < 1 or not 0.0 <= cfg.dropout < 1.0:
         raise PipelineError(f"model: seed_unet needs n_filters >= 1 and 0 <= dropout < 1, "
                             f"got n_filters={cfg.n_filters}, dropout={cfg.dropout}")
-    return SeedUNet(cfg.in_chans, cfg.n_filters, cfg.dropout, cfg.keras_bug, cfg.deep_supervision)
+    return SeedUNet(cfg.in_chans, cfg.n_filters, cfg.dropout, cfg.keras_bug, cfg.deep_supervision,
+                    residual=cfg.residual, scse=cfg.scse, hypercolumn=cfg.hypercolumn)

@@ -9,6 +9,7 @@ skip-less steps. Options from the top TGS solutions (1st and 4th place):
 
 - `scse`: concurrent spatial & channel squeeze-excitation after every decoder block.
 - `hypercolumn`: every decoder output, upsampled to full resolution, feeds the head.
+- `residual`: the decoder blocks' second conv is a residual branch (blocks.DoubleConv).
 - `deep_supervision`: in training mode the output dict also holds
   "salt_logit" [B]: logit that the image contains ANY salt (positive = salt present,
   i.e. NOT empty), from the deepest encoder feature, and
@@ -31,10 +32,7 @@ from torch.nn import functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import SCSE, ConvBnRelu, DoubleConv, SaltPresentHead, StageHeads
-
-HYPERCOLUMN_CHANNELS = 32
-
+from pipeline.models.blocks import SCSE, ConvBnRelu, DoubleConv, HypercolumnHead, SaltPresentHead, StageHeads
 
 def create_encoder(encoder_name: str, in_chans: int, weights_path: str = "") -> nn.Module:
     """A timm features_only encoder; weights only from the local `weights_path` when given."""
@@ -71,9 +69,9 @@ def decoder_plan(reductions: list[int], encoder_name: str) -> int:
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scse: bool):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scse: bool, residual: bool = False):
         super().__init__()
-        self.conv = DoubleConv(in_channels + skip_channels, out_channels)
+        self.conv = DoubleConv(in_channels + skip_channels, out_channels, residual=residual)
         self.attention = SCSE(out_channels) if scse else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], skip: torch.Tensor | None) -> torch.Tensor:
@@ -83,33 +81,9 @@ class DecoderBlock(nn.Module):
         return self.attention(self.conv(x))
 
 
-class HypercolumnHead(nn.Module):
-    """1x1 conv over the concat of all decoder outputs upsampled to full size, then BN-ReLU-1x1.
-
-    Computed as the sum of per-stage 1x1 projections upsampled afterwards: a 1x1 conv
-    commutes with bilinear upsampling, so this is the same function as concat-then-conv
-    without materialising ~500 channels at full resolution.
-    """
-
-    def __init__(self, channels: list[int]):
-        super().__init__()
-        self.projections = nn.ModuleList(nn.Conv2d(c, HYPERCOLUMN_CHANNELS, 1, bias=False) for c in channels)
-        self.fuse = nn.Sequential(nn.BatchNorm2d(HYPERCOLUMN_CHANNELS), nn.ReLU(inplace=True),
-                                  nn.Conv2d(HYPERCOLUMN_CHANNELS, 1, 1))
-
-    def forward(self, stage_outputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        fused = 0
-        for projection, features in zip(self.projections, stage_outputs):
-            projected = projection(features)
-            if projected.shape[-2:] != size:
-                projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
-            fused = fused + projected
-        return self.fuse(fused)
-
-
 class TimmUNet(nn.Module):
     def __init__(self, encoder: nn.Module, encoder_name: str, decoder_channels: list[int], *, scse: bool = False,
-                 hypercolumn: bool = False, deep_supervision: bool = False):
+                 hypercolumn: bool = False, deep_supervision: bool = False, residual: bool = False):
         super().__init__()
         self.encoder = encoder
         channels = list(encoder.feature_info.channels())
@@ -128,7 +102,7 @@ class TimmUNet(nn.Module):
             skip_index = index_by_reduction.get(reduction)
             self.skip_indices.append(skip_index)
             skip_channels = channels[skip_index] if skip_index is not None else 0
-            self.blocks.append(DecoderBlock(in_channels, skip_channels, out_channels, scse))
+            self.blocks.append(DecoderBlock(in_channels, skip_channels, out_channels, scse, residual))
             in_channels = out_channels
         used_channels = list(decoder_channels[:n_steps])
         self.hypercolumn = HypercolumnHead(used_channels) if hypercolumn else None
@@ -171,4 +145,4 @@ def build_timm_unet(cfg: ModelConfig, encoder_name: str, load_pretrained: bool =
     weights_path = cfg.weights_path if (cfg.pretrained and load_pretrained) else ""
     encoder = create_encoder(encoder_name, cfg.in_chans, weights_path)
     return TimmUNet(encoder, encoder_name, list(cfg.decoder_channels), scse=cfg.scse,
-                    hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision)
+                    hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision, residual=cfg.residual)
