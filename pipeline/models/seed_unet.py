@@ -16,8 +16,9 @@ The tutorial's dropout was 0.25/0.5; here every dropout is `cfg.dropout` (defaul
 
 Options beyond the tutorial, from the TGS solutions, each off by default (the faithful port):
 `residual` (every block h + conv(h)), `scse` (squeeze-excitation after every decoder block),
-`hypercolumn` (all decoder outputs feed the head, through 2 * n_filters channels) and
-`deep_supervision` (salt-present logit from the middle block, 1x1 heads on decoder stages).
+`hypercolumn` (all decoder outputs feed the head through n_filters channels, which keeps the
+full-size part cheap) and `deep_supervision` (salt-present logit from the middle block, 1x1
+heads on decoder stages).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class SeedUNet(nn.Module):
             decoder_block = DoubleConv(width * 2, width, **block)
             self.decoder.append(nn.Sequential(decoder_block, SCSE(width)) if scse else decoder_block)
         if hypercolumn:
-            self.head = HypercolumnHead(list(reversed(widths[:-1])), hidden=2 * n_filters)
+            self.head = HypercolumnHead(list(reversed(widths[:-1])), hidden=n_filters)
         else:
             self.head = nn.Conv2d(n_filters, 1, 1)
         self.hypercolumn = hypercolumn
