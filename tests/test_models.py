@@ -221,7 +221,7 @@ def test_encoder_unet_with_scse_hypercolumn_and_deep_supervision(encoder):
 def test_hypercolumn_head_equals_a_1x1_conv_over_the_concatenated_upsampled_stages():
     from torch.nn import functional as F
 
-    from pipeline.models.timm_unet import HypercolumnHead
+    from pipeline.models.blocks import HypercolumnHead
 
     head = HypercolumnHead([8, 4, 2]).eval()
     stages = [torch.randn(2, c, s, s) for c, s in ((8, 8), (4, 16), (2, 32))]

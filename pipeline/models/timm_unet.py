@@ -32,7 +32,8 @@ from torch.nn import functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import SCSE, ConvBnRelu, DoubleConv, HypercolumnHead, SaltPresentHead, StageHeads
+from pipeline.models.blocks import SCSE, DoubleConv, HypercolumnHead, SaltPresentHead, StageHeads
+
 
 def create_encoder(encoder_name: str, in_chans: int, weights_path: str = "") -> nn.Module:
     """A timm features_only encoder; weights only from the local `weights_path` when given."""
