@@ -18,12 +18,15 @@ from typing import IO, Any, Callable, Iterator
 from pipeline.errors import PipelineError
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_open's temp files are ".<target name>.<random>.tmp" beside the target
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             yield handle
@@ -37,6 +40,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         _remove_quietly(tmp_name)
         raise
     _fsync_dir(target.parent)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> None:
+    """Remove the temp files that atomic writes killed mid-way (SIGKILL runs no cleanup) left in
+    `folder`. Only for a folder no live writer uses, e.g. one whose lock the caller holds."""
+    for stale in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 def _remove_quietly(name: str) -> None:

@@ -290,10 +290,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
     fold_dir = cfg.run_dir / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        # temp files of atomic writes that a killed run left behind (this process holds the
-        # fold's lock, so no live writer owns them)
-        for stale in fold_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        fileio.remove_stale_temp_files(fold_dir)  # this process holds the fold's lock: no live writer
     digest = training_digest(cfg)
     t = cfg.train
     say = print if dist.is_main else (lambda *a, **k: None)
