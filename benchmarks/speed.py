@@ -8,9 +8,11 @@ fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_l
 device has native bf16, else fp32 + channels_last), and on a CPU with more than one core
 cl_procs (or bf16_cl_procs): that eager path in one single-thread process per core, run
 concurrently, their images/s added up (`measure_procs`) -- how `train.parallel_folds` trains
-k folds, and the only path on which more cores than one help small convolutions much. On a CPU without native bf16 (no AVX-512
-BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is emulated and slower than fp32 (there the
-seed UNet's bf16 process had not finished after twice fp32's time), so the bf16 paths are left out of the default list there (`--paths` still runs them).
+k folds, and the only path on which more cores than one help small convolutions much. On a
+CPU without native bf16 (no AVX-512 BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is
+emulated and slower than fp32 (there the seed UNet's bf16 process had not finished after twice
+fp32's time), so the bf16 paths are left out of the default list there (`--paths` still runs
+them).
 
 Throughput, ours vs the peer side by side. For every (model, path), ONE fresh process builds
 both models with the same path settings (memory format, autocast dtype, torch.compile), the
@@ -129,16 +131,24 @@ def native_bf16(device: str) -> bool:
 PROCS_SUFFIX = "_procs"  # e.g. cl_procs: the cl path in one single-thread process per core
 
 
+def best_eager_path(device: str) -> str:
+    """What `compile` compiles and what a CPU's *_procs path runs: bf16 + channels_last where
+    bf16 is native, else fp32 + channels_last."""
+    return "bf16_cl" if native_bf16(device) else "cl"
+
+
 def path_settings(path: str, device: str = "cpu"):
     """(memory format, autocast dtype or None, compile?) of a path (of its base path for *_procs)."""
     import torch
 
     path = path.removesuffix(PROCS_SUFFIX)
-    channels_last = path in ("cl", "bf16_cl", "fp16_cl", "compile")
-    amp = {"bf16": torch.bfloat16, "bf16_cl": torch.bfloat16, "fp16": torch.float16, "fp16_cl": torch.float16,
-           "compile": torch.bfloat16 if native_bf16(device) else None}.get(path)
+    compile_ = path == "compile"
+    if compile_:
+        path = best_eager_path(device)
+    channels_last = path in ("cl", "bf16_cl", "fp16_cl")
+    amp = {"bf16": torch.bfloat16, "bf16_cl": torch.bfloat16, "fp16": torch.float16, "fp16_cl": torch.float16}.get(path)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return fmt, amp, path == "compile"
+    return fmt, amp, compile_
 
 
 def _inputs(path: str, batch: int, size: int, dev):
@@ -335,7 +345,7 @@ def default_paths(device: str) -> list[str]:
         return ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"]
     # on CPU also the best eager path as one single-thread process per core: how
     # `train.parallel_folds` trains k folds (small convolutions scale badly across threads)
-    procs = ["cl_procs" if not native_bf16(device) else "bf16_cl_procs"] if (os.cpu_count() or 1) > 1 else []
+    procs = [best_eager_path(device) + PROCS_SUFFIX] if (os.cpu_count() or 1) > 1 else []
     if not native_bf16(device):  # emulated bf16: slower than fp32, not a path anyone would take
         return ["fp32", "cl", "compile", *procs]
     return ["fp32", "cl", "bf16", "bf16_cl", "compile", *procs]
