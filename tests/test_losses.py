@@ -126,6 +126,23 @@ def test_symmetric_lovasz_averages_salt_and_background_terms():
     assert torch.allclose(symmetric_lovasz_hinge(logits, labels), expected)
 
 
+@pytest.mark.parametrize("per_image", [True, False])
+def test_one_sort_symmetric_lovasz_matches_the_two_sort_definition_and_its_gradient(per_image):
+    # the symmetric loss sorts the hinge errors once (they are equal for (x, y) and (-x, 1-y))
+    generator = torch.Generator().manual_seed(3)
+    labels = (torch.rand(4, 112, 112, generator=generator) > 0.6).float()
+    labels[0] = 0  # an empty mask: only the background term has a Jaccard class to score
+    logits = torch.randn(4, 112, 112, generator=generator, dtype=torch.float64)
+    one_sort = logits.clone().requires_grad_()
+    two_sorts = logits.clone().requires_grad_()
+    loss = symmetric_lovasz_hinge(one_sort, labels, per_image)
+    expected = (lovasz_hinge(two_sorts, labels, per_image) + lovasz_hinge(-two_sorts, 1 - labels, per_image)) / 2
+    loss.backward()
+    expected.backward()
+    assert torch.allclose(loss, expected)
+    assert torch.allclose(one_sort.grad, two_sorts.grad)
+
+
 # ---------------------------------------------------------------- SegLoss
 
 
