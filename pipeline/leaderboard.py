@@ -1,6 +1,8 @@
 """The local leaderboard: one row per tuned run in submissions/leaderboard.csv, ranked by CV.
 
-`record_run` is called by `tune`; re-tuning a run replaces its row. The file is rewritten
+`record_run` is called by `tune`; re-tuning a run replaces its row. `pipeline all` also records
+its end-to-end wall time (`wall.json` in the run dir, shown as wall_min) when it made the run
+from nothing, so a budget ("60 minutes on 2 cores") is read off the table. The file is rewritten
 atomically under a lock, so runs that finish at the same moment (parallel folds, two
 terminals) all land. `diff_runs` answers "what did I change between these two?".
 """
@@ -19,15 +21,16 @@ from pipeline.errors import PipelineError
 
 COLUMNS = [
     "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "empty_threshold", "min_area", "tta",
-    "train_minutes", "git_commit", "date", "config_hash", "run_dir",
+    "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes",
 ]
+WALL_FILE = "wall.json"  # {"minutes": .., "config_digest": ..}: written by `pipeline all`
 DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
 # What the text table shows, and how: (column, header, right-aligned)
 TABLE_COLUMNS = [
     ("run", "run", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
     ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
     ("empty_threshold", "empty_thr", True), ("min_area", "min_area", True), ("tta", "tta", False),
-    ("train_minutes", "train_min", True), ("date", "date (UTC)", False), ("git_commit", "commit", False),
+    ("train_minutes", "train_min", True), ("wall_minutes", "wall_min", True), ("date", "date (UTC)", False), ("git_commit", "commit", False),
 ]
 
 
@@ -72,6 +75,29 @@ def _train_minutes(run: Path, folds: list[int]) -> float:
     return total / 60.0
 
 
+def save_wall_minutes(run_dir: str | Path, minutes: float, config_digest: str) -> None:
+    """Record how long `pipeline all` took to make this run from nothing (data to submission)."""
+    from pipeline.fileio import write_json
+
+    write_json(Path(run_dir) / WALL_FILE, {"minutes": round(float(minutes), 2), "config_digest": config_digest})
+
+
+def _wall_minutes(run: Path, config_digest: str) -> str:
+    """wall.json's minutes ("" when absent, unreadable, or written for another config)."""
+    from pipeline.fileio import read_json
+
+    path = run / WALL_FILE
+    if not path.exists():
+        return ""
+    try:
+        info = read_json(path)
+        if info.get("config_digest") != config_digest:
+            return ""
+        return f"{float(info['minutes']):.1f}"
+    except (PipelineError, TypeError, ValueError, KeyError, AttributeError):
+        return ""
+
+
 def _tta_used(run: Path, default: list[str]) -> str:
     from pipeline.fileio import read_json
 
@@ -109,6 +135,7 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config_hash": cfg.digest(),
         "run_dir": str(run),
+        "wall_minutes": _wall_minutes(run, cfg.digest()),
     }
 
 

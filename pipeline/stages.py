@@ -27,7 +27,8 @@ def _is_fresh(output: Path, inputs: list[Path]) -> bool:
 def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
             submission: str | None = None) -> Path:
     from pipeline.folds import fold_summary, load_folds, make_folds_for_dir
-    from pipeline.leaderboard import format_leaderboard
+    from pipeline.fileio import read_json
+    from pipeline.leaderboard import WALL_FILE, format_leaderboard, record_run, save_wall_minutes
     from pipeline.predict import predict_run
     from pipeline.show import show_run
     from pipeline.submit import submit_run
@@ -49,7 +50,11 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     else:
         load_folds(folds_csv)
 
-    # 2. train (skips complete folds, resumes interrupted ones)
+    # 2. train (skips complete folds, resumes interrupted ones). Only a run made from nothing
+    # in this call has an end-to-end wall time; one finished piecemeal loses the one it had.
+    from_nothing = force or not any((run / f"fold{k}").exists() for k in cfg.fold_list())
+    if not from_nothing and not all((run / f"fold{k}" / "done.json").exists() for k in cfg.fold_list()):
+        (run / WALL_FILE).unlink(missing_ok=True)
     print(f"== train: {run}")
     train_folds(cfg, resume=True, force=force)
     fold_files = [run / f"fold{k}" / "done.json" for k in cfg.fold_list()]
@@ -77,9 +82,13 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     print("== show")
     pictures = show_run(run, data_dir=cfg.data)
     print(f"pictures: {', '.join(str(p) for p in pictures)}")
+    minutes = (time.perf_counter() - started) / 60
+    if from_nothing:  # the leaderboard row gains the wall time (tune wrote the row without it)
+        save_wall_minutes(run, minutes, cfg.digest())
+        record_run(run, read_json(run / "tune.json"))
     print()
     print(format_leaderboard("submissions/leaderboard.csv", top=10))
-    print(f"\n{cfg.name}: done in {(time.perf_counter() - started) / 60:.1f} min")
+    print(f"\n{cfg.name}: done in {minutes:.1f} min" + ("" if from_nothing else " (this call; the run was resumed)"))
     return path
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.config import Config, save_config
 from pipeline.errors import PipelineError
-from pipeline.leaderboard import COLUMNS, diff_runs, format_leaderboard, read_leaderboard, record_run
+from pipeline.leaderboard import (COLUMNS, diff_runs, format_leaderboard, read_leaderboard, record_run,
+                                  save_wall_minutes)
 from tests.fake_run import write_fold
 
 
@@ -63,6 +64,26 @@ def test_row_has_every_column_with_values_from_the_run(tmp_path):
     assert row["tta"] == "none+hflip"
     assert re.fullmatch(r"[0-9a-f]{4,40}|", row["git_commit"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["date"])
+
+
+def test_wall_time_of_pipeline_all_shows_for_its_config_only(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    cfg = make_run(tmp_path, "timed")
+    record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
+    assert read_leaderboard(board)[0]["wall_minutes"] == ""  # tuned, never made by `all`
+
+    save_wall_minutes(cfg.run_dir, 57.93, cfg.digest())
+    record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
+    assert read_leaderboard(board)[0]["wall_minutes"] == "57.9"
+    assert "57.9" in format_leaderboard(board).splitlines()[2]
+    assert "wall_min" in format_leaderboard(board).splitlines()[0]
+
+    save_wall_minutes(cfg.run_dir, 12.0, "another-config")  # stale: the run dir was remade since
+    record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
+    assert read_leaderboard(board)[0]["wall_minutes"] == ""
+    (cfg.run_dir / "wall.json").write_text("{not json")
+    record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)  # unreadable: no time, no error
+    assert read_leaderboard(board)[0]["wall_minutes"] == ""
 
 
 def test_a_leaderboard_from_before_the_empty_threshold_stays_readable(tmp_path):

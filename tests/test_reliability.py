@@ -240,6 +240,19 @@ def test_all_refuses_a_run_dir_made_with_another_config_and_changes_nothing(synt
     assert _mtimes(tmp_path) == before  # no stage ran, no file was touched
 
 
+def test_all_records_its_wall_time_only_for_a_run_it_made_from_nothing(synth_data, tmp_path, quiet_all):
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1")
+    run_all(cfg)
+    (row,) = read_leaderboard(tmp_path / "submissions" / "leaderboard.csv")
+    assert float(row["wall_minutes"]) > 0
+
+    (cfg.run_dir / "fold0" / "done.json").unlink()  # finished piecemeal from here: no wall time
+    run_all(tiny_config(synth_data, tmp_path, "train.epochs=1"))
+    assert not (cfg.run_dir / "wall.json").exists()
+    (row,) = read_leaderboard(tmp_path / "submissions" / "leaderboard.csv")
+    assert row["wall_minutes"] == ""
+
+
 def test_all_recomputes_exactly_the_stages_whose_inputs_changed(synth_data, tmp_path, quiet_all, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
