@@ -188,3 +188,18 @@ def test_folds_trained_concurrently_count_their_wall_span_not_their_sum(tmp_path
     record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
     (row,) = read_leaderboard(board)
     assert row["train_minutes"] == "2.5"  # 1020 - 870 s, not 90 + 150
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    # `python -m pipeline leaderboard | head -3`: the pipe closes before the table is written
+    import subprocess
+    import sys
+
+    board = tmp_path / "leaderboard.csv"
+    record_run(make_run(tmp_path, "one").run_dir, tune_result(0.8), leaderboard_csv=board)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "leaderboard", "--file", str(board)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the process prints anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and stderr == ""
