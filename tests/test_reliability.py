@@ -244,7 +244,8 @@ def test_all_records_its_wall_time_only_for_a_run_it_made_from_nothing(synth_dat
     cfg = tiny_config(synth_data, tmp_path, "train.epochs=1")
     run_all(cfg)
     (row,) = read_leaderboard(tmp_path / "submissions" / "leaderboard.csv")
-    assert float(row["wall_minutes"]) > 0
+    assert (cfg.run_dir / "wall.json").exists()
+    assert float(row["wall_minutes"]) >= 0  # a tiny run can round to 0.0 minutes
 
     (cfg.run_dir / "fold0" / "done.json").unlink()  # finished piecemeal from here: no wall time
     run_all(tiny_config(synth_data, tmp_path, "train.epochs=1"))
