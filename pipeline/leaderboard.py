@@ -30,7 +30,8 @@ TABLE_COLUMNS = [
     ("run", "run", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
     ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
     ("empty_threshold", "empty_thr", True), ("min_area", "min_area", True), ("tta", "tta", False),
-    ("train_minutes", "train_min", True), ("wall_minutes", "wall_min", True), ("date", "date (UTC)", False), ("git_commit", "commit", False),
+    ("train_minutes", "train_min", True), ("wall_minutes", "wall_min", True), ("date", "date (UTC)", False),
+    ("git_commit", "commit", False),
 ]
 
 

@@ -88,7 +88,8 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
         record_run(run, read_json(run / "tune.json"))
     print()
     print(format_leaderboard("submissions/leaderboard.csv", top=10))
-    print(f"\n{cfg.name}: done in {minutes:.1f} min" + ("" if from_nothing else " (this call; the run was resumed)"))
+    note = "" if from_nothing else " (this call; the run existed before it)"
+    print(f"\n{cfg.name}: done in {minutes:.1f} min{note}")
     return path
 
 
