@@ -119,6 +119,7 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
     run = Path(run_dir)
     cfg = load_run_config(run)
     folds = cfg.fold_list()
+    digest = cfg.digest()
     return {
         "run": cfg.name,
         "model": cfg.model.name,
@@ -134,9 +135,9 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
         "train_minutes": f"{_train_minutes(run, folds):.1f}",
         "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config_hash": cfg.digest(),
+        "config_hash": digest,
         "run_dir": str(run),
-        "wall_minutes": _wall_minutes(run, cfg.digest()),
+        "wall_minutes": _wall_minutes(run, digest),
     }
 
 

@@ -52,12 +52,12 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
 
     # 2. train (skips complete folds, resumes interrupted ones). Only a run made from nothing
     # in this call has an end-to-end wall time; one finished piecemeal loses the one it had.
-    from_nothing = force or not any((run / f"fold{k}").exists() for k in cfg.fold_list())
-    if not from_nothing and not all((run / f"fold{k}" / "done.json").exists() for k in cfg.fold_list()):
+    fold_files = [run / f"fold{k}" / "done.json" for k in cfg.fold_list()]
+    from_nothing = force or not any(done.parent.exists() for done in fold_files)
+    if not from_nothing and not all(done.exists() for done in fold_files):
         (run / WALL_FILE).unlink(missing_ok=True)
     print(f"== train: {run}")
     train_folds(cfg, resume=True, force=force)
-    fold_files = [run / f"fold{k}" / "done.json" for k in cfg.fold_list()]
 
     # 3. tune threshold and min area on the OOF
     if force or not _is_fresh(run / "tune.json", fold_files + [run / "config.yaml"]):
