@@ -67,6 +67,9 @@ class LossConfig:
     stage2_name: str = "lovasz"
     # Lovasz as (L(x, y) + L(-x, 1 - y)) / 2: background scored too (9th place: +0.02)
     symmetric_lovasz: bool = False
+    # Score only the 101x101 image, not the reflect padding around it (input.mode pad): the
+    # metric's IoU is over the image, and the padding repeats border salt in mirror.
+    image_only: bool = False
     # Deep supervision weights (only when model.deep_supervision)
     empty_head_weight: float = 0.05
     stage_heads_weight: float = 0.1
@@ -256,6 +259,9 @@ def _validate(cfg: Config, source: str) -> Config:
         raise PipelineError(f"{source}: 'folds' has {bad[0]}, outside 0..{cfg.n_folds - 1}")
     if cfg.input.size < 101 and cfg.input.mode == "pad":
         raise PipelineError(f"{source}: 'input.size' must be >= 101 to pad, got {cfg.input.size}")
+    if cfg.loss.image_only and cfg.input.mode != "pad":
+        raise PipelineError(f"{source}: 'loss.image_only' needs input.mode pad (a resized input has no padding "
+                            f"to leave out), got {cfg.input.mode!r}")
     # seed_unet pools 4 times, timm encoders 5 times: the input must divide evenly
     multiple = 16 if cfg.model.name == "seed_unet" else 32
     if cfg.input.size % multiple:

@@ -119,7 +119,12 @@ class SegLoss:
 
     def __call__(self, outputs: dict, target: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         name = self.loss_name(epoch)
-        total, parts = self.mask_loss(outputs["mask"], target, name)
+        logits = outputs["mask"]
+        if self.cfg.image_only:
+            from pipeline.geometry import restore
+
+            logits, target = restore(logits, "pad"), restore(target, "pad")
+        total, parts = self.mask_loss(logits, target, name)
         if self.deep_supervision and "salt_logit" in outputs:
             salt_present = target.flatten(1).amax(dim=1)
             parts["salt"] = F.binary_cross_entropy_with_logits(outputs["salt_logit"], salt_present)

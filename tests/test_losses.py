@@ -172,6 +172,37 @@ def test_symmetric_lovasz_flag_switches_the_lovasz_term():
     assert torch.allclose(loss, symmetric_lovasz_hinge(logits[:, 0], target[:, 0]))
 
 
+def test_image_only_loss_scores_the_101_pixel_image_and_ignores_the_reflect_padding():
+    from pipeline.geometry import pad_amounts, pad_or_resize
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 1, 101, 101, generator=generator)
+    target = (torch.rand(4, 1, 101, 101, generator=generator) > 0.7).float()
+    target[0] = 0.0  # an empty image too
+    cfg = LossConfig(name="bce_lovasz", bce_weight=0.5, symmetric_lovasz=True, image_only=True)
+    padded_logits, padded_target = pad_or_resize(logits, "pad", 112), pad_or_resize(target, "pad", 112)
+    loss, _ = SegLoss(cfg)({"mask": padded_logits}, padded_target, epoch=0)
+    expected = 0.5 * F.binary_cross_entropy_with_logits(logits, target) + symmetric_lovasz_hinge(logits[:, 0], target[:, 0])
+    assert torch.allclose(loss, expected)
+    # whatever the model says in the padding costs nothing...
+    before, _ = pad_amounts(101, 112)
+    scrambled = padded_logits.clone()
+    scrambled[..., :before, :] = 50.0
+    scrambled[..., before + 101:] = -50.0
+    assert torch.allclose(SegLoss(cfg)({"mask": scrambled}, padded_target, epoch=0)[0], loss)
+    # ...and is scored by default (the padded loss differs)
+    default, _ = SegLoss(LossConfig(name="bce_lovasz", bce_weight=0.5, symmetric_lovasz=True))(
+        {"mask": padded_logits}, padded_target, epoch=0)
+    assert not torch.allclose(default, loss)
+
+
+def test_image_only_loss_needs_padded_inputs():
+    from pipeline.config import load_config
+
+    with pytest.raises(PipelineError, match="loss.image_only"):
+        load_config(None, ["input.mode=resize", "loss.image_only=true"])
+
+
 def test_schedule_switches_to_stage2_loss_at_the_given_epoch():
     logits, target = batch()
     loss_fn = SegLoss(LossConfig(name="bce", stage2_from_epoch=3, stage2_name="lovasz"))
