@@ -119,14 +119,16 @@ class SegLoss:
 
     def __call__(self, outputs: dict, target: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         name = self.loss_name(epoch)
-        logits = outputs["mask"]
+        logits, image_target = outputs["mask"], target
         if self.cfg.image_only:
             from pipeline.geometry import restore
 
-            logits, target = restore(logits, "pad"), restore(target, "pad")
-        total, parts = self.mask_loss(logits, target, name)
+            logits, image_target = restore(logits, "pad"), restore(target, "pad")
+        total, parts = self.mask_loss(logits, image_target, name)
         if self.deep_supervision and "salt_logit" in outputs:
-            salt_present = target.flatten(1).amax(dim=1)
+            # salt in the image itself (the padding only mirrors it); stage heads below keep the
+            # padded target, whose grid their logits share
+            salt_present = image_target.flatten(1).amax(dim=1)
             parts["salt"] = F.binary_cross_entropy_with_logits(outputs["salt_logit"], salt_present)
             total = total + self.cfg.empty_head_weight * parts["salt"]
         if self.deep_supervision and outputs.get("stages"):

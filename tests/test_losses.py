@@ -196,6 +196,21 @@ def test_image_only_loss_scores_the_101_pixel_image_and_ignores_the_reflect_padd
     assert not torch.allclose(default, loss)
 
 
+def test_image_only_loss_leaves_the_deep_supervision_heads_on_the_padded_grid():
+    from pipeline.geometry import pad_or_resize
+
+    generator = torch.Generator().manual_seed(4)
+    target = pad_or_resize((torch.rand(4, 1, 101, 101, generator=generator) > 0.6).float(), "pad", 112)
+    outputs = {"mask": torch.randn(4, 1, 112, 112, generator=generator),
+               "salt_logit": torch.randn(4, generator=generator),
+               "stages": [torch.randn(4, 1, s, s, generator=generator) for s in (14, 28, 56)]}
+    padded = SegLoss(LossConfig(name="bce"), deep_supervision=True)(outputs, target, epoch=0)[1]
+    cropped = SegLoss(LossConfig(name="bce", image_only=True), deep_supervision=True)(outputs, target, epoch=0)[1]
+    assert cropped["stages"] == pytest.approx(padded["stages"])
+    assert cropped["salt"] == pytest.approx(padded["salt"])  # mirrored salt is salt in the image too
+    assert cropped["bce"] != pytest.approx(padded["bce"])
+
+
 def test_image_only_loss_needs_padded_inputs():
     from pipeline.config import load_config
 
