@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from pipeline.config import LossConfig
 from pipeline.errors import PipelineError
+from pipeline.geometry import restore
 
 LOSS_NAMES = ("bce", "lovasz", "bce_lovasz")
 
@@ -101,8 +102,7 @@ class SegLoss:
         return self.cfg.stage2_name if 0 <= stage2 <= epoch else self.cfg.name
 
     def _lovasz(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        fn = symmetric_lovasz_hinge if self.cfg.symmetric_lovasz else lovasz_hinge
-        return fn(logits[:, 0], target[:, 0])
+        return lovasz_hinge(logits[:, 0], target[:, 0], symmetric=self.cfg.symmetric_lovasz)
 
     def mask_loss(self, logits: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, dict]:
         """The main loss `name` of mask logits [B,1,H,W]; also its parts (tensors)."""
@@ -121,8 +121,6 @@ class SegLoss:
         name = self.loss_name(epoch)
         logits, image_target = outputs["mask"], target
         if self.cfg.image_only:
-            from pipeline.geometry import restore
-
             logits, image_target = restore(logits, "pad"), restore(target, "pad")
         total, parts = self.mask_loss(logits, image_target, name)
         if self.deep_supervision and "salt_logit" in outputs:
