@@ -33,6 +33,8 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
     scse: bool = False
     hypercolumn: bool = False
+    # The centre's image-level mean, transformed, added to each of its pixels (blocks.GlobalContext).
+    global_context: bool = False
     deep_supervision: bool = False
     # UNet blocks as h + conv(h) (h = the block's first conv): seed_unet's blocks, timm UNets' decoder.
     residual: bool = False

@@ -198,6 +198,32 @@ def test_seed_unet_with_the_winners_options_trains_and_keeps_the_plain_parameter
     assert set(model.eval()(padded_batch())) == {"mask"}
 
 
+def test_global_context_adds_one_image_level_vector_to_every_pixel_and_starts_as_identity():
+    from pipeline.models.blocks import GlobalContext
+
+    block = GlobalContext(8)
+    x = torch.randn(2, 8, 7, 7)
+    assert torch.equal(block(x), x)  # zero-initialised last conv: a new model is the plain UNet
+    torch.nn.init.normal_(block.transform[-1].weight)
+    shift = block(x) - x
+    assert shift.abs().sum() > 0
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))  # the same vector at every pixel
+    assert not torch.allclose(shift[0], shift[1])  # ...computed per image
+
+
+@pytest.mark.parametrize("name", ["seed_unet", "unet_resnet18"])
+def test_global_context_centre_trains_and_leaves_the_plain_parameters_alone(name):
+    small = dict(n_filters=8) if name == "seed_unet" else dict(decoder_channels=[32, 32, 16, 16, 8])
+    model = create_model(ModelConfig(name=name, global_context=True, **small))
+    outputs = forward_backward(model, padded_batch())
+    assert outputs["mask"].shape == (2, 1, 128, 128)
+    assert model.context.transform[-1].weight.grad.abs().sum() > 0  # it learns from the first step
+    plain = set(create_model(ModelConfig(name=name, **small)).state_dict())
+    assert plain < set(model.state_dict())
+    assert {k for k in model.state_dict() if k not in plain} == {
+        f"context.transform.{i}.{p}" for i in (1, 3) for p in ("weight", "bias")}
+
+
 def test_unet_resnet34_maps_a_padded_101_batch_to_128_logits_and_trains():
     model = create_model(ModelConfig(name="unet_resnet34"))
     outputs = forward_backward(model, padded_batch())

@@ -9,6 +9,8 @@
 - `SCSE`: concurrent spatial and channel squeeze & excitation (Roy et al. 2018), used
   by the 1st and 4th place TGS solutions after every decoder block.
 - `HypercolumnHead`: the mask logit from every decoder output at full resolution.
+- `GlobalContext`: adds an image-level summary of the UNet centre back onto every pixel of it
+  (the global branch of the 1st place's FPA centre), so the decoder sees the whole image.
 - `SaltPresentHead`: image-level "is there any salt" logit from a feature map, and
   `StageHeads`: 1x1 mask heads on intermediate decoder outputs (deep supervision).
 - `Dropout`: element-wise dropout, as nn.Dropout, with a faster random mask on CPU.
@@ -120,6 +122,32 @@ class SCSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.channel_gate(x) + x * self.spatial_gate(x)
+
+
+class GlobalContext(nn.Module):
+    """x + g(mean over pixels of x), g = 1x1 conv -> ReLU -> 1x1 conv, added to every pixel.
+
+    Why: in the TGS OOF the worst misses are masks covering most of the image whose texture
+    only reads as salt against the whole picture; a 3x3 conv at the centre sees a few cells
+    of it. This is the image-pooling branch of FPA (1st place) and ASPP, fused by addition
+    as in GCNet. The last conv starts at zero, so a new model is exactly the plain UNet and
+    learns how much context to use; the cost is two matrix-vector products per image.
+    """
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.transform = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+        )
+        nn.init.zeros_(self.transform[-1].weight)
+        nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.transform(x)  # [B,C,1,1] broadcast over H, W
 
 
 class SaltPresentHead(nn.Module):

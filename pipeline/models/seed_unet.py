@@ -17,8 +17,9 @@ The tutorial's dropout was 0.25/0.5; here every dropout is `cfg.dropout` (defaul
 Options beyond the tutorial, from the TGS solutions, each off by default (the faithful port):
 `residual` (every block h + conv(h)), `scse` (squeeze-excitation after every decoder block),
 `hypercolumn` (all decoder outputs feed the head through n_filters channels, which keeps the
-full-size part cheap) and `deep_supervision` (salt-present logit from the middle block, 1x1
-heads on decoder stages).
+full-size part cheap), `global_context` (the middle block's image-level mean, transformed,
+added back to each of its pixels) and `deep_supervision` (salt-present logit from the middle
+block, 1x1 heads on decoder stages).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import SCSE, DoubleConv, Dropout, HypercolumnHead, SaltPresentHead, StageHeads
+from pipeline.models.blocks import (SCSE, DoubleConv, Dropout, GlobalContext, HypercolumnHead, SaltPresentHead,
+                                    StageHeads)
 
 DEPTH = 4  # pooling steps: inputs must be a multiple of 2**DEPTH = 16
 
@@ -36,7 +38,7 @@ DEPTH = 4  # pooling steps: inputs must be a multiple of 2**DEPTH = 16
 class SeedUNet(nn.Module):
     def __init__(self, in_chans: int = 1, n_filters: int = 16, dropout: float = 0.1, keras_bug: bool = False,
                  deep_supervision: bool = False, *, residual: bool = False, scse: bool = False,
-                 hypercolumn: bool = False):
+                 hypercolumn: bool = False, global_context: bool = False):
         super().__init__()
         widths = [n_filters * 2**i for i in range(DEPTH + 1)]  # 16, 32, 64, 128, 256
         block = dict(keras_bug=keras_bug, bias=True, residual=residual)
@@ -48,6 +50,7 @@ class SeedUNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.dropout = Dropout(dropout)  # nn.Dropout's distribution, a faster CPU mask
         self.middle = DoubleConv(widths[-2], widths[-1], **block)
+        self.context = GlobalContext(widths[-1]) if global_context else nn.Identity()
         self.upsamplers = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for width in reversed(widths[:-1]):  # 128, 64, 32, 16
@@ -73,7 +76,7 @@ class SeedUNet(nn.Module):
             x = block(x)
             skips.append(x)
             x = self.dropout(self.pool(x))
-        middle = self.middle(x)
+        middle = self.context(self.middle(x))
         x = middle
         decoded = []
         for upsample, block, skip in zip(self.upsamplers, self.decoder, reversed(skips)):
@@ -96,4 +99,5 @@ def build_seed_unet(cfg: ModelConfig) -> SeedUNet:
         raise PipelineError(f"model: seed_unet needs n_filters >= 1 and 0 <= dropout < 1, "
                             f"got n_filters={cfg.n_filters}, dropout={cfg.dropout}")
     return SeedUNet(cfg.in_chans, cfg.n_filters, cfg.dropout, cfg.keras_bug, cfg.deep_supervision,
-                    residual=cfg.residual, scse=cfg.scse, hypercolumn=cfg.hypercolumn)
+                    residual=cfg.residual, scse=cfg.scse, hypercolumn=cfg.hypercolumn,
+                    global_context=cfg.global_context)

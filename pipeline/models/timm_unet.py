@@ -10,6 +10,8 @@ skip-less steps. Options from the top TGS solutions (1st and 4th place):
 - `scse`: concurrent spatial & channel squeeze-excitation after every decoder block.
 - `hypercolumn`: every decoder output, upsampled to full resolution, feeds the head.
 - `residual`: the decoder blocks' second conv is a residual branch (blocks.DoubleConv).
+- `global_context`: the deepest feature's image-level mean, transformed, is added back to each
+  of its pixels before decoding (blocks.GlobalContext).
 - `deep_supervision`: in training mode the output dict also holds
   "salt_logit" [B]: logit that the image contains ANY salt (positive = salt present,
   i.e. NOT empty), from the deepest encoder feature, and
@@ -32,7 +34,7 @@ from torch.nn import functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import SCSE, DoubleConv, HypercolumnHead, SaltPresentHead, StageHeads
+from pipeline.models.blocks import SCSE, DoubleConv, GlobalContext, HypercolumnHead, SaltPresentHead, StageHeads
 
 
 def create_encoder(encoder_name: str, in_chans: int, weights_path: str = "") -> nn.Module:
@@ -84,7 +86,8 @@ class DecoderBlock(nn.Module):
 
 class TimmUNet(nn.Module):
     def __init__(self, encoder: nn.Module, encoder_name: str, decoder_channels: list[int], *, scse: bool = False,
-                 hypercolumn: bool = False, deep_supervision: bool = False, residual: bool = False):
+                 hypercolumn: bool = False, deep_supervision: bool = False, residual: bool = False,
+                 global_context: bool = False):
         super().__init__()
         self.encoder = encoder
         channels = list(encoder.feature_info.channels())
@@ -106,6 +109,7 @@ class TimmUNet(nn.Module):
             self.blocks.append(DecoderBlock(in_channels, skip_channels, out_channels, scse, residual))
             in_channels = out_channels
         used_channels = list(decoder_channels[:n_steps])
+        self.context = GlobalContext(channels[-1]) if global_context else nn.Identity()
         self.hypercolumn = HypercolumnHead(used_channels) if hypercolumn else None
         self.head = nn.Conv2d(used_channels[-1], 1, 1) if not hypercolumn else None
         self.deep_supervision = deep_supervision
@@ -117,7 +121,7 @@ class TimmUNet(nn.Module):
         input_size = tuple(x.shape[-2:])
         features = self.encoder(x)
         decoded: list[torch.Tensor] = []
-        y = features[-1]
+        y = self.context(features[-1])
         for step, (block, skip_index) in enumerate(zip(self.blocks, self.skip_indices)):
             skip = features[skip_index] if skip_index is not None else None
             if skip is not None:
@@ -146,4 +150,5 @@ def build_timm_unet(cfg: ModelConfig, encoder_name: str, load_pretrained: bool =
     weights_path = cfg.weights_path if (cfg.pretrained and load_pretrained) else ""
     encoder = create_encoder(encoder_name, cfg.in_chans, weights_path)
     return TimmUNet(encoder, encoder_name, list(cfg.decoder_channels), scse=cfg.scse,
-                    hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision, residual=cfg.residual)
+                    hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision, residual=cfg.residual,
+                    global_context=cfg.global_context)
