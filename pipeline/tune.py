@@ -233,9 +233,42 @@ def best_choice(grid: np.ndarray, thresholds: list[float], empty_thresholds: lis
 
 
 def _group_scores(image_scores: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, Any]]:
+    """{group: n, mean score, cv_lost}; cv_lost = what the group's imperfect images cost the
+    whole CV, (1 - score) x n / N: where to look for points, unlike the class score alone."""
+    total = max(len(image_scores), 1)
     return {
-        str(int(g)): {"n": int((groups == g).sum()), "score": round(float(image_scores[groups == g].mean()), 6)}
+        str(int(g)): {"n": int((groups == g).sum()), "score": round(float(image_scores[groups == g].mean()), 6),
+                      "cv_lost": round(float((1.0 - image_scores[groups == g]).sum() / total), 6)}
         for g in np.unique(groups)
+    }
+
+
+def empty_decision_report(truth: np.ndarray, masks: np.ndarray, image_scores: np.ndarray,
+                          threshold_masks: np.ndarray) -> dict[str, Any]:
+    """How much of the CV the empty / non-empty decision costs, for bool truth and final masks
+    [N,H,W], their per-image scores [N] and the plain `probs > threshold` masks.
+
+    salt_called_empty: salt images submitted empty (each scores 0); empty_called_salt: empty
+    images given a mask (each scores 0). cv_empty_oracle: the CV if every one of those
+    decisions were right, the salt images keeping their threshold mask: the most any "is there
+    salt?" rule (min area, a classifier) could give this model."""
+    from pipeline.metric import image_scores as score_images
+
+    salt = truth.reshape(len(truth), -1).any(axis=1)
+    predicted = masks.reshape(len(masks), -1).any(axis=1)
+    total = max(len(truth), 1)
+    oracle = np.where(salt, image_scores, 1.0)
+    missed = salt & ~predicted
+    if missed.any():
+        oracle[missed] = score_images(truth[missed], threshold_masks[missed])
+    return {
+        "salt_called_empty": int(missed.sum()),
+        "empty_called_salt": int((~salt & predicted).sum()),
+        "n_salt": int(salt.sum()),
+        "n_empty": int((~salt).sum()),
+        "cv_lost_salt_called_empty": round(float(missed.sum() / total), 6),
+        "cv_lost_empty_called_salt": round(float((~salt & predicted).sum() / total), 6),
+        "cv_empty_oracle": round(float(oracle.mean()) if len(oracle) else 0.0, 6),
     }
 
 
@@ -330,6 +363,10 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     }
 
     masks = found["post"].apply(probs, blank=blank)
+    from pipeline.submit import binarize
+
+    result["empty_decision"] = empty_decision_report(truth, masks, scores,
+                                                     binarize(probs, found["threshold"], DEFAULT_MIN_AREA))
     write_rle_csv(run / "oof.csv", ids, encode_many(masks))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(format_summary(run, result, found))
@@ -363,6 +400,14 @@ def format_summary(run: Path, result: dict, found: dict) -> str:
         "  per fold:   " + "  ".join(f"{k}: {v['score']:.4f} ({v['n']})" for k, v in result["per_fold"].items()),
         "  per coverage class (0 = empty):",
     ]
-    lines += [f"    class {k:>2}  {v['n']:5d} images  {v['score']:.4f}" for k, v in result["per_class"].items()]
+    lines += [f"    class {k:>2}  {v['n']:5d} images  {v['score']:.4f}  (costs the CV {v['cv_lost']:.4f})"
+              for k, v in result["per_class"].items()]
+    decision = result.get("empty_decision")
+    if decision:
+        lines.append(
+            f"  empty decision: {decision['salt_called_empty']} of {decision['n_salt']} salt images submitted "
+            f"empty (-{decision['cv_lost_salt_called_empty']:.4f}), {decision['empty_called_salt']} of "
+            f"{decision['n_empty']} empty ones given a mask (-{decision['cv_lost_empty_called_salt']:.4f}); "
+            f"all decided right: {decision['cv_empty_oracle']:.4f}")
     lines.append(f"  wrote {run / 'tune.json'} and {run / 'oof.csv'}")
     return "\n".join(lines)

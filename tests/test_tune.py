@@ -14,7 +14,7 @@ from pipeline.tune import PostProcess, assemble_oof, read_tuned, search_grid, tu
 from tests.fake_run import fake_probs, make_fake_run, private_copy
 
 TUNE_KEYS = {"threshold", "empty_threshold", "min_area", "cv_at_05", "cv_tuned", "cv_plain_rule", "per_class",
-             "per_fold", "n_images", "empty_blank"}
+             "per_fold", "n_images", "empty_blank", "empty_decision"}
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +222,35 @@ def test_tune_run_writes_tune_json_with_the_documented_fields(run, capsys):
     assert sum(v["n"] for v in saved["per_class"].values()) == 120
     weighted = sum(v["n"] * v["score"] for v in saved["per_class"].values()) / 120
     assert weighted == pytest.approx(saved["cv_tuned"], abs=1e-4)
-    assert "CV tuned" in capsys.readouterr().out
+    # what each class costs adds up to everything the CV lacks
+    assert sum(v["cv_lost"] for v in saved["per_class"].values()) == pytest.approx(1 - saved["cv_tuned"], abs=1e-4)
+    decision = saved["empty_decision"]
+    assert decision["n_salt"] + decision["n_empty"] == 120
+    assert decision["cv_empty_oracle"] >= saved["cv_tuned"] - 1e-9
+    out = capsys.readouterr().out
+    assert "CV tuned" in out and "costs the CV" in out and "empty decision:" in out
     assert (run.parent.parent / "submissions" / "leaderboard.csv").is_file()
+
+
+def test_empty_decision_report_counts_wrong_decisions_and_scores_the_oracle():
+    from pipeline.tune import empty_decision_report
+
+    truth = np.zeros((4, 101, 101), bool)
+    truth[0, :50] = True  # salt, submitted empty; its threshold mask is the truth exactly
+    truth[1, :50] = True  # salt, submitted right
+    # image 2: empty, given a mask; image 3: empty, submitted empty
+    masks = np.zeros_like(truth)
+    masks[1, :50] = True
+    masks[2, :5] = True
+    threshold_masks = masks.copy()
+    threshold_masks[0, :50] = True
+    scores = np.array([0.0, 1.0, 0.0, 1.0])
+    report = empty_decision_report(truth, masks, scores, threshold_masks)
+    assert report == {"salt_called_empty": 1, "empty_called_salt": 1, "n_salt": 2, "n_empty": 2,
+                      "cv_lost_salt_called_empty": 0.25, "cv_lost_empty_called_salt": 0.25,
+                      "cv_empty_oracle": 1.0}
+    threshold_masks[0] = False  # the model saw nothing there: no decision rescues it
+    assert empty_decision_report(truth, masks, scores, threshold_masks)["cv_empty_oracle"] == 0.75
 
 
 def test_oof_csv_scores_exactly_cv_tuned(run, synth_data):
