@@ -325,6 +325,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     from pipeline.folds import coverage_class
     from pipeline.leaderboard import record_run
     from pipeline.rle import encode_many, write_rle_csv
+    from pipeline.submit import binarize
 
     started = time.perf_counter()
     run = Path(run_dir)
@@ -363,8 +364,6 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     }
 
     masks = found["post"].apply(probs, blank=blank)
-    from pipeline.submit import binarize
-
     result["empty_decision"] = empty_decision_report(truth, masks, scores,
                                                      binarize(probs, found["threshold"], DEFAULT_MIN_AREA))
     write_rle_csv(run / "oof.csv", ids, encode_many(masks))
