@@ -128,6 +128,16 @@ class PredictConfig:
 
 
 @dataclass
+class PseudoConfig:
+    # A finished, tuned run (its run dir, e.g. runs/v8) whose fold-k model labels the test
+    # images that this run's fold k also trains on (pipeline/pseudo.py); "" = no pseudo-labels.
+    teacher: str = ""
+    # Keep a test image only if at most this share of its pixels has a teacher probability in
+    # pseudo.UNCERTAIN_BAND (0.2-0.8): confident labels only. In [0, 1].
+    max_uncertain_share: float = 0.01
+
+
+@dataclass
 class TuneConfig:
     thresholds: list[float] = field(default_factory=lambda: [round(0.2 + 0.02 * i, 2) for i in range(31)])
     min_areas: list[int] = field(default_factory=lambda: [0, 10, 20, 30, 50, 75, 100, 150, 200])
@@ -155,6 +165,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -284,6 +295,9 @@ def _validate(cfg: Config, source: str) -> Config:
         raise PipelineError(f"{source}: 'train.fold_workers' must be >= 0, got {cfg.train.fold_workers}")
     if cfg.train.snapshots and cfg.train.scheduler != "cosine_restarts":
         raise PipelineError(f"{source}: 'train.snapshots' needs train.scheduler: cosine_restarts")
+    if not 0.0 <= cfg.pseudo.max_uncertain_share <= 1.0:
+        raise PipelineError(f"{source}: 'pseudo.max_uncertain_share' must be in [0, 1], "
+                            f"got {cfg.pseudo.max_uncertain_share}")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise PipelineError(f"{source}: 'name' must be a plain folder name, got {cfg.name!r}")
     return cfg

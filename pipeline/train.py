@@ -59,7 +59,7 @@ def is_training_key(key: str) -> bool:
 # Keys added after runs were made, at the value that reproduces what those runs did: left out
 # of the digest at that value, so the older runs stay reusable.
 NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
-                    "model.global_context": False}
+                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.01}
 
 
 def training_digest(cfg: Config) -> str:
@@ -303,8 +303,19 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         train_index = train_index[: t.limit_train]
     val_images, val_masks = data.images[val_index], data.masks[val_index]
     val_shard = dist.shard(len(val_index))  # each rank predicts one shard, then they are gathered
+    train_images, train_masks = data.images[train_index], data.masks[train_index]
+    if cfg.pseudo.teacher:  # test images labelled by the teacher's fold-k model (pipeline/pseudo.py)
+        from pipeline.pseudo import pseudo_labels
+
+        if not resume and dist.is_main:
+            (fold_dir / "pseudo.npz").unlink(missing_ok=True)  # a fresh fold labels afresh
+        dist.barrier()
+        pseudo_images, pseudo_masks = pseudo_labels(cfg, fold, [data.ids[i] for i in val_index], rt, digest,
+                                                    write_cache=dist.is_main, say=say)
+        train_images = np.concatenate([train_images, pseudo_images])
+        train_masks = np.concatenate([train_masks, pseudo_masks])
     transform = build_train_transform(cfg.augment, seed=cfg.seed)
-    train_set = SaltDataset(data.images[train_index], data.masks[train_index], transform)
+    train_set = SaltDataset(train_images, train_masks, transform)
     batch_size = max(1, t.batch_size // dist.world_size)  # train.batch_size is the global batch
 
     # --- model, optimizer, schedule, loss: identical init for identical (seed, fold)
