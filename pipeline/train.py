@@ -59,7 +59,7 @@ def is_training_key(key: str) -> bool:
 # Keys added after runs were made, at the value that reproduces what those runs did: left out
 # of the digest at that value, so the older runs stay reusable.
 NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
-                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.01}
+                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05}
 
 
 def training_digest(cfg: Config) -> str:
