@@ -276,6 +276,9 @@ def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--slug", default="tgs-salt-pipeline-train")
     q.add_argument("--out", default="kernels/train")
     q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (default) or NvidiaL4; P100 is retired")
+    q.add_argument("--pseudo-round", action="store_true",
+                   help="after the run, train it again on its confident test labels (pseudo.teacher); "
+                        "that second run writes submission.csv")
     q = ksub.add_parser("push", help="kaggle kernels push -p on the rendered folder")
     q.add_argument("--dir", default="kernels/train")
     q = ksub.add_parser("status", help="kaggle kernels status of the rendered kernel")

@@ -505,6 +505,10 @@ as a base64 zip (BUNDLE_SHA256); this script unpacks them to a temporary folder 
 
     folds -> train -> tune -> predict -> submit -> check-submission -> leaderboard
 
+With PSEUDO_ROUND it then trains the same config again as '<name>_pseudo', each fold also on
+the test images the first run's same fold labels confidently (`pseudo.teacher`), and that
+second run writes submission.csv (the first one's is submission_teacher.csv).
+
 It needs no internet and no pip install: the Kaggle Python image carries torch, timm,
 albumentations, pandas, scikit-learn, PyYAML and Pillow.
 
@@ -524,6 +528,8 @@ import zipfile
 from pathlib import Path
 
 BUNDLE_SHA256 = "{digest}"
+RUN_NAME = {config_name!r}
+PSEUDO_ROUND = {pseudo_round}
 BUNDLE = (
 {bundle_lines}
 )
@@ -562,10 +568,17 @@ def main():
     except PipelineError as exc:
         print(f"error: {{exc}}", file=sys.stderr)
         return 2
-    return cli.main([
-        "all", "--config", str(src / "config.yaml"), "--data", str(data),
-        "--set", "runs_dir=" + str(working / "runs"),
-        "--set", "folds_csv=" + str(working / "folds" / "folds.csv"),
+    run_all = ["all", "--config", str(src / "config.yaml"), "--data", str(data),
+               "--set", "runs_dir=" + str(working / "runs"),
+               "--set", "folds_csv=" + str(working / "folds" / "folds.csv")]
+    if not PSEUDO_ROUND:
+        return cli.main(run_all + ["--submission", str(working / "submission.csv")])
+    code = cli.main(run_all + ["--submission", str(working / "submission_teacher.csv")])
+    if code:
+        return code
+    return cli.main(run_all + [
+        "--set", "name=" + RUN_NAME + "_pseudo",
+        "--set", "pseudo.teacher=" + str(working / "runs" / RUN_NAME),
         "--submission", str(working / "submission.csv"),
     ])
 
@@ -575,18 +588,19 @@ if __name__ == "__main__":
 '''
 
 
-def render_kernel(bundle: bytes, config_name: str) -> str:
-    """kernel.py: the bundle as base64 lines of 100 characters inside a small launcher."""
+def render_kernel(bundle: bytes, config_name: str, pseudo_round: bool = False) -> str:
+    """kernel.py: the bundle as base64 lines of 100 characters inside a small launcher;
+    pseudo_round: train a second run on the first one's confident test labels."""
     encoded = base64.b64encode(bundle).decode("ascii")
     lines = "\n".join(f'    "{encoded[i:i + 100]}"' for i in range(0, len(encoded), 100))
     return _KERNEL_TEMPLATE.format(
         config_name=config_name, digest=hashlib.sha256(bundle).hexdigest(), bundle_lines=lines,
-        default_input=str(KERNEL_INPUT), default_working=str(KERNEL_WORKING),
+        default_input=str(KERNEL_INPUT), default_working=str(KERNEL_WORKING), pseudo_round=bool(pseudo_round),
     )
 
 
 def build_kernel(config: str | os.PathLike, overrides: Sequence[str], user: str, slug: str,
-                 out: str | os.PathLike, machine_shape: str = "NvidiaTeslaT4") -> Path:
+                 out: str | os.PathLike, machine_shape: str = "NvidiaTeslaT4", pseudo_round: bool = False) -> Path:
     """Render `out`/kernel-metadata.json and `out`/kernel.py; returns `out`."""
     from pipeline.config import dump_yaml, load_config
     from pipeline.fileio import write_json, write_text
@@ -594,7 +608,10 @@ def build_kernel(config: str | os.PathLike, overrides: Sequence[str], user: str,
     metadata = kernel_metadata(user, slug, machine_shape)  # checks user and slug first
     cfg = load_config(config, list(overrides))
     out = Path(out)
-    write_text(out / KERNEL_FILE, render_kernel(build_bundle(dump_yaml(cfg)), cfg.name))
+    if pseudo_round and cfg.pseudo.teacher:
+        raise PipelineError(f"--pseudo-round: the config already names pseudo.teacher {cfg.pseudo.teacher!r}; "
+                            f"the kernel's teacher is its own first run")
+    write_text(out / KERNEL_FILE, render_kernel(build_bundle(dump_yaml(cfg)), cfg.name, pseudo_round))
     write_json(out / METADATA_FILE, metadata)
     return out
 
@@ -713,7 +730,8 @@ def dispatch(args: argparse.Namespace) -> int:
         if sub == "build":
             if args.gpu.lower() == "nvidiateslap100":
                 print("note: Kaggle retired NvidiaTeslaP100; such sessions run on NvidiaTeslaT4")
-            out = build_kernel(args.config, args.overrides, args.user, args.slug, args.out, args.gpu)
+            out = build_kernel(args.config, args.overrides, args.user, args.slug, args.out, args.gpu,
+                               args.pseudo_round)
             print(f"wrote {out / METADATA_FILE} and {out / KERNEL_FILE} ({args.user}/{args.slug}); "
                   f"next: python -m pipeline kaggle kernel push --dir {out}")
         elif sub == "push":

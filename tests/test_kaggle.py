@@ -493,6 +493,18 @@ def test_kernel_py_embeds_the_package_and_the_resolved_config(tmp_path):
     assert "import kaggle\n" not in source  # importing kaggle authenticates; the kernel never does
 
 
+def test_kernel_pseudo_round_is_a_flag_of_the_rendered_kernel(tmp_path, capsys):
+    plain = runpy.run_path(str(_built_kernel(tmp_path / "a", "--set", "name=k1") / "kernel.py"), run_name="k")
+    assert plain["PSEUDO_ROUND"] is False and plain["RUN_NAME"] == "k1"
+    folder = _built_kernel(tmp_path / "b", "--set", "name=k1", "--pseudo-round")
+    assert runpy.run_path(str(folder / "kernel.py"), run_name="k")["PSEUDO_ROUND"] is True
+    # the kernel's teacher is its own first run, never a run dir of this machine
+    argv = ["kaggle", "kernel", "build", "--config", str(REPO / "configs" / "cpu_quick.yaml"), "--user", "alice",
+            "--out", str(tmp_path / "c"), "--pseudo-round", "--set", "pseudo.teacher=runs/v8"]
+    assert main(argv) == 2
+    assert "the kernel's teacher is its own first run" in capsys.readouterr().err
+
+
 def test_kernel_build_is_reproducible(tmp_path):
     first = (_built_kernel(tmp_path / "a") / "kernel.py").read_bytes()
     second = (_built_kernel(tmp_path / "b") / "kernel.py").read_bytes()
@@ -637,6 +649,24 @@ def test_kernel_py_trains_and_writes_a_valid_submission_offline(tiny_data, tmp_p
     assert check_submission(working / "submission.csv", tiny_data) == 6
     assert (working / "runs" / "kernel_smoke" / "tune.json").is_file()
     assert (working / "folds" / "folds.csv").is_file()
+
+
+@pytest.mark.slow
+def test_kernel_py_pseudo_round_trains_a_second_run_on_the_first_runs_test_labels(tiny_data, tmp_path):
+    from pipeline.submit import check_submission
+
+    folder = _built_kernel(
+        tmp_path, "--set", "name=kernel_teacher", "--set", "n_folds=2", "--set", "train.epochs=1",
+        "--set", "train.batch_size=8", "--set", "model.n_filters=4", "--set", "predict.tta=[none]",
+        "--set", "train.threads=1", "--set", "pseudo.max_uncertain_share=1.0", "--pseudo-round",
+    )
+    working = _run_kernel(folder, tiny_data, tmp_path)
+    for name in ("submission.csv", "submission_teacher.csv"):
+        assert check_submission(working / name, tiny_data) == 6
+    for fold in (0, 1):
+        with np.load(working / "runs" / "kernel_teacher_pseudo" / f"fold{fold}" / "pseudo.npz") as saved:
+            assert len(saved["ids"]) == 6  # every test image, at share 1.0
+    assert (working / "runs" / "kernel_teacher" / "tune.json").is_file()
 
 
 def test_kernel_py_runs_on_the_real_sample_and_its_submission_passes_the_check(tgs_sample, tmp_path):
