@@ -13,8 +13,8 @@ any of this fold's validation images (another split).
 The labels are what the teacher would submit (its tuned threshold, empty threshold, min area and
 blank rule); an image is kept only when at most `pseudo.max_uncertain_share` of its pixels
 have a teacher probability inside UNCERTAIN_BAND. Empty and salt images are kept alike. The
-labels are cached per fold (`fold<k>/pseudo.npz`), so a resumed fold does not predict again;
-a fold started afresh deletes the cache with its other files.
+labels are cached per fold (`fold<k>/pseudo.npz`, keyed by the training digest), so a resumed
+fold does not predict again; a fold started afresh labels again and overwrites the cache.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from pipeline import fileio
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
+from pipeline.tune import PostProcess, read_tuned
 
 UNCERTAIN_BAND = (0.2, 0.8)  # a teacher probability strictly inside it is not a confident label
 CACHE_NAME = "pseudo.npz"
@@ -44,10 +45,9 @@ def select_confident(probs: np.ndarray, max_share: float) -> np.ndarray:
     return uncertain_share(probs) <= max_share
 
 
-def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> Config:
-    """The teacher run's config, after checking it can label this fold without leaking."""
-    from pipeline.tune import read_tuned
-
+def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Config, PostProcess]:
+    """The teacher run's config and tuned post-processing (its labels are the masks it would
+    submit), after checking it can label this fold without leaking."""
     run = Path(cfg.pseudo.teacher)
     where = f"pseudo.teacher {run}"
     if not (run / "config.yaml").is_file():
@@ -63,8 +63,7 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> Config:
         raise PipelineError(f"{where}: its fold {fold} model trained on {len(leaked)} of this fold's validation "
                             f"images (e.g. {leaked[0]}): the runs use different folds, and its labels would "
                             f"leak them into training")
-    read_tuned(run)  # the labels are the teacher's tuned masks: tune.json must exist
-    return teacher
+    return teacher, read_tuned(run)
 
 
 def predict_teacher_fold(teacher: Config, fold: int, images: np.ndarray, rt) -> np.ndarray:
@@ -78,27 +77,27 @@ def predict_teacher_fold(teacher: Config, fold: int, images: np.ndarray, rt) -> 
     return total / len(models)
 
 
-def pseudo_labels(cfg: Config, fold: int, val_ids: Sequence[str], rt, digest: str, *, write_cache: bool = True,
-                  say: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
+def pseudo_labels(cfg: Config, fold: int, val_ids: Sequence[str], rt, digest: str, *, use_cache: bool = True,
+                  write_cache: bool = True, say: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [M,101,101], bool masks [M,101,101]): the confident test images of the
-    teacher's fold `fold`, read from the fold's cache when it was made for this training digest."""
+    teacher's fold `fold`, read from the fold's cache when use_cache and it was made for this
+    training digest."""
     from pipeline.data import is_blank, load_test
-    from pipeline.tune import read_tuned
 
     cache = cfg.run_dir / f"fold{fold}" / CACHE_NAME
     test = load_test(cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(cfg.data) / 'test' / 'images'}: no test images to pseudo-label")
     index = {image_id: i for i, image_id in enumerate(test.ids)}
-    cached = read_cache(cache, digest, index)
+    cached = read_cache(cache, digest, index) if use_cache else None
     if cached is not None:
         ids, masks = cached
         return test.images[[index[i] for i in ids]], masks
 
-    teacher = teacher_for_fold(cfg, fold, val_ids)
+    teacher, post = teacher_for_fold(cfg, fold, val_ids)
     probs = predict_teacher_fold(teacher, fold, test.images, rt)
     keep = select_confident(probs, cfg.pseudo.max_uncertain_share)
-    masks = read_tuned(cfg.pseudo.teacher).apply(probs[keep], blank=is_blank(test.images[keep]))
+    masks = post.apply(probs[keep], blank=is_blank(test.images[keep]))
     n_salt = int(masks.reshape(len(masks), -1).any(axis=1).sum())
     say(f"fold {fold}: {int(keep.sum())} of {len(test.ids)} test images pseudo-labelled by "
         f"{cfg.pseudo.teacher} fold {fold} ({n_salt} with salt; at most {cfg.pseudo.max_uncertain_share:.3f} "

@@ -307,11 +307,9 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
     if cfg.pseudo.teacher:  # test images labelled by the teacher's fold-k model (pipeline/pseudo.py)
         from pipeline.pseudo import pseudo_labels
 
-        if not resume and dist.is_main:
-            (fold_dir / "pseudo.npz").unlink(missing_ok=True)  # a fresh fold labels afresh
-        dist.barrier()
+        # a fold started afresh (--restart, --force) labels afresh
         pseudo_images, pseudo_masks = pseudo_labels(cfg, fold, [data.ids[i] for i in val_index], rt, digest,
-                                                    write_cache=dist.is_main, say=say)
+                                                    use_cache=resume, write_cache=dist.is_main, say=say)
         train_images = np.concatenate([train_images, pseudo_images])
         train_masks = np.concatenate([train_masks, pseudo_masks])
     transform = build_train_transform(cfg.augment, seed=cfg.seed)

@@ -105,19 +105,21 @@ class DoubleConv(nn.Sequential):
         return h + self[1](h)
 
 
+def image_mlp(channels: int, reduction: int) -> list[nn.Module]:
+    """Mean over pixels -> 1x1 conv to channels // reduction -> ReLU -> 1x1 conv back: one
+    [B,C,1,1] vector per image, the squeeze of SCSE's channel gate and of GlobalContext.
+    Returned as layers, so each caller's nn.Sequential keeps its state-dict keys (.1, .3)."""
+    hidden = max(channels // reduction, 1)
+    return [nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1)]
+
+
 class SCSE(nn.Module):
     """x * channel_gate(x) + x * spatial_gate(x): recalibrates channels and pixels."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = max(channels // reduction, 1)
-        self.channel_gate = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(channels, hidden, 1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1),
-            nn.Sigmoid(),
-        )
+        self.channel_gate = nn.Sequential(*image_mlp(channels, reduction), nn.Sigmoid())
         self.spatial_gate = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,13 +138,7 @@ class GlobalContext(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
-        hidden = max(channels // reduction, 1)
-        self.transform = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(channels, hidden, 1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1),
-        )
+        self.transform = nn.Sequential(*image_mlp(channels, reduction))
         nn.init.zeros_(self.transform[-1].weight)
         nn.init.zeros_(self.transform[-1].bias)
 
