@@ -1,7 +1,8 @@
 """Training augmentation (albumentations), kept small and seismic-safe.
 
 Only transforms that keep a seismic section plausible: horizontal flip (geology has no
-left/right preference; a vertical flip would put deep beds on top), a small shift/scale,
+left/right preference; a vertical flip would put deep beds on top), a small shift/scale
+(and, when asked, a small rotation),
 and mild brightness/contrast. Applied at 101x101 before padding, so reflect padding
 sees the augmented image, as at test time.
 """
@@ -30,6 +31,7 @@ def build_train_transform(cfg: AugmentConfig, seed: int):
             A.Affine(
                 scale=(1 - cfg.scale_limit, 1 + cfg.scale_limit),
                 translate_percent=(-cfg.shift_limit, cfg.shift_limit),
+                rotate=(-cfg.rotate_limit, cfg.rotate_limit),
                 # albumentations 2 defaults to BORDER_CONSTANT (black bands the test set never has)
                 border_mode=cv2.BORDER_REFLECT_101,
                 p=cfg.shift_scale,

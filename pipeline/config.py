@@ -53,6 +53,10 @@ class AugmentConfig:
     shift_scale: float = 0.5  # probability of a small affine shift/scale
     shift_limit: float = 0.1
     scale_limit: float = 0.1
+    # Degrees either way, drawn by the same affine: salt flanks dip at every angle, but the
+    # beds stay roughly level, so only small tilts keep a section plausible (Heng's TGS
+    # starter used +-15). 0 = the tutorial's affine, no rotation.
+    rotate_limit: float = 0.0
     brightness_contrast: float = 0.5
     brightness_limit: float = 0.1
     contrast_limit: float = 0.1
@@ -297,6 +301,13 @@ def _validate(cfg: Config, source: str) -> Config:
         raise PipelineError(f"{source}: 'train.fold_workers' must be >= 0, got {cfg.train.fold_workers}")
     if cfg.train.snapshots and cfg.train.scheduler != "cosine_restarts":
         raise PipelineError(f"{source}: 'train.snapshots' needs train.scheduler: cosine_restarts")
+    for key in ("hflip", "shift_scale", "brightness_contrast"):
+        if not 0.0 <= getattr(cfg.augment, key) <= 1.0:
+            raise PipelineError(f"{source}: 'augment.{key}' is a probability, must be in [0, 1], "
+                                f"got {getattr(cfg.augment, key)}")
+    if not 0.0 <= cfg.augment.rotate_limit <= 45.0:
+        raise PipelineError(f"{source}: 'augment.rotate_limit' must be in [0, 45] degrees, "
+                            f"got {cfg.augment.rotate_limit}")
     if not 0.0 <= cfg.pseudo.max_uncertain_share <= 1.0:
         raise PipelineError(f"{source}: 'pseudo.max_uncertain_share' must be in [0, 1], "
                             f"got {cfg.pseudo.max_uncertain_share}")

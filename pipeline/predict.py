@@ -86,6 +86,21 @@ def load_fold_models(cfg: Config, fold: int, rt: Runtime) -> list[torch.nn.Modul
     return models
 
 
+def fold_probs(cfg: Config, fold: int, images: np.ndarray, rt: Runtime, tta: tuple[str, ...] | list[str],
+               bar=None) -> np.ndarray:
+    """float32 [N,101,101]: fold `fold`'s prediction, the mean of its checkpoints' TTA
+    probabilities. The one definition of "what a fold predicts", shared by the test set
+    (predict_run), the fold's final OOF (train.write_final_oof) and the teacher of a
+    pseudo-label run (pseudo.predict_teacher_fold), so the three can never drift apart."""
+    models = load_fold_models(cfg, fold, rt)
+    total = np.zeros(images.shape, dtype=np.float32)
+    for model in models:
+        total += predict_probs(model, images, cfg, rt, cfg.predict.batch_size, tta)
+    if bar is not None:
+        bar.update(len(images))
+    return total / len(models)
+
+
 def parse_tta(text: str | None, default: list[str]) -> list[str]:
     if text is None:
         return list(default)
@@ -116,13 +131,8 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     total = np.zeros(test.images.shape, dtype=np.float32)
     with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",
               unit="img", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
-        for fold in folds:
-            # each fold weighs the same, however many snapshots it averages
-            models = load_fold_models(cfg, fold, rt)
-            for model in models:
-                total += predict_probs(model, test.images, cfg, rt, cfg.predict.batch_size, flips) / len(models)
-            bar.update(len(test.ids))
-            del models
+        for fold in folds:  # each fold weighs the same, however many snapshots it averages
+            total += fold_probs(cfg, fold, test.images, rt, flips, bar)
     probs = (total / len(folds)).astype(np.float16)
     run = Path(run_dir)
     fileio.write_npy(run / "test_probs.npy", probs)

@@ -68,13 +68,9 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
 
 def predict_teacher_fold(teacher: Config, fold: int, images: np.ndarray, rt) -> np.ndarray:
     """float32 [N,101,101]: the teacher's fold-k model(s), with the teacher's own TTA."""
-    from pipeline.predict import load_fold_models, predict_probs
+    from pipeline.predict import fold_probs
 
-    models = load_fold_models(teacher, fold, rt)
-    total = np.zeros(images.shape, dtype=np.float32)
-    for model in models:
-        total += predict_probs(model, images, teacher, rt, teacher.predict.batch_size, teacher.predict.tta)
-    return total / len(models)
+    return fold_probs(teacher, fold, images, rt, teacher.predict.tta)
 
 
 def pseudo_labels(cfg: Config, fold: int, val_ids: Sequence[str], rt, digest: str, *, use_cache: bool = True,

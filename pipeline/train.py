@@ -59,7 +59,8 @@ def is_training_key(key: str) -> bool:
 # Keys added after runs were made, at the value that reproduces what those runs did: left out
 # of the digest at that value, so the older runs stay reusable.
 NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
-                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05}
+                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
+                    "augment.rotate_limit": 0.0}
 
 
 def training_digest(cfg: Config) -> str:
@@ -494,18 +495,18 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
     Training kept the single-pass OOF of the best epoch; this replaces it only when it differs
     (TTA or snapshots), and done.json records both scores."""
     from pipeline.metric import competition_score
-    from pipeline.predict import fold_checkpoints, load_fold_models, predict_probs
+    from pipeline.predict import fold_checkpoints, fold_probs
 
     tta = list(cfg.predict.tta)
     if tta == ["none"] and fold_checkpoints(cfg, fold) == [cfg.run_dir / f"fold{fold}" / "best.pt"]:
         return {}  # one plain pass of best.pt: the OOF training kept is already that
-    models = load_fold_models(cfg, fold, rt)
-    probs = np.mean([predict_probs(m, val_images, cfg, rt, cfg.predict.batch_size, tta) for m in models], axis=0)
+    n_checkpoints = len(fold_checkpoints(cfg, fold))
+    probs = fold_probs(cfg, fold, val_images, rt, tta)
     fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
-    print(f"fold {fold}: OOF as predicted for the test set ({len(models)} checkpoint(s) x TTA {tta}): "
+    print(f"fold {fold}: OOF as predicted for the test set ({n_checkpoints} checkpoint(s) x TTA {tta}): "
           f"val_score {score:.4f}")
-    return {"oof_checkpoints": len(models), "oof_tta": tta, "oof_score": score}
+    return {"oof_checkpoints": n_checkpoints, "oof_tta": tta, "oof_score": score}
 
 
 # ---------------------------------------------------------------- all folds

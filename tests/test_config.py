@@ -46,6 +46,8 @@ def test_string_false_is_false_not_truthy():
         ("n_folds: 5\nfolds: [7]\n", "'folds' has 7"),
         ("predict:\n  tta: [rot90]\n", "'predict.tta' has 'rot90'"),
         ("train:\n  ema_decay: 1.0\n", "'train.ema_decay' must be in [0, 1)"),
+        ("augment:\n  rotate_limit: 90\n", "'augment.rotate_limit' must be in [0, 45] degrees"),
+        ("augment:\n  hflip: 1.5\n", "'augment.hflip' is a probability"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_file(tmp_path, yaml_text, message):
