@@ -55,7 +55,8 @@ class AugmentConfig:
     scale_limit: float = 0.1
     # Degrees either way, drawn by the same affine: salt flanks dip at every angle, but the
     # beds stay roughly level, so only small tilts keep a section plausible (Heng's TGS
-    # starter used +-15). 0 = the tutorial's affine, no rotation.
+    # starter used +-15). 0 = the tutorial's affine, no rotation. On cpu_best, +-10 with scale
+    # +-0.15 scored 0.778 tuned against 0.782 (v13, docs/experiments.md).
     rotate_limit: float = 0.0
     brightness_contrast: float = 0.5
     brightness_limit: float = 0.1
