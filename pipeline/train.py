@@ -498,9 +498,10 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
     from pipeline.predict import fold_checkpoints, fold_probs
 
     tta = list(cfg.predict.tta)
-    if tta == ["none"] and fold_checkpoints(cfg, fold) == [cfg.run_dir / f"fold{fold}" / "best.pt"]:
+    checkpoints = fold_checkpoints(cfg, fold)
+    if tta == ["none"] and checkpoints == [cfg.run_dir / f"fold{fold}" / "best.pt"]:
         return {}  # one plain pass of best.pt: the OOF training kept is already that
-    n_checkpoints = len(fold_checkpoints(cfg, fold))
+    n_checkpoints = len(checkpoints)
     probs = fold_probs(cfg, fold, val_images, rt, tta)
     fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
