@@ -74,6 +74,10 @@ class LossConfig:
     stage2_name: str = "lovasz"
     # Lovasz as (L(x, y) + L(-x, 1 - y)) / 2: background scored too (9th place: +0.02)
     symmetric_lovasz: bool = False
+    # The hinge applied to the sorted errors: "relu" as published, or "elu" = elu(e) + 1, the
+    # smooth hinge of popular TGS kernels: pixels already right by the margin still pull a
+    # little (gradient exp(e) instead of 0), so the margins keep growing in the Lovasz stage.
+    lovasz_hinge: str = "relu"
     # Score only the 101x101 image, not the reflect padding around it (input.mode pad): the
     # metric's IoU is over the image, and the padding repeats border salt in mirror.
     image_only: bool = False
@@ -199,6 +203,7 @@ VALID_CHOICES = {
     "input.mode": {"pad", "resize"},
     "loss.name": {"bce", "lovasz", "bce_lovasz"},
     "loss.stage2_name": {"bce", "lovasz", "bce_lovasz"},
+    "loss.lovasz_hinge": {"relu", "elu"},
     "train.optimizer": {"adam", "adamw", "sgd"},
     "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
     "train.precision": {"auto", "off", "bf16", "fp16"},

@@ -41,8 +41,20 @@ def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], dim=-1)
 
 
-def lovasz_hinge_flat(logits: torch.Tensor, labels: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+def hinge(errors: torch.Tensor, kind: str = "relu") -> torch.Tensor:
+    """The hinge of Lovasz errors 1 - x(2y - 1): relu(e) as published, or elu(e) + 1 (smooth,
+    positive everywhere: a pixel right by more than the margin still has gradient exp(e))."""
+    if kind == "relu":
+        return F.relu(errors)
+    if kind == "elu":
+        return F.elu(errors) + 1.0
+    raise PipelineError(f"loss.lovasz_hinge {kind!r}: choose relu or elu")
+
+
+def lovasz_hinge_flat(logits: torch.Tensor, labels: torch.Tensor, symmetric: bool = False,
+                      kind: str = "relu") -> torch.Tensor:
     """Lovasz hinge of one image: logits [P], labels [P] in {0,1}; or a batch [B,P] -> [B].
+    `kind` is the hinge (see `hinge`).
 
     symmetric=True returns (L(x, y) + L(-x, 1 - y)) / 2 from ONE sort: the hinge errors
     1 - x(2y - 1) are the same for (-x, 1 - y), so only the Jaccard gradient differs (the
@@ -57,16 +69,16 @@ def lovasz_hinge_flat(logits: torch.Tensor, labels: torch.Tensor, symmetric: boo
     grad = lovasz_grad(gt_sorted)
     if symmetric:
         grad = (grad + lovasz_grad(1.0 - gt_sorted)) / 2
-    return (F.relu(errors_sorted) * grad).sum(dim=-1)
+    return (hinge(errors_sorted, kind) * grad).sum(dim=-1)
 
 
 def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True,
-                 symmetric: bool = False) -> torch.Tensor:
+                 symmetric: bool = False, kind: str = "relu") -> torch.Tensor:
     """Mean per-image Lovasz hinge of logits [B,H,W] against labels [B,H,W] (0/1);
     per_image=False treats the whole batch as one image."""
     if per_image:
-        return lovasz_hinge_flat(logits.flatten(1), labels.flatten(1), symmetric).mean()
-    return lovasz_hinge_flat(logits.flatten(), labels.flatten(), symmetric)
+        return lovasz_hinge_flat(logits.flatten(1), labels.flatten(1), symmetric, kind).mean()
+    return lovasz_hinge_flat(logits.flatten(), labels.flatten(), symmetric, kind)
 
 
 def symmetric_lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True) -> torch.Tensor:
@@ -102,7 +114,8 @@ class SegLoss:
         return self.cfg.stage2_name if 0 <= stage2 <= epoch else self.cfg.name
 
     def _lovasz(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return lovasz_hinge(logits[:, 0], target[:, 0], symmetric=self.cfg.symmetric_lovasz)
+        return lovasz_hinge(logits[:, 0], target[:, 0], symmetric=self.cfg.symmetric_lovasz,
+                            kind=self.cfg.lovasz_hinge)
 
     def mask_loss(self, logits: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, dict]:
         """The main loss `name` of mask logits [B,1,H,W]; also its parts (tensors)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import LossConfig
+from pipeline.config import LossConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.losses import SegLoss, lovasz_grad, lovasz_hinge, lovasz_hinge_flat, symmetric_lovasz_hinge
 
@@ -212,7 +213,6 @@ def test_image_only_loss_leaves_the_deep_supervision_heads_on_the_padded_grid():
 
 
 def test_image_only_loss_needs_padded_inputs():
-    from pipeline.config import load_config
 
     with pytest.raises(PipelineError, match="loss.image_only"):
         load_config(None, ["input.mode=resize", "loss.image_only=true"])
@@ -289,3 +289,33 @@ def test_every_loss_and_schedule_gives_finite_gradients(name, stage2):
     loss, _ = SegLoss(LossConfig(name=name, stage2_from_epoch=stage2), True)(deep_outputs(logits), target, 1)
     loss.backward()
     assert torch.isfinite(loss) and torch.all(torch.isfinite(logits.grad))
+
+
+def test_elu_hinge_is_elu_plus_one_of_the_sorted_errors_and_keeps_pulling_right_pixels():
+    # one salt pixel right by a margin of 3 (error -2), one background pixel wrong (error 1.5)
+    logits, labels = torch.tensor([[3.0, 0.5]]), torch.tensor([[1.0, 0.0]])
+    # sorted errors [1.5 (background), -2 (salt)]; Jaccard gradient [1/2, 1/2]
+    expected = 0.5 * (1.5 + 1.0) + 0.5 * (math.exp(-2.0) - 1.0 + 1.0)
+    assert float(lovasz_hinge(logits, labels, kind="elu")) == pytest.approx(expected)
+    assert float(lovasz_hinge(logits, labels, kind="relu")) == pytest.approx(0.5 * 1.5)
+    x = logits.clone().requires_grad_(True)
+    lovasz_hinge(x, labels, kind="elu").backward()
+    assert float(x.grad[0, 0]) < 0  # the right salt pixel is still pushed up; relu gives it 0
+
+
+def test_elu_hinge_is_differentiable_and_symmetric_like_the_relu_one():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = (torch.rand(2, 3, 3, generator=generator) > 0.5).double()
+    assert torch.autograd.gradcheck(lambda x: lovasz_hinge(x, labels, kind="elu"), (logits,))
+    expected = (lovasz_hinge(logits, labels, kind="elu") + lovasz_hinge(-logits, 1 - labels, kind="elu")) / 2
+    assert torch.allclose(lovasz_hinge(logits, labels, symmetric=True, kind="elu"), expected)
+
+
+def test_lovasz_hinge_option_reaches_the_training_loss_and_is_validated():
+    logits, target = torch.randn(2, 1, 6, 6), (torch.rand(2, 1, 6, 6) > 0.5).float()
+    for kind in ("relu", "elu"):
+        loss, _ = SegLoss(LossConfig(name="lovasz", symmetric_lovasz=True, lovasz_hinge=kind))({"mask": logits}, target, 0)
+        assert torch.allclose(loss, lovasz_hinge(logits[:, 0], target[:, 0], symmetric=True, kind=kind))
+    with pytest.raises(PipelineError, match="loss.lovasz_hinge"):
+        load_config(None, ["loss.lovasz_hinge=softplus"])

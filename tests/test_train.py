@@ -243,7 +243,8 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     from pipeline.train import NEUTRAL_DEFAULTS, is_training_key, training_digest
 
     assert set(NEUTRAL_DEFAULTS) == {"train.ema_decay", "model.residual", "loss.image_only", "model.global_context",
-                                     "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit"}
+                                     "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit",
+                                     "loss.lovasz_hinge"}
     cfg = tiny_config(synth_data, tmp_path)
     before = {k: v for k, v in flatten(cfg).items() if is_training_key(k) and k not in NEUTRAL_DEFAULTS}
     assert training_digest(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
