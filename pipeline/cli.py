@@ -103,6 +103,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch(args: argparse.Namespace) -> int:
+    from pipeline.branch import branch_run
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.data is not None:
+        cfg.data = args.data
+    written = branch_run(cfg, args.source)
+    print(f"{cfg.run_dir}: {len(written)} fold(s) start at the end of {args.source}'s stage 1; "
+          "train it with the same --config/--set (pipeline train or all)")
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.stages import run_all
@@ -212,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
     p.add_argument("--fold-worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel-folds
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("branch", help="start a run from another run's end of stage 1 (stage-2 variants)")
+    _config_args(p)
+    p.add_argument("--from", dest="source", required=True, help="the source run folder, trained with "
+                   "train.keep_stage1: true")
+    p.add_argument("--data", default=None, help="dataset folder, as given to `all` (default: the config's)")
+    p.set_defaults(func=cmd_branch)
 
     p = sub.add_parser("all", help="end to end: folds, train, tune, predict, submit, leaderboard")
     _config_args(p)

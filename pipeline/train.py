@@ -49,7 +49,7 @@ LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
 NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
-                     "train.parallel_folds", "train.fold_workers")
+                     "train.parallel_folds", "train.fold_workers", "train.keep_stage1")
 
 
 def is_training_key(key: str) -> bool:
@@ -346,8 +346,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         log_rows = [row for row in read_log(fold_dir / "log.csv") if int(row["epoch"]) <= state.epoch]
         say(f"fold {fold}: resuming at epoch {state.epoch + 1}/{t.epochs} (best {state.best_score:.4f})")
     elif dist.is_main:
-        for stale in ("best.pt", "last.pt", "prev.pt", "oof.npy", "oof_ids.txt", "done.json", "log.csv",
-                      *(p.name for p in snapshot_paths(fold_dir))):
+        for stale in ("best.pt", "last.pt", "prev.pt", "stage1.pt", "oof.npy", "oof_ids.txt", "done.json",
+                      "log.csv", *(p.name for p in snapshot_paths(fold_dir))):
             (fold_dir / stale).unlink(missing_ok=True)
     dist.barrier()
 
@@ -440,12 +440,16 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             # --- checkpoint everything needed to continue; the previous one stays as prev.pt
             if (fold_dir / "last.pt").exists():
                 os.replace(fold_dir / "last.pt", fold_dir / "prev.pt")
-            save_checkpoint(fold_dir / "last.pt", {
+            resume_state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict(), "state": vars(state).copy(), "config_digest": digest,
                 "fold": fold, **({"ema": ema.state_dict()} if ema is not None else {}),
-            })
+            }
+            save_checkpoint(fold_dir / "last.pt", resume_state)
+            if t.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch:
+                # the switch to the stage-2 loss: `pipeline branch` starts variants from here
+                save_checkpoint(fold_dir / "stage1.pt", resume_state)
             log_rows.append({"epoch": epoch + 1, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
                              "val_loss": f"{val_loss:.5f}", "val_score": f"{val_score:.5f}",
                              "val_score_raw": f"{val_score_raw:.5f}" if ema is not None else "",
