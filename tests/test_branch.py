@@ -81,9 +81,14 @@ def test_branch_refuses_a_source_without_stage1_checkpoints_or_with_another_stag
         branch_run(staged_config(synth_data, tmp_path, "plain"), source.run_dir)
 
 
-def test_keep_stage1_needs_a_stage2():
-    with pytest.raises(PipelineError, match="'train.keep_stage1' needs a stage 2"):
-        load_config(None, ["train.keep_stage1=true"])
+def test_branch_refuses_a_source_without_a_stage2(synth_data, tmp_path):
+    from pipeline.config import save_config
+
+    source = staged_config(synth_data, tmp_path, "one_stage", "loss.stage2_from_epoch=-1")
+    source.run_dir.mkdir(parents=True)
+    save_config(source, source.run_dir / "config.yaml")
+    with pytest.raises(PipelineError, match="has no stage 2"):
+        branch_run(staged_config(synth_data, tmp_path, "z"), source.run_dir)
 
 
 def test_branch_command_reports_a_missing_source_in_one_line(tmp_path):
