@@ -74,11 +74,9 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
     if missing:
         raise PipelineError(f"{missing[0]}: not found; train the source run with train.keep_stage1: true")
 
-    prepare_run_dir(cfg, force=False)
-    digest = training_digest(cfg)
-    written = []
-    for src, dst_dir in zip(stage1, fold_dirs):
-        checkpoint = load_checkpoint(src)
+    # every checkpoint is checked before anything is written: a refused branch leaves no run behind
+    checkpoints = [load_checkpoint(src) for src in stage1]
+    for src, checkpoint in zip(stage1, checkpoints):
         epochs_done = int(checkpoint["state"]["epoch"])
         if epochs_done != source.loss.stage2_from_epoch:
             raise PipelineError(f"{src}: holds epoch {epochs_done}, not the switch at "
@@ -87,11 +85,17 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
             # its best.pt and OOF of that epoch were not kept beside stage1.pt
             raise PipelineError(f"{src}: the source validated during stage 1; branching needs runs that "
                                 "validate only after loss.stage2_from_epoch (train.validate_from)")
+
+    prepare_run_dir(cfg, force=False)
+    digest = training_digest(cfg)
+    written = []
+    switch = source.loss.stage2_from_epoch  # the epoch every checkpoint holds (checked above)
+    for src, dst_dir, checkpoint in zip(stage1, fold_dirs, checkpoints):
         dst_dir.mkdir(parents=True, exist_ok=True)
         checkpoint["config_digest"] = digest
         save_checkpoint(dst_dir / "last.pt", checkpoint)
-        rows = [row for row in read_log(src.parent / "log.csv") if int(row["epoch"]) <= epochs_done]
+        rows = [row for row in read_log(src.parent / "log.csv") if int(row["epoch"]) <= switch]
         write_log(dst_dir / "log.csv", rows)
-        fileio.write_json(dst_dir / "branched_from.json", {"source": str(source_dir), "epoch": epochs_done})
+        fileio.write_json(dst_dir / "branched_from.json", {"source": str(source_dir), "epoch": switch})
         written.append(dst_dir / "last.pt")
     return written

@@ -45,6 +45,7 @@ def test_branched_run_ends_with_the_weights_of_the_same_config_trained_from_noth
     a = load_checkpoint(straight.run_dir / "fold0" / "last.pt")["model"]
     b = load_checkpoint(branched.run_dir / "fold0" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
     def logged(run):  # everything but the seconds each epoch took
         return [{k: v for k, v in row.items() if k != "seconds"} for row in read_log(run.run_dir / "fold0" / "log.csv")]
 
@@ -97,3 +98,17 @@ def test_branch_command_reports_a_missing_source_in_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "config file not found" in result.stderr
+
+
+def test_a_refused_branch_writes_nothing(synth_data, tmp_path):
+    source = staged_config(synth_data, tmp_path, "kept", "train.keep_stage1=true")
+    train_folds(source)
+    # fold 1's checkpoint holds another epoch: found only after fold 0's was accepted
+    bad = load_checkpoint(source.run_dir / "fold0" / "stage1.pt")
+    bad["state"]["epoch"] = 1
+    (source.run_dir / "fold1").mkdir()
+    torch.save(bad, source.run_dir / "fold1" / "stage1.pt")
+    branched = staged_config(synth_data, tmp_path, "half", "folds=[0,1]", "loss.stage2_name=lovasz")
+    with pytest.raises(PipelineError, match="holds epoch 1, not the switch at 2"):
+        branch_run(branched, source.run_dir)
+    assert not branched.run_dir.exists()

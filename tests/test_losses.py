@@ -213,7 +213,6 @@ def test_image_only_loss_leaves_the_deep_supervision_heads_on_the_padded_grid():
 
 
 def test_image_only_loss_needs_padded_inputs():
-
     with pytest.raises(PipelineError, match="loss.image_only"):
         load_config(None, ["input.mode=resize", "loss.image_only=true"])
 
