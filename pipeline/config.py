@@ -101,7 +101,8 @@ class TrainConfig:
     plateau_patience: int = 5
     plateau_factor: float = 0.5
     early_stop_patience: int = 10  # epochs without a better val metric; 0 disables
-    # "auto": bf16 on CPU when supported, fp16/bf16 AMP on CUDA; "off"; "bf16"; "fp16"
+    # "auto": bf16 on CPU when supported; on CUDA bf16 where native (Ampere+), else fp16 + GradScaler;
+    # "off" (fp32, no TF32); "tf32" (fp32 with TF32 maths on CUDA); "bf16"; "fp16"
     precision: str = "auto"
     channels_last: str = "auto"  # "auto" | "on" | "off"
     compile: bool = False
@@ -210,7 +211,7 @@ VALID_CHOICES = {
     "loss.lovasz_hinge": {"relu", "elu"},
     "train.optimizer": {"adam", "adamw", "sgd"},
     "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
-    "train.precision": {"auto", "off", "bf16", "fp16"},
+    "train.precision": {"auto", "off", "tf32", "bf16", "fp16"},
     "train.channels_last": {"auto", "on", "off"},
 }
 VALID_TTA = {"none", "hflip", "vflip", "hvflip"}

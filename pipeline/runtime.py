@@ -1,10 +1,27 @@
 """Where and how tensors run: device, autocast precision, memory format, threads.
 
 One place decides the fast path so train, predict and the benchmarks agree:
-- CUDA: AMP (bf16 where the GPU supports it, else fp16 with a GradScaler),
-  channels_last, cudnn.benchmark.
+- CUDA: AMP, channels_last, cudnn.benchmark. `precision: auto` is bf16 only where the GPU
+  computes bf16 natively (Ampere and later: A100, L4, H100/H200); elsewhere (Kaggle's T4,
+  P100, V100, whose bf16 is emulated and slower than fp32) fp16 with a GradScaler, whose
+  state last.pt carries so a resumed run scales its losses as the uninterrupted one would.
 - CPU: bf16 autocast when the CPU has native bf16 (AVX-512 BF16 / AMX; measured
   ~2.5x fp32 training speed on a small UNet here) and channels_last (~1.5x).
+
+Precision names: "off" is fp32 throughout, TF32 matmuls/convolutions included (TF32 keeps
+10 mantissa bits); "tf32" is fp32 storage with TF32 tensor-core maths; "bf16" / "fp16"
+autocast (the remaining fp32 ops may use TF32).
+
+What is promised on CUDA (the CPU is exact: resumed == uninterrupted, bit for bit):
+by default cudnn.benchmark picks the fastest convolution algorithms per run and several
+backward kernels accumulate with atomics, so two runs, or a resumed and an uninterrupted
+one, agree only to within training noise. `deterministic=True` (the config's
+`deterministic`) makes them repeat bit for bit on the same GPU model and software:
+deterministic cuDNN algorithms without benchmarking, torch.use_deterministic_algorithms
+(an op without a deterministic kernel raises, naming itself), a fixed cuBLAS workspace
+(CUBLAS_WORKSPACE_CONFIG), and the hypercolumn's bilinear upsampling done as two matmuls
+(pipeline/models/blocks.py) because its CUDA backward has no deterministic kernel. Slower:
+measure before using it for a long run.
 """
 
 from __future__ import annotations
@@ -46,6 +63,8 @@ class Runtime:
 
     def describe(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        if self.is_cuda and self.amp_dtype is None and torch.backends.cuda.matmul.allow_tf32:
+            precision = "tf32"
         name = torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"
         threads = "" if self.is_cuda else f", {torch.get_num_threads()} threads"
         return f"{name} ({precision}{', channels_last' if self.channels_last else ''}{threads})"
@@ -58,30 +77,58 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16() -> bool:
+    """bf16 in hardware (compute capability 8.0+), not the emulation torch also accepts."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation (and counted only native bf16)
+        return bool(torch.cuda.is_bf16_supported())
+
+
+PRECISIONS = ("auto", "off", "tf32", "bf16", "fp16")
+# cuBLAS's documented setting for reproducible results (its default workspace is per stream
+# and makes split-K reductions depend on scheduling); must be set before cuBLAS starts
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def amp_dtype_for(precision: str, device_type: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise PipelineError(f"train.precision {precision!r}: choose one of {list(PRECISIONS)}")
+    if precision in ("off", "tf32"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def set_cuda_flags(precision: str, deterministic: bool) -> None:
+    """The process-wide CUDA switches: TF32 (never for "off") and the reproducibility flags."""
+    tf32 = precision != "off"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device: str | None = None,
-                    threads: int = 0) -> Runtime:
+                    threads: int = 0, deterministic: bool = False) -> Runtime:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"device {device!r} requested but CUDA is not available on this machine")
     dev = torch.device(device)
+    amp_dtype = amp_dtype_for(precision, dev.type)
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     else:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    if precision == "off":
-        amp_dtype = None
-    elif precision == "bf16":
-        amp_dtype = torch.bfloat16
-    elif precision == "fp16":
-        amp_dtype = torch.float16
-    elif dev.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        amp_dtype = torch.bfloat16 if cpu_has_bf16() else None
+        set_cuda_flags(precision, deterministic)
 
     use_channels_last = channels_last == "on" or (channels_last == "auto")
     return Runtime(device=dev, amp_dtype=amp_dtype, channels_last=use_channels_last)

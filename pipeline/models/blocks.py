@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -168,6 +170,35 @@ class StageHeads(nn.Module):
         return [head(f) for head, f in zip(self.heads, features)]
 
 
+def bilinear_weights(source: int, target: int) -> torch.Tensor:
+    """[target, source] rows of bilinear interpolation weights, align_corners=False (as
+    F.interpolate: source coordinate (i + 0.5) * source / target - 0.5, clamped at 0)."""
+    position = ((torch.arange(target, dtype=torch.float64) + 0.5) * (source / target) - 0.5).clamp(min=0)
+    low = position.floor().long().clamp(max=source - 1)
+    high = (low + 1).clamp(max=source - 1)
+    frac = position - low
+    weights = torch.zeros(target, source, dtype=torch.float64)
+    weights.index_put_((torch.arange(target), low), 1 - frac, accumulate=True)
+    weights.index_put_((torch.arange(target), high), frac, accumulate=True)
+    return weights
+
+
+def bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate(bilinear, align_corners=False), except under torch's deterministic mode on
+    CUDA, where that backward has no deterministic kernel (it accumulates with atomics and
+    raises): there the same map as two matmuls (rows, then columns), equal to float rounding."""
+    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    rows = _device_weights(x.shape[-2], size[0], x.device, x.dtype)
+    cols = _device_weights(x.shape[-1], size[1], x.device, x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols.T)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_weights(source: int, target: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return bilinear_weights(source, target).to(device, dtype)  # once per shape: no copy per step
+
+
 class HypercolumnHead(nn.Module):
     """1x1 conv over the concat of all decoder outputs upsampled to full size, then BN-ReLU-1x1.
 
@@ -186,6 +217,6 @@ class HypercolumnHead(nn.Module):
         for projection, features in zip(self.projections, stage_outputs):
             projected = projection(features)
             if projected.shape[-2:] != size:
-                projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
+                projected = bilinear_resize(projected, size)
             fused = fused + projected
         return self.fuse(fused)
