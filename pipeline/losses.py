@@ -13,6 +13,8 @@ The per-image Lovasz is batched: one sort over [B, H*W] instead of a Python loop
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch.nn import functional as F
 
@@ -89,6 +91,32 @@ def symmetric_lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image
 # ---------------------------------------------------------------- the training loss
 
 
+class LossParts(Mapping):
+    """The loss's parts as floats for logging, read from the device only when first looked at
+    (one transfer for all of them): the training step never reads them, and on a GPU every
+    read is a host sync that stalls the queue of kernels."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = {name: value.detach() for name, value in tensors.items()}
+        self._floats: dict[str, float] | None = None
+
+    def _values(self) -> dict[str, float]:
+        if self._floats is None:
+            names = list(self._tensors)
+            values = torch.stack([self._tensors[k].float() for k in names]).tolist() if names else []
+            self._floats = dict(zip(names, values))
+        return self._floats
+
+    def __getitem__(self, name: str) -> float:
+        return self._values()[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 class SegLoss:
     """`(outputs, target [B,1,S,S] 0/1 float, epoch) -> (loss, {"bce": .., "lovasz": .., ...})`.
 
@@ -98,7 +126,8 @@ class SegLoss:
       empty_head_weight * BCE(salt_logit, any salt in the image)
       stage_heads_weight * mean over stages of the main loss on the non-empty images,
         each against the target max-pooled to the stage size.
-    The returned dict holds floats for logging; "total" is the returned loss.
+    The returned mapping holds floats for logging (read lazily, see LossParts); "total" is the
+    returned loss. No step of it reads a value back to the host: on a GPU it never syncs.
     """
 
     def __init__(self, loss_cfg: LossConfig, deep_supervision: bool = False):
@@ -113,9 +142,16 @@ class SegLoss:
         stage2 = self.cfg.stage2_from_epoch
         return self.cfg.stage2_name if 0 <= stage2 <= epoch else self.cfg.name
 
-    def _lovasz(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return lovasz_hinge(logits[:, 0], target[:, 0], symmetric=self.cfg.symmetric_lovasz,
-                            kind=self.cfg.lovasz_hinge)
+    def _lovasz_per_image(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lovasz_hinge_flat(logits[:, 0].flatten(1), target[:, 0].flatten(1), self.cfg.symmetric_lovasz,
+                                 self.cfg.lovasz_hinge)
+
+    def _combine(self, name: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if name == "bce":
+            return parts["bce"]
+        if name == "lovasz":
+            return parts["lovasz"]
+        return self.cfg.bce_weight * parts["bce"] + self.cfg.lovasz_weight * parts["lovasz"]
 
     def mask_loss(self, logits: torch.Tensor, target: torch.Tensor, name: str) -> tuple[torch.Tensor, dict]:
         """The main loss `name` of mask logits [B,1,H,W]; also its parts (tensors)."""
@@ -123,14 +159,19 @@ class SegLoss:
         if name in ("bce", "bce_lovasz"):
             parts["bce"] = F.binary_cross_entropy_with_logits(logits, target)
         if name in ("lovasz", "bce_lovasz"):
-            parts["lovasz"] = self._lovasz(logits, target)
-        if name == "bce":
-            return parts["bce"], parts
-        if name == "lovasz":
-            return parts["lovasz"], parts
-        return self.cfg.bce_weight * parts["bce"] + self.cfg.lovasz_weight * parts["lovasz"], parts
+            parts["lovasz"] = self._lovasz_per_image(logits, target).mean()
+        return self._combine(name, parts), parts
 
-    def __call__(self, outputs: dict, target: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def per_image_mask_loss(self, logits: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+        """[B]: the main loss `name` of each image on its own (its mean is mask_loss's value)."""
+        parts: dict[str, torch.Tensor] = {}
+        if name in ("bce", "bce_lovasz"):
+            parts["bce"] = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+        if name in ("lovasz", "bce_lovasz"):
+            parts["lovasz"] = self._lovasz_per_image(logits, target)
+        return self._combine(name, parts)
+
+    def __call__(self, outputs: dict, target: torch.Tensor, epoch: int) -> tuple[torch.Tensor, LossParts]:
         name = self.loss_name(epoch)
         logits, image_target = outputs["mask"], target
         if self.cfg.image_only:
@@ -146,20 +187,22 @@ class SegLoss:
             parts["stages"] = self.stage_loss(outputs["stages"], target, name)
             total = total + self.cfg.stage_heads_weight * parts["stages"]
         parts["total"] = total
-        names = list(parts)
-        # one device sync for all logged values
-        values = torch.stack([parts[k].detach().float() for k in names]).tolist()
-        return total, dict(zip(names, values))
+        return total, LossParts(parts)
 
     def stage_loss(self, stages: list[torch.Tensor], target: torch.Tensor, name: str) -> torch.Tensor:
-        non_empty = target.flatten(1).amax(dim=1) > 0
-        if not bool(non_empty.any()):
-            # no salt in the batch: a zero that still reaches every head (DDP wants all grads)
-            return torch.stack([stage_logits.sum() * 0.0 for stage_logits in stages]).mean()
+        """Mean over stages of the main loss averaged over the images with salt.
+
+        Computed on every image and weighted (1/count for those with salt, 0 for the rest)
+        rather than by selecting the salt images: equal to the selection's mean to float
+        rounding, with no host sync (a boolean index or "any salt at all?" test needs the
+        GPU's answer before the next kernel can be queued). On a batch without salt the
+        weights are all zero: a zero loss that still reaches every head (DDP wants all grads).
+        """
+        non_empty = (target.flatten(1).amax(dim=1) > 0).to(target.dtype)
+        weights = non_empty / non_empty.sum().clamp(min=1.0)
         losses = []
         for stage_logits in stages:
             # a stage pixel is salt if any full-size pixel under it is
             stage_target = F.adaptive_max_pool2d(target, stage_logits.shape[-2:])
-            loss, _ = self.mask_loss(stage_logits[non_empty], stage_target[non_empty], name)
-            losses.append(loss)
+            losses.append((self.per_image_mask_loss(stage_logits, stage_target, name) * weights).sum())
         return torch.stack(losses).mean()

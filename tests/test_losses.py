@@ -318,3 +318,48 @@ def test_lovasz_hinge_option_reaches_the_training_loss_and_is_validated():
         assert torch.allclose(loss, lovasz_hinge(logits[:, 0], target[:, 0], symmetric=True, kind=kind))
     with pytest.raises(PipelineError, match="loss.lovasz_hinge"):
         load_config(None, ["loss.lovasz_hinge=softplus"])
+
+
+def stage_loss_by_selection(loss_fn: SegLoss, stages, target, name):
+    """The stage term as it was written before: the main loss on the salt images only, selected
+    by a boolean index (a host sync per stage on a GPU)."""
+    non_empty = target.flatten(1).amax(dim=1) > 0
+    if not bool(non_empty.any()):
+        return torch.stack([s.sum() * 0.0 for s in stages]).mean()
+    return torch.stack([loss_fn.mask_loss(s[non_empty], F.adaptive_max_pool2d(target, s.shape[-2:])[non_empty],
+                                          name)[0] for s in stages]).mean()
+
+
+@pytest.mark.parametrize("empty", [(), (1,), (0, 2, 3), (0, 1, 2, 3)])
+@pytest.mark.parametrize("name", ["bce", "lovasz", "bce_lovasz"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weighted_stage_loss_equals_the_selected_images_loss_and_gradient(empty, name, symmetric):
+    logits, target = batch(seed=5, empty=empty)
+    loss_fn = SegLoss(LossConfig(name=name, symmetric_lovasz=symmetric, bce_weight=0.3), deep_supervision=True)
+    stages = deep_outputs(logits, seed=7)["stages"]
+    weighted = loss_fn.stage_loss(stages, target, name)
+    (weighted_grads) = torch.autograd.grad(weighted, stages)
+    selected = stage_loss_by_selection(loss_fn, stages, target, name)
+    selected_grads = torch.autograd.grad(selected, stages)
+    assert torch.allclose(weighted, selected, rtol=1e-6, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(weighted_grads, selected_grads))
+    # images without salt get exactly no stage gradient
+    assert all(float(g[list(empty)].abs().sum()) == 0.0 for g in weighted_grads)
+
+
+@pytest.mark.parametrize("name", ["bce", "lovasz", "bce_lovasz"])
+def test_the_training_loss_and_its_backward_read_nothing_back_to_the_host(name):
+    from benchmarks.syncs import count_host_syncs
+
+    logits, target = batch(empty=(0, 3))
+    outputs = deep_outputs(logits)
+    loss_fn = SegLoss(LossConfig(name=name, symmetric_lovasz=True), deep_supervision=True)
+    with count_host_syncs() as syncs:
+        loss, parts = loss_fn(outputs, target, epoch=0)
+        loss.backward()
+    assert dict(syncs) == {}
+    # the logged floats are still there when asked for: one read for all of them
+    with count_host_syncs() as syncs:
+        assert parts["total"] == pytest.approx(float(loss.detach())) and set(parts) >= {"salt", "stages"}
+        parts["salt"]
+    assert syncs["tolist"] == 1
