@@ -12,6 +12,7 @@ the image (the reflection repeats, e.g. 101 -> 320), where F.pad refuses.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,9 +62,18 @@ def pad_or_resize(x: "torch.Tensor", mode: str, size: int) -> "torch.Tensor":
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     if size < original:
         raise PipelineError(f"input.size {size}: cannot pad {original}x{original} images to a smaller size")
-    before, after = pad_amounts(original, size)
-    index = torch.from_numpy(reflect_indices(original, before, after)).to(x.device)
+    index = _reflect_index(original, size, x.device)
     return x.index_select(-1, index).index_select(-2, index)
+
+
+@functools.lru_cache(maxsize=32)
+def _reflect_index(original: int, size: int, device: "torch.device") -> "torch.Tensor":
+    """The pad's gather index, made once per (size, device): a fresh host-to-GPU copy of it per
+    batch would be a synchronous copy from pageable memory, i.e. a host sync every step."""
+    import torch
+
+    before, after = pad_amounts(original, size)
+    return torch.from_numpy(reflect_indices(original, before, after)).to(device)
 
 
 def restore(x: "torch.Tensor", mode: str, original: int = ORIGINAL_SIZE) -> "torch.Tensor":

@@ -106,3 +106,33 @@ def test_parse_tta_takes_a_comma_list_and_refuses_unknown_flips():
         parse_tta("rotate", ["none"])
     with pytest.raises(PipelineError):
         parse_tta(" , ", ["none"])
+
+
+@pytest.mark.parametrize("mode, size, in_chans", [("pad", 128, 1), ("pad", 112, 3), ("resize", 128, 1)])
+def test_to_batch_copies_the_uint8_batch_then_converts_and_pads_on_the_device(monkeypatch, mode, size, in_chans):
+    from pipeline.geometry import pad_or_resize, to_model_input
+    from pipeline.predict import to_batch
+
+    cfg = Config()
+    cfg.input.mode, cfg.input.size, cfg.model.in_chans = mode, size, in_chans
+    rt = resolve_runtime("off", "on", "cpu", 1)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 101, 101), dtype=np.uint8))
+    masks = torch.from_numpy((rng.random((3, 101, 101)) > 0.6).astype(np.uint8))
+    # as it was done before: convert and pad on the host, then copy the float32 batch
+    host_x = to_model_input(images, mode, size).expand(-1, in_chans, -1, -1)
+    host_target = (pad_or_resize(masks[:, None].float(), mode, size) > 0.5).float()
+
+    copied = []
+    original_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        copied.append(self.dtype)
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    x, target = to_batch(images, masks, cfg, rt)
+    monkeypatch.undo()
+    assert copied[:2] == [torch.uint8, torch.uint8]  # what crosses to the device: 1 byte a pixel
+    assert torch.equal(x, host_x) and torch.equal(target, host_target)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (3, in_chans, size, size)
