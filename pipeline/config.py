@@ -111,8 +111,9 @@ class TrainConfig:
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
     grad_clip: float = 0.0
     sync_bn: bool = False  # DDP only: SyncBatchNorm across processes
-    # Train the folds as concurrent processes (pipeline/parallel.py), as --parallel-folds does:
-    # one per GPU, or on CPU `fold_workers` processes sharing the cores (0 = one per core).
+    # Train the folds as concurrent processes (pipeline/parallel.py), as --parallel-folds does
+    # (and as happens anyway with more than one GPU): on CUDA `fold_workers` processes per GPU
+    # (0 = one), or on CPU `fold_workers` processes sharing the cores (0 = one per core).
     # Small convolutions scale badly across threads: on 2 cores, 2 or 3 single-thread
     # processes train 1.4-1.6x the images/s of one 2-thread process (docs/experiments.md).
     parallel_folds: bool = False

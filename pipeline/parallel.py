@@ -1,7 +1,9 @@
 """Folds in parallel: one `python -m pipeline train --folds k` process per fold.
 
-One process per GPU (CUDA_VISIBLE_DEVICES picks it), or on CPU the cores split between
-as many processes as fit. Each fold is seeded on its own (train.epoch_seed), so the
+On CUDA, `fold_workers` processes per GPU (default 1; CUDA_VISIBLE_DEVICES picks each one's
+GPU, within any mask this process inherited): one 128x128 batch of 32 leaves an H100-class GPU
+mostly idle, so two or three folds can share it. On CPU the cores split between as many
+processes as fit. Each fold is seeded on its own (train.epoch_seed), so the
 weights are the same as when the folds run one after another with the same thread
 count. Every fold's output goes to runs/<name>/fold<k>/train.out.
 """
@@ -20,19 +22,41 @@ from pipeline.errors import PipelineError
 
 
 def plan_workers(n_folds: int, n_gpus: int, n_cores: int, threads: int = 0, workers: int = 0) -> tuple[int, int]:
-    """(concurrent processes, torch threads each): one per GPU, else the cores split evenly.
+    """(concurrent processes, torch threads each).
 
-    `workers` (CPU only) asks for that many processes even beyond the core count: on 2 cores,
-    3 folds as 3 single-thread processes finish together, where 2 + 1 would leave a core idle
-    for the last fold.
+    On GPUs `workers` is processes per GPU (0 = one). On CPU it asks for that many processes
+    even beyond the core count: on 2 cores, 3 folds as 3 single-thread processes finish
+    together, where 2 + 1 would leave a core idle for the last fold; 0 = the cores split evenly.
     """
     if n_gpus:
-        return min(n_folds, n_gpus), threads or max(1, n_cores // min(n_folds, n_gpus))
+        processes = min(n_folds, n_gpus * max(workers, 1))
+        return processes, threads or max(1, n_cores // processes)
     if workers:
         workers = min(n_folds, workers)
         return workers, threads or max(1, n_cores // workers)
     workers = max(1, min(n_folds, n_cores // max(threads, 1) if threads else n_cores))
     return workers, threads or max(1, n_cores // workers)
+
+
+def visible_gpus(environ: dict[str, str], n_gpus: int) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value that selects each of this process's GPUs: the inherited
+    mask's entries ("2,3" -> "2", "3"; ids or GPU-/MIG- UUIDs), else their indices."""
+    mask = environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return [str(index) for index in range(n_gpus)]
+    return [entry.strip() for entry in mask.split(",") if entry.strip()][:n_gpus]
+
+
+def slot_gpu(slot: int, gpus: list[str]) -> str:
+    """Slots go round the GPUs (0, 1, 0, 1, ...): the first folds spread over all of them."""
+    return gpus[slot % len(gpus)]
+
+
+def fans_out_by_default(n_gpus: int, n_folds: int, world_size: int, device: str | None) -> bool:
+    """More than one GPU and more than one fold, outside torchrun and with no device pinned:
+    one fold per GPU (Kaggle's T4 x2 would otherwise leave one idle). torchrun stays the way
+    to train one fold on several GPUs (DDP)."""
+    return n_gpus > 1 and n_folds > 1 and world_size == 1 and device is None
 
 
 def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = False) -> list[dict]:
@@ -47,14 +71,16 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
         print(f"{cfg.name}: folds {cfg.fold_list()} already trained, skipping")
         return [fileio.read_json(cfg.run_dir / f"fold{k}" / "done.json") for k in cfg.fold_list()]
     n_gpus = torch.cuda.device_count()
+    gpus = visible_gpus(os.environ, n_gpus)
     workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.train.threads,
                                     cfg.train.fold_workers)
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
     config_path = cfg.run_dir / "config.yaml"
-    print(f"{cfg.name}: training folds {folds} in {workers} parallel processes "
-          f"({'one GPU' if n_gpus else f'{threads} CPU threads'} each)")
+    where = (f"on GPUs {','.join(gpus)}, {-(-workers // len(gpus))} per GPU at most" if n_gpus
+             else f"{threads} CPU threads each")
+    print(f"{cfg.name}: training folds {folds} in {workers} parallel processes ({where})")
 
     def run_fold(fold: int) -> None:
         slot = slots.get()
@@ -62,7 +88,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             env.pop("WORLD_SIZE", None)
             if n_gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                env["CUDA_VISIBLE_DEVICES"] = slot_gpu(slot, gpus)
             command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path),
                        "--folds", str(fold), "--set", f"train.threads={threads}", "--set", "train.parallel_folds=false",
                        "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}", "--fold-worker"]

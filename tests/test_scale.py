@@ -76,7 +76,9 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys):
     [(5, 0, 2, 0, 0, (2, 1)), (5, 0, 16, 0, 0, (5, 3)), (5, 4, 16, 0, 0, (4, 4)), (2, 0, 8, 2, 0, (2, 2)),
      (1, 0, 2, 0, 0, (1, 2)),
      # fold_workers: 3 single-thread folds on 2 cores (cpu_best); never more processes than folds
-     (3, 0, 2, 0, 3, (3, 1)), (2, 0, 2, 0, 3, (2, 1)), (3, 0, 8, 0, 2, (2, 4)), (5, 4, 16, 0, 8, (4, 4))],
+     (3, 0, 2, 0, 3, (3, 1)), (2, 0, 2, 0, 3, (2, 1)), (3, 0, 8, 0, 2, (2, 4)),
+     # on GPUs fold_workers counts processes per GPU (tests/test_gpus.py)
+     (5, 4, 16, 0, 8, (5, 3))],
 )
 def test_plan_workers_splits_gpus_then_cores(folds, gpus, cores, threads, workers, expected):
     assert plan_workers(folds, gpus, cores, threads, workers) == expected
