@@ -43,8 +43,14 @@ The fast-path speed-up `python -m benchmarks` reports (best path's train img/s /
 img/s, same model) compares rows from different processes of the same run, so it carries the
 process-to-process drift (about +-5%) that the ours/peer ratio does not.
 
-`--data` also times the augmentation + batching loader. Prints a table and writes
-benchmarks/results/speed-<host>-<date>-<device>.json.
+`--data` also times the augmentation + batching loader. `--config CFG` (repeatable) also times
+the pipeline's own training step for that config: its model options, `to_batch` from uint8
+batches (pinned on CUDA, as the DataLoader hands them over), its loss with the deep-supervision
+heads, its optimizer, GradScaler, precision and memory format, through `train.train_one_epoch`
+itself; and its inference as `predict` runs it (`predict_probs`, its TTA, its batch size). The
+rows above time a bare UNet with Adam/BCE on tensors already on the device: a ceiling; this row
+is what a run gets from the model side (the loader's workers come on top, see --data).
+Prints a table and writes benchmarks/results/speed-<host>-<date>-<device>.json.
 """
 
 from __future__ import annotations
@@ -454,6 +460,58 @@ def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, s
     return rows
 
 
+def measure_pipeline(config_path: str, overrides: list[str], steps: int, repeats: int, device: str, queue) -> None:
+    """Images/s of the config's own training step and prediction (see the module docstring)."""
+    try:
+        import numpy as np
+        import torch
+
+        from benchmarks.host_step import Batches, make_batches
+        from pipeline.config import load_config
+        from pipeline.losses import SegLoss
+        from pipeline.models import create_model
+        from pipeline.predict import predict_probs
+        from pipeline.runtime import resolve_runtime
+        from pipeline.train import build_optimizer, train_one_epoch
+
+        cfg = load_config(config_path, overrides)
+        dev = _setup(device)
+        rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, str(dev), os.cpu_count() or 1)
+        torch.manual_seed(0)
+        model = create_model(cfg.model, load_pretrained=False).to(rt.device, memory_format=rt.memory_format())
+        optimizer, scaler = build_optimizer(cfg, model), rt.grad_scaler()
+        loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
+        batches = make_batches(cfg.train.batch_size, steps)
+        if rt.is_cuda:
+            batches = [(images.pin_memory(), masks.pin_memory()) for images, masks in batches]
+        loader = Batches(batches)
+        epochs = {"stage1": 0}
+        if cfg.loss.stage2_from_epoch > 0:
+            epochs["stage2"] = cfg.loss.stage2_from_epoch
+        result = {"config": cfg.name, "device": rt.describe(), "batch": cfg.train.batch_size}
+        for stage, epoch in epochs.items():
+            train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, "warm-up", show_progress=False)
+            rates = []
+            for _ in range(repeats):
+                started = time.perf_counter()  # the epoch ends by reading its loss: synchronised
+                train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, "bench",
+                                show_progress=False)
+                rates.append(steps * cfg.train.batch_size / (time.perf_counter() - started))
+            result[f"train_img_s_{stage}"] = round(statistics.median(rates), 1)
+        images = np.concatenate([b[0].numpy() for b in batches])
+        predict_probs(model, images, cfg, rt, cfg.predict.batch_size, cfg.predict.tta)
+        rates = []
+        for _ in range(repeats):
+            started = time.perf_counter()  # predict_probs copies every batch back: synchronised
+            predict_probs(model, images, cfg, rt, cfg.predict.batch_size, cfg.predict.tta)
+            rates.append(len(images) / (time.perf_counter() - started))
+        result["infer_img_s"] = round(statistics.median(rates), 1)
+        result["tta"] = list(cfg.predict.tta)
+        queue.put(result)
+    except BaseException as exc:
+        queue.put(_error(exc))
+
+
 def data_throughput(batch: int, size: int, seconds: float = 5.0) -> dict:
     """Images/second through augmentation + batching + padding (the CPU side of a train step)."""
     import numpy as np
@@ -495,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--data", action="store_true", help="also time the augmentation loader")
+    parser.add_argument("--config", action="append", default=[], metavar="CFG",
+                        help="also time this config's own training step and prediction (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="overrides for --config (e.g. train.epochs=1)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
@@ -508,6 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     extra = data_throughput(args.batch, args.size) if args.data else {}
     if extra:
         print(f"data loader (augment + batch + pad): {extra['loader_img_s']} img/s")
+    pipeline_rows = [run_isolated(measure_pipeline, path, args.set, args.steps * 2, args.repeats // 2 or 1, device)
+                     for path in args.config]
+    for row in pipeline_rows:
+        print(f"pipeline step {row.get('config', '?')}: " + ", ".join(f"{k} {v}" for k, v in row.items()
+                                                                  if k != "config"))
+    if pipeline_rows:
+        extra["pipeline_rows"] = pipeline_rows
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     result = {
         "host": socket.gethostname(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

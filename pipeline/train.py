@@ -217,17 +217,28 @@ def progress(total: int, desc: str, disable: bool = False):
 
 def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: Runtime, epoch: int,
                     desc: str, show_progress: bool = True, after_step=None) -> float:
+    """One pass over `loader`; the mean training loss.
+
+    Nothing in a step reads a value back from the device (on a GPU that would stall the queue
+    of kernels every step): the loss sum and the first non-finite loss are kept on the device
+    and read once at the end; the progress bar's loss at most once per its refresh interval.
+    A non-finite loss therefore stops the epoch at its end rather than at once: no checkpoint
+    of it is written either way, and the previous epoch's last.pt stays the one to resume."""
     model.train()
-    total_loss, total_images = 0.0, 0
+    total_images = 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+    first_bad_loss = torch.zeros((), device=rt.device)  # stays 0 (finite) while every loss is
     with progress(len(loader.sampler), desc, disable=not show_progress) as bar:
+        shown = time.monotonic()
         for images, masks in loader:
             x, target = to_batch(images, masks, cfg, rt)
             with rt.autocast():
                 outputs = model(x)
             outputs = {k: _to_float(v) for k, v in outputs.items()}
             loss, _ = loss_fn(outputs, target, epoch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(float(loss.detach()))
+            detached = loss.detach()
+            first_bad_loss = torch.where(torch.isfinite(first_bad_loss) & ~torch.isfinite(detached),
+                                         detached, first_bad_loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
@@ -237,11 +248,15 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: 
             scaler.update()
             if after_step is not None:
                 after_step()
-            total_loss += float(loss.detach()) * len(images)
+            total_loss += detached.double() * len(images)
             total_images += len(images)
             bar.update(len(images))
-            bar.set_postfix(loss=f"{total_loss / total_images:.4f}", refresh=False)
-    return total_loss / max(total_images, 1)
+            if not bar.disable and time.monotonic() - shown >= bar.mininterval:
+                shown = time.monotonic()
+                bar.set_postfix(loss=f"{float(total_loss) / total_images:.4f}", refresh=False)
+    if not bool(torch.isfinite(first_bad_loss)):
+        raise NonFiniteLoss(float(first_bad_loss))
+    return float(total_loss) / max(total_images, 1)
 
 
 def _to_float(value):
