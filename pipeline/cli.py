@@ -93,7 +93,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train import train_folds
+    from pipeline.folds_runner import train_folds
 
     cfg = load_config(args.config, args.overrides)
     if args.folds is not None:

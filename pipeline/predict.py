@@ -60,23 +60,10 @@ def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_siz
     return out
 
 
-def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
-    """The checkpoints whose average is the fold's prediction: its cycle snapshots, or best.pt."""
-    from pipeline.train import snapshot_paths
-
-    fold_dir = cfg.run_dir / f"fold{fold}"
-    if cfg.train.snapshots and snapshot_paths(fold_dir):
-        return snapshot_paths(fold_dir)
-    path = fold_dir / "best.pt"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
-    return [path]
-
-
 def load_fold_models(cfg: Config, fold: int, rt: Runtime) -> list[torch.nn.Module]:
     """The fold's model(s), built from the run's own config, in eval mode."""
+    from pipeline.checkpoints import fold_checkpoints, load_checkpoint
     from pipeline.models import create_model
-    from pipeline.train import load_checkpoint
 
     models = []
     for path in fold_checkpoints(cfg, fold):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import FoldDir
 from pipeline.tune import PostProcess
 
 DPI = 100
@@ -102,7 +103,7 @@ def _available_oof(run: Path, folds: list[int]) -> tuple[list[str], np.ndarray]:
     ids: list[str] = []
     parts: list[np.ndarray] = []
     for fold in folds:
-        if (run / f"fold{fold}" / "oof.npy").exists():
+        if FoldDir.of(run, fold).oof.exists():
             fold_ids, probs = read_fold_oof(run, fold, require_done=False)
             ids += fold_ids
             parts.append(probs)
@@ -188,7 +189,7 @@ def _read_log(path: Path) -> dict[str, np.ndarray]:
 
 
 def draw_curves(run: Path, out_dir: Path, folds: list[int]) -> list[Path]:
-    logs = {k: _read_log(run / f"fold{k}" / "log.csv") for k in folds if (run / f"fold{k}" / "log.csv").exists()}
+    logs = {k: _read_log(FoldDir.of(run, k).log) for k in folds if FoldDir.of(run, k).log.exists()}
     logs = {k: v for k, v in logs.items() if len(v["epoch"])}
     if not logs:
         return []

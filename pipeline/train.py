@@ -1,17 +1,10 @@
 """K-fold training: one model per fold, reproducible, resumable, selected by the competition metric.
 
 Read `train_fold` top to bottom: set-up, data, model, optimizer, loop (train, validate,
-schedule, checkpoint, early stop), OOF. Everything a fold writes lives in
-`runs/<name>/fold<k>/`:
-
-    best.pt    weights of the epoch with the best validation competition score
-    last.pt    model + optimizer + scheduler + loop state: enough to resume
-    prev.pt    the last.pt before it (fallback when last.pt is found damaged)
-    log.csv    epoch, lr, train_loss, val_loss, val_score, seconds
-    oof.npy    float16 validation probabilities (101x101) of the best epoch; at the end of the
-               fold, those of the fold's final model(s) with the config's TTA (as the test set)
-    oof_ids.txt  their ids, one per line, in the same order
-    done.json  written last: the fold is complete
+schedule, checkpoint, early stop), OOF. What a fold writes into `runs/<name>/fold<k>/` is
+named in pipeline/rundir.py; its checkpoints are written by pipeline/checkpoints.py. The
+fold's oof.npy holds the best epoch's validation probabilities while it trains and, at its
+end, those of its final model(s) with the config's TTA (as the test set is predicted).
 
 Every epoch is seeded from (seed, fold, epoch), so a run resumed from last.pt ends with
 the same weights as one never interrupted.
@@ -19,55 +12,23 @@ the same weights as one never interrupted.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
 import functools
-import hashlib
-import json
-import io
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import fileio
-from pipeline.config import Config, dump_yaml, flatten, load_config, save_config
-from pipeline.distributed import DistContext, init_from_env, shutdown
+from pipeline.checkpoints import CheckpointSaver, fold_checkpoints, load_resume_checkpoint
+from pipeline.config import Config
+from pipeline.distributed import DistContext
 from pipeline.errors import PipelineError
 from pipeline.predict import to_batch
-from pipeline.runtime import Runtime, resolve_runtime
-
-# val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
-# the raw weights' when they differ (empty otherwise).
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
-# Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
-# not the weights it trains.
-NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
-                     "train.parallel_folds", "train.fold_workers", "train.keep_stage1")
-
-
-def is_training_key(key: str) -> bool:
-    return key not in NON_TRAINING_KEYS and key.split(".")[0] not in NON_TRAINING_KEYS
-
-
-# Keys added after runs were made, at the value that reproduces what those runs did: left out
-# of the digest at that value, so the older runs stay reusable.
-NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
-                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
-                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu"}
-
-
-def training_digest(cfg: Config) -> str:
-    """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
-    relevant = {k: v for k, v in flatten(cfg).items()
-                if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+from pipeline.rundir import FoldDir, read_log, training_digest, write_log
+from pipeline.runtime import Runtime
 
 
 def epoch_seed(seed: int, fold: int, epoch: int) -> int:
@@ -156,54 +117,6 @@ class LoopState:
     cycle_best_score: float = -1.0  # snapshot ensembling: the best score within the current lr cycle
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    fileio.write_with(path, lambda handle: torch.save(payload, handle))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """torch.load with a one-line error; weights_only=True (plain tensors and Python values)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: checkpoint not found") from None
-    except Exception as exc:  # a truncated/corrupt file surfaces as many exception types
-        raise PipelineError(f"{path}: damaged checkpoint ({type(exc).__name__})") from None
-
-
-def load_resume_checkpoint(fold_dir: Path, digest: str) -> dict | None:
-    """The newest good of last.pt / prev.pt, or None; a damaged one is reported and skipped."""
-    for name in ("last.pt", "prev.pt"):
-        path = fold_dir / name
-        if not path.exists():
-            continue
-        try:
-            checkpoint = load_checkpoint(path)
-        except PipelineError as exc:
-            print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
-            continue
-        if checkpoint.get("config_digest") != digest:
-            raise PipelineError(
-                f"{path}: was trained with a different config; pass --restart to start this fold afresh"
-            )
-        return checkpoint
-    return None
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    fileio.write_text(path, buffer.getvalue())
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 # ---------------------------------------------------------------- one epoch
 
 
@@ -289,7 +202,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
     from pipeline.metric import competition_score
     from pipeline.models import create_model
 
-    fold_dir = cfg.run_dir / f"fold{fold}"
+    folder = FoldDir.of(cfg, fold)
+    fold_dir = folder.path
     fold_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         fileio.remove_stale_temp_files(fold_dir)  # this process holds the fold's lock: no live writer
@@ -332,7 +246,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
 
     state = LoopState()
     log_rows: list[dict] = []
-    checkpoint = load_resume_checkpoint(fold_dir, digest) if resume else None
+    checkpoint = load_resume_checkpoint(folder, digest) if resume else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -343,14 +257,14 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             ema.load_state_dict(checkpoint["ema"])
         state = LoopState(**checkpoint["state"])
         # the log may be one epoch ahead of the checkpoint if the kill fell between the two writes
-        log_rows = [row for row in read_log(fold_dir / "log.csv") if int(row["epoch"]) <= state.epoch]
+        log_rows = [row for row in read_log(folder.log) if int(row["epoch"]) <= state.epoch]
         say(f"fold {fold}: resuming at epoch {state.epoch + 1}/{t.epochs} (best {state.best_score:.4f})")
     elif dist.is_main:
-        for stale in ("best.pt", "last.pt", "prev.pt", "stage1.pt", "oof.npy", "oof_ids.txt", "done.json",
-                      "log.csv", *(p.name for p in snapshot_paths(fold_dir))):
-            (fold_dir / stale).unlink(missing_ok=True)
+        for stale in folder.training_files():
+            stale.unlink(missing_ok=True)
     dist.barrier()
 
+    saver = CheckpointSaver(folder, digest)
     step_model = model
     if dist.enabled:
         step_model = nn.parallel.DistributedDataParallel(
@@ -385,7 +299,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         except NonFiniteLoss as exc:
             raise PipelineError(
                 f"{fold_dir}: fold {fold} epoch {epoch + 1}: {exc}; training stopped, "
-                f"last good checkpoint kept at {fold_dir / 'last.pt'} (lower train.lr or set train.grad_clip)"
+                f"last good checkpoint kept at {folder.last} (lower train.lr or set train.grad_clip)"
             ) from None
         train_loss = dist.mean(train_loss)
 
@@ -426,35 +340,22 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         if dist.is_main:
             if improved:
                 # the fold's OOF with its best weights; ids beside them, in the same order
-                fileio.write_npy(fold_dir / "oof.npy", val_probs.astype(np.float16))
-                fileio.write_text(fold_dir / "oof_ids.txt", "\n".join(data.ids[i] for i in val_index) + "\n")
-                save_checkpoint(fold_dir / "best.pt", {
-                    "model": eval_model.state_dict(), "epoch": epoch, "val_score": val_score,
-                    "config_digest": digest, "fold": fold,
-                })
-            if snapshot_improved:
-                save_checkpoint(fold_dir / f"snapshot{epoch // t.cycle_epochs}.pt", {
-                    "model": eval_model.state_dict(), "epoch": epoch, "val_score": val_score,
-                    "config_digest": digest, "fold": fold,
-                })
-            # --- checkpoint everything needed to continue; the previous one stays as prev.pt
-            if (fold_dir / "last.pt").exists():
-                os.replace(fold_dir / "last.pt", fold_dir / "prev.pt")
+                fileio.write_npy(folder.oof, val_probs.astype(np.float16))
+                fileio.write_text(folder.oof_ids, "\n".join(data.ids[i] for i in val_index) + "\n")
             resume_state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "state": vars(state).copy(), "config_digest": digest,
-                "fold": fold, **({"ema": ema.state_dict()} if ema is not None else {}),
+                "scaler": scaler.state_dict(), "state": vars(state).copy(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             }
-            save_checkpoint(fold_dir / "last.pt", resume_state)
-            if t.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch:
-                # the switch to the stage-2 loss: `pipeline branch` starts variants from here
-                save_checkpoint(fold_dir / "stage1.pt", resume_state)
+            saver.save(weights=eval_model.state_dict(), resume=resume_state, epoch=epoch, val_score=val_score,
+                       best=improved, snapshot=epoch // t.cycle_epochs if snapshot_improved else None,
+                       stage1=t.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch)
             log_rows.append({"epoch": epoch + 1, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
                              "val_loss": f"{val_loss:.5f}", "val_score": f"{val_score:.5f}",
                              "val_score_raw": f"{val_score_raw:.5f}" if ema is not None else "",
                              "seconds": f"{seconds:.1f}"})
-            write_log(fold_dir / "log.csv", log_rows)
+            write_log(folder.log, log_rows)
         validated = (f"val_loss {val_loss:.4f}  val_score {val_score:.4f}{' *' if improved else '  '}"
                      + (f"  (raw weights {val_score_raw:.4f})" if ema is not None else "")
                      if validating else f"(validation from epoch {t.validate_from})")
@@ -471,7 +372,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             "config_digest": digest}
     if dist.is_main:
         done.update(write_final_oof(cfg, fold, val_images, val_masks, rt))
-        fileio.write_json(fold_dir / "done.json", done)
+        fileio.write_json(folder.done, done)
     dist.barrier()
     return done
 
@@ -487,10 +388,6 @@ def build_ema(model: nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def snapshot_paths(fold_dir: Path) -> list[Path]:
-    return sorted(fold_dir.glob("snapshot*.pt"), key=lambda p: int(p.stem.removeprefix("snapshot")))
-
-
 def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: np.ndarray,
                     rt: Runtime) -> dict:
     """Predict the fold's validation images exactly as `predict` will predict the test set (its
@@ -499,123 +396,18 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
     Training kept the single-pass OOF of the best epoch; this replaces it only when it differs
     (TTA or snapshots), and done.json records both scores."""
     from pipeline.metric import competition_score
-    from pipeline.predict import fold_checkpoints, fold_probs
+    from pipeline.predict import fold_probs
 
     tta = list(cfg.predict.tta)
     checkpoints = fold_checkpoints(cfg, fold)
-    if tta == ["none"] and checkpoints == [cfg.run_dir / f"fold{fold}" / "best.pt"]:
+    folder = FoldDir.of(cfg, fold)
+    if tta == ["none"] and checkpoints == [folder.best]:
         return {}  # one plain pass of best.pt: the OOF training kept is already that
     n_checkpoints = len(checkpoints)
     probs = fold_probs(cfg, fold, val_images, rt, tta)
-    fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
+    fileio.write_npy(folder.oof, probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
     print(f"fold {fold}: OOF as predicted for the test set ({n_checkpoints} checkpoint(s) x TTA {tta}): "
           f"val_score {score:.4f}")
     return {"oof_checkpoints": n_checkpoints, "oof_tta": tta, "oof_score": score}
 
-
-# ---------------------------------------------------------------- all folds
-
-
-def prepare_run_dir(cfg: Config, *, force: bool) -> None:
-    """Create runs/<name>/ with config.yaml; refuse to reuse a run made with another config.
-
-    A run trained fold by fold (`train --folds 0`, later `train --folds 1`) is one experiment:
-    the saved config lists every fold asked for so far, so `tune` and `predict` see them all."""
-    path = cfg.run_dir / "config.yaml"
-    saved = cfg
-    if path.exists() and not force:
-        previous = load_config(path)
-        if training_digest(previous) != training_digest(cfg):
-            old, new = flatten(previous), flatten(cfg)
-            changed = [k for k in new if old.get(k) != new[k] and is_training_key(k)]
-            raise PipelineError(
-                f"{path}: this run was made with a different config (differs in {', '.join(changed[:5])}); "
-                "use another name, or --force to retrain"
-            )
-        saved = dataclasses.replace(cfg, folds=merged_folds(previous, cfg))
-        if dump_yaml(previous) == dump_yaml(saved):
-            return
-    save_config(saved, path)
-
-
-def merged_folds(previous: Config, requested: Config) -> list[int]:
-    """The folds of a run asked for before and now ([] = all of them)."""
-    folds = sorted(set(previous.fold_list()) | set(requested.fold_list()))
-    return [] if folds == list(range(requested.n_folds)) else folds
-
-
-def fold_is_done(cfg: Config, fold: int) -> bool:
-    done = cfg.run_dir / f"fold{fold}" / "done.json"
-    if not done.exists():
-        return False
-    try:
-        return fileio.read_json(done).get("config_digest") == training_digest(cfg) and \
-            (done.parent / "oof.npy").exists()
-    except PipelineError:
-        return False
-
-
-def load_training_data(cfg: Config, dist: DistContext = DistContext()):
-    """The train set and, aligned with it, each id's fold (folds file made when missing)."""
-    from pipeline.data import load_train
-    from pipeline.folds import load_folds, make_folds_for_dir
-
-    data = load_train(cfg.data)
-    folds_path = cfg.folds_path()
-    if not folds_path.exists() and dist.is_main:
-        print(f"{folds_path}: not found, making {cfg.n_folds} stratified folds (seed {cfg.seed})")
-        make_folds_for_dir(cfg.data, k=cfg.n_folds, seed=cfg.seed, out=folds_path)
-    dist.barrier()
-    folds = load_folds(folds_path, data.ids).set_index("id").loc[data.ids]
-    fold_ids = folds["fold"].to_numpy()
-    found = int(fold_ids.max()) + 1
-    if found != cfg.n_folds:
-        raise PipelineError(f"{folds_path}: has {found} folds but the config asks for n_folds={cfg.n_folds}")
-    return data, fold_ids
-
-
-def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parallel_folds: bool = False,
-                device: str | None = None, fold_worker: bool = False) -> list[dict]:
-    """Train every requested fold that is not already complete (under a per-fold lock).
-
-    Under torchrun (WORLD_SIZE > 1) every process runs this; the folds are trained one
-    after another, each by all processes together. `fold_worker`: this process is one of
-    `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
-    (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
-    """
-    if (parallel_folds or cfg.train.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from pipeline.parallel import train_folds_in_parallel
-
-        return train_folds_in_parallel(cfg, resume=resume, force=force)
-    dist = init_from_env()
-    try:
-        if dist.is_main and not fold_worker:
-            prepare_run_dir(cfg, force=force)
-        dist.barrier()
-        todo = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
-        results = [fileio.read_json(cfg.run_dir / f"fold{k}" / "done.json")
-                   for k in cfg.fold_list() if k not in todo]
-        for done in results:
-            if dist.is_main:
-                print(f"fold {done['fold']}: already trained (best {done['best_score']:.4f}), skipping")
-        if not todo:
-            return results
-        if dist.enabled and device is None and torch.cuda.is_available():
-            device = f"cuda:{dist.local_rank}"
-        threads = cfg.train.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else 0)
-        rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, threads)
-        data, fold_ids = load_training_data(cfg, dist)
-        for fold in todo:
-            lock = fileio.file_lock(cfg.run_dir / f"fold{fold}" / "train.lock", blocking=False,
-                                    what=f"fold {fold} of run {cfg.name}") if dist.is_main else contextlib.nullcontext()
-            with lock:
-                results.append(train_fold(cfg, fold, data, fold_ids, rt, resume=resume and not force, dist=dist))
-        results.sort(key=lambda d: d["fold"])
-        scores = [d["best_score"] for d in results]
-        if dist.is_main:
-            print(f"{cfg.name}: folds {[d['fold'] for d in results]} best val scores "
-                  f"{', '.join(f'{s:.4f}' for s in scores)} (mean {np.mean(scores):.4f})")
-        return results
-    finally:
-        shutdown(dist)

@@ -25,6 +25,7 @@ import numpy as np
 from pipeline import fileio
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
+from pipeline.rundir import FoldDir
 
 IMAGE_SHAPE = (101, 101)
 DEFAULT_THRESHOLD = 0.5
@@ -91,27 +92,27 @@ def read_tuned(run_dir: str | Path) -> PostProcess:
 def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) -> tuple[list[str], np.ndarray]:
     """One fold's validation ids and float32 [n,101,101] probabilities (complete folds only,
     unless require_done=False: a fold still training has the OOF of its best epoch so far)."""
-    fold_dir = Path(run_dir) / f"fold{fold}"
-    for name in ("oof.npy", "oof_ids.txt", "done.json")[: 3 if require_done else 2]:
-        if not (fold_dir / name).exists():
-            state = "not trained" if not fold_dir.is_dir() or name != "done.json" else "not finished"
-            raise PipelineError(f"{fold_dir / name}: missing (fold {fold} {state})")
+    folder = FoldDir.of(run_dir, fold)
+    for path in (folder.oof, folder.oof_ids, folder.done)[: 3 if require_done else 2]:
+        if not path.exists():
+            state = "not trained" if not folder.path.is_dir() or path != folder.done else "not finished"
+            raise PipelineError(f"{path}: missing (fold {fold} {state})")
     try:
-        probs = np.load(fold_dir / "oof.npy", allow_pickle=False)
+        probs = np.load(folder.oof, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: not a readable .npy array ({exc})") from None
+        raise PipelineError(f"{folder.oof}: not a readable .npy array ({exc})") from None
     if probs.ndim != 3 or probs.shape[1:] != IMAGE_SHAPE:
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: shape {probs.shape}, expected [n, 101, 101]")
+        raise PipelineError(f"{folder.oof}: shape {probs.shape}, expected [n, 101, 101]")
     try:
-        ids = (fold_dir / "oof_ids.txt").read_text(encoding="utf-8").split()
+        ids = folder.oof_ids.read_text(encoding="utf-8").split()
     except UnicodeDecodeError:
-        raise PipelineError(f"{fold_dir / 'oof_ids.txt'}: not UTF-8 text") from None
+        raise PipelineError(f"{folder.oof_ids}: not UTF-8 text") from None
     if len(ids) != len(probs):
         raise PipelineError(
-            f"{fold_dir / 'oof_ids.txt'}: {len(ids)} ids but oof.npy holds {len(probs)} images"
+            f"{folder.oof_ids}: {len(ids)} ids but oof.npy holds {len(probs)} images"
         )
     if not np.isfinite(probs).all():
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: contains NaN or infinite probabilities")
+        raise PipelineError(f"{folder.oof}: contains NaN or infinite probabilities")
     return ids, probs.astype(np.float32)
 
 
@@ -129,7 +130,7 @@ def _check_against_folds_file(cfg: Config, fold_ids: dict[int, list[str]], run: 
     folds = load_folds(folds_path)
     fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
     for fold, ids in fold_ids.items():
-        where = run / f"fold{fold}" / "oof_ids.txt"
+        where = FoldDir.of(run, fold).oof_ids
         unknown = [i for i in ids if i not in fold_of]
         if unknown:
             raise PipelineError(f"{where}: {len(unknown)} ids not in {folds_path} (e.g. {unknown[0]})")
@@ -166,7 +167,7 @@ def assemble_oof(run_dir: str | Path) -> tuple[list[str], np.ndarray]:
                 where = f"fold {other} and fold {fold}" if other != fold else f"fold {fold} twice"
                 duplicates = len(all_ids) - len(set(all_ids))
                 raise PipelineError(
-                    f"{run / f'fold{fold}' / 'oof_ids.txt'}: id {image_id} appears in {where} "
+                    f"{FoldDir.of(run, fold).oof_ids}: id {image_id} appears in {where} "
                     f"({duplicates} duplicate ids in all)"
                 )
             seen[image_id] = fold
@@ -181,7 +182,7 @@ def oof_fold_of(run_dir: str | Path) -> dict[str, int]:
     run = Path(run_dir)
     out: dict[str, int] = {}
     for fold in load_run_config(run).fold_list():
-        path = run / f"fold{fold}" / "oof_ids.txt"
+        path = FoldDir.of(run, fold).oof_ids
         if path.exists():
             out.update((i, fold) for i in path.read_text(encoding="utf-8").split())
     return out

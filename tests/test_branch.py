@@ -12,7 +12,9 @@ import torch
 from pipeline.branch import branch_run, stage1_differences
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.train import load_checkpoint, read_log, train_folds
+from pipeline.checkpoints import load_checkpoint
+from pipeline.folds_runner import train_folds
+from pipeline.rundir import read_log
 
 # 3 epochs: BCE for 2, then the stage-2 loss; no validation before the switch
 STAGED = ("train.epochs=3", "loss.stage2_from_epoch=2", "loss.stage2_name=bce_lovasz", "loss.bce_weight=0.5",

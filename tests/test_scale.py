@@ -13,8 +13,8 @@ import torch
 
 from pipeline.config import load_config, save_config
 from pipeline.fileio import read_json
-from pipeline.parallel import plan_workers
-from pipeline.train import load_checkpoint, train_folds
+from pipeline.checkpoints import load_checkpoint
+from pipeline.folds_runner import plan_workers, train_folds
 from tests.test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
