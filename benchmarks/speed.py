@@ -461,7 +461,7 @@ def data_throughput(batch: int, size: int, seconds: float = 5.0) -> dict:
 
     from pipeline.augment import build_train_transform
     from pipeline.config import AugmentConfig, Config
-    from pipeline.predict import to_batch
+    from pipeline.geometry import to_batch
     from pipeline.runtime import resolve_runtime
     from pipeline.train import SaltDataset
 

@@ -23,24 +23,11 @@ from pipeline.runtime import Runtime, resolve_runtime
 FLIP_DIMS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 
 
-def to_batch(images: torch.Tensor, masks: torch.Tensor | None, cfg: Config, rt: Runtime):
-    """uint8 [B,101,101] -> model input [B,C,S,S] (and a binary target [B,1,S,S])."""
-    from pipeline.geometry import pad_or_resize, to_model_input
-
-    x = rt.to_input(to_model_input(images, cfg.input.mode, cfg.input.size))
-    if cfg.model.in_chans > 1:
-        x = x.expand(-1, cfg.model.in_chans, -1, -1).contiguous(memory_format=rt.memory_format())
-    if masks is None:
-        return x, None
-    target = pad_or_resize(masks[:, None].float(), cfg.input.mode, cfg.input.size)
-    return x, (target > 0.5).float().to(rt.device, non_blocking=True)
-
-
 @torch.no_grad()
 def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_size: int,
                   tta: tuple[str, ...] | list[str] = ("none",), bar=None) -> np.ndarray:
     """Probabilities at 101x101 (float32 [N,101,101]); TTA flips are undone before averaging."""
-    from pipeline.geometry import restore
+    from pipeline.geometry import restore, to_batch
 
     model.eval()
     out = np.empty(images.shape, dtype=np.float32)
