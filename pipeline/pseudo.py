@@ -27,8 +27,8 @@ import numpy as np
 from pipeline import fileio
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
+from pipeline.postprocess import PostProcess, read_tuned
 from pipeline.rundir import FoldDir
-from pipeline.tune import PostProcess, read_tuned
 
 UNCERTAIN_BAND = (0.2, 0.8)  # a teacher probability strictly inside it is not a confident label
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.postprocess import PostProcess, read_tuned_or_default
 from pipeline.rundir import FoldDir
-from pipeline.tune import PostProcess
 
 DPI = 100
 TILE_INCHES = 2.0  # one 101x101 image
@@ -87,13 +87,6 @@ def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- what to draw
-
-
-def read_tuned_postprocessing(run: Path) -> PostProcess:
-    """The post-processing in tune.json, or the untuned one (threshold 0.5, min area 0)."""
-    from pipeline.tune import read_tuned
-
-    return read_tuned(run) if (run / "tune.json").exists() else PostProcess()
 
 
 def _available_oof(run: Path, folds: list[int]) -> tuple[list[str], np.ndarray]:
@@ -219,7 +212,7 @@ def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Pa
     run = Path(run_dir)
     cfg = load_run_config(run)
     data = Path(data_dir if data_dir is not None else cfg.data)
-    post = read_tuned_postprocessing(run)
+    post = read_tuned_or_default(run)
     out_dir = run / "show"
     folds = cfg.fold_list()
     paths = draw_oof(run, data, out_dir, post, folds)

@@ -167,7 +167,7 @@ def test_threshold_scores_keep_the_callers_threshold_order():
     thresholds = [0.7, 0.2, 0.5, 0.2]
     scores = metric.threshold_scores(truth, probs, thresholds)
     for row, threshold in enumerate(thresholds):
-        expected = metric.competition_score(truth, metric.binarize(probs, threshold))
+        expected = metric.competition_score(truth, metric.above_threshold(probs, threshold))
         assert scores[row, 0] == pytest.approx(expected, abs=1e-12)
 
 
@@ -175,7 +175,7 @@ def test_threshold_scores_handle_a_fine_grid_of_many_thresholds():
     truth, probs = random_case(np.float32, seed=2)
     thresholds = np.linspace(0.01, 0.99, 130)  # more bins than a uint8 histogram key holds
     scores = metric.threshold_scores(truth, probs, thresholds)
-    expected = [metric.competition_score(truth, metric.binarize(probs, t)) for t in thresholds]
+    expected = [metric.competition_score(truth, metric.above_threshold(probs, t)) for t in thresholds]
     np.testing.assert_allclose(scores[:, 0], expected, atol=1e-12)
     with pytest.raises(ValueError, match="at most 254 thresholds"):
         metric.threshold_scores(truth, probs, np.linspace(0, 1, 300))
@@ -230,14 +230,14 @@ def test_bad_empty_thresholds_are_a_clear_value_error(empty_thresholds, message)
         metric.threshold_scores(truth, probs, [0.3, 0.4, 0.5, 0.55, 0.6], [0, 5], empty_thresholds=empty_thresholds)
 
 
-def test_binarize_matches_an_exact_float64_comparison():
+def test_above_threshold_matches_an_exact_float64_comparison():
     every_float16 = np.arange(2**16, dtype=np.uint16).view(np.float16)
     every_float16 = every_float16[np.isfinite(every_float16)]
     for threshold in (0.3, 0.45, 0.7, 1 / 3):
         exact = every_float16.astype(np.float64) > threshold
-        assert np.array_equal(metric.binarize(every_float16, threshold), exact)
+        assert np.array_equal(metric.above_threshold(every_float16, threshold), exact)
         as_float32 = every_float16.astype(np.float32)
-        assert np.array_equal(metric.binarize(as_float32, threshold), exact)
+        assert np.array_equal(metric.above_threshold(as_float32, threshold), exact)
 
 
 # ---------------------------------------------------------------- the real sample
@@ -263,7 +263,7 @@ def test_threshold_scores_on_real_sample_perfect_and_emptied(real_truth):
 
 
 def test_empty_threshold_grid_on_real_sample_scores_what_submit_writes(real_truth):
-    from pipeline.submit import binarize
+    from pipeline.postprocess import binarize
 
     rng = np.random.default_rng(0)
     probs = np.clip(0.6 * real_truth + 0.5 * rng.random(real_truth.shape), 0, 1).astype(np.float16)

@@ -80,7 +80,7 @@ def test_pseudo_labels_are_the_teachers_tuned_masks_of_its_same_fold_model(synth
     from pipeline.predict import load_fold_models, predict_probs
     from pipeline.runtime import resolve_runtime
     from pipeline.folds_runner import load_training_data
-    from pipeline.tune import read_tuned
+    from pipeline.postprocess import read_tuned
 
     cfg = student(synth_data, tmp_path, teacher, "pseudo.max_uncertain_share=1.0")
     data, fold_ids = load_training_data(cfg)
