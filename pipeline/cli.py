@@ -221,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=_folds_arg, default=None, help="e.g. 0,1 (default: the config's)")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the folds afresh")
     p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
-    p.add_argument("--resume", action="store_true", help="(default) continue from last.pt")
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
     p.add_argument("--fold-worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel-folds
     p.set_defaults(func=cmd_train)

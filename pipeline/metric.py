@@ -74,15 +74,6 @@ def _tenths_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------- post-processing
 
 
-def apply_min_area(pred: np.ndarray, min_area: int) -> np.ndarray:
-    """A new array where every predicted mask with fewer than `min_area` pixels is emptied."""
-    pred = _as_masks(pred, "pred")
-    if min_area < 0:
-        raise ValueError(f"min_area must be >= 0, got {min_area}")
-    keep = mask_areas(pred) >= min_area
-    return pred & keep[:, None, None]
-
-
 def mask_areas(masks: np.ndarray) -> np.ndarray:
     """Pixels per mask, int64 [N], of bool masks [N, H, W]."""
     return _count_per_row(_rows(_as_masks(masks, "masks")))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import save_config
 from pipeline.checkpoints import load_checkpoint
+from pipeline.config import save_config
 from pipeline.folds_runner import train_folds
 from tests.test_train import tiny_config
 

@@ -91,7 +91,7 @@ def test_metric_never_modifies_its_inputs():
     truth, pred = truth[None], pred[None]
     before = truth.copy(), pred.copy()
     metric.image_scores(truth, pred)
-    metric.apply_min_area(pred, 50)
+    metric.mask_areas(pred)
     assert np.array_equal(truth, before[0]) and np.array_equal(pred, before[1])
 
 
@@ -103,16 +103,18 @@ def test_probabilities_are_refused_where_masks_are_expected():
 # ---------------------------------------------------------------- min area
 
 
-def test_apply_min_area_empties_only_masks_below_the_area():
-    pred = np.zeros((4, 5, 5), bool)
-    pred[1].flat[:3] = True   # area 3
-    pred[2].flat[:4] = True   # area 4
-    pred[3].flat[:10] = True  # area 10
-    kept = metric.apply_min_area(pred, 4)
+def test_min_area_empties_only_masks_below_the_area():
+    from pipeline.postprocess import binarize
+
+    pred = np.zeros((4, 5, 5), np.float32)
+    pred[1].flat[:3] = 1.0   # area 3
+    pred[2].flat[:4] = 1.0   # area 4
+    pred[3].flat[:10] = 1.0  # area 10
+    kept = binarize(pred, 0.5, 4)
     assert kept.sum(axis=(1, 2)).tolist() == [0, 0, 4, 10]
     assert pred.sum() == 17  # input untouched
-    assert np.array_equal(metric.apply_min_area(pred, 0), pred)
-    assert metric.apply_min_area(pred, 0) is not pred
+    assert np.array_equal(binarize(pred, 0.5, 0), pred > 0.5)
+    assert binarize(pred, 0.5, 0) is not pred
 
 
 # ---------------------------------------------------------------- threshold search vs a naive loop

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.checkpoints import load_checkpoint
 from pipeline.folds_runner import train_folds
 from pipeline.rundir import read_log
 
