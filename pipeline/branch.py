@@ -2,7 +2,7 @@
 
 cpu_best spends 49 of its 88 epochs on BCE before the Lovasz stage, and most of what is worth
 trying at this budget changes only the Lovasz stage (its hinge, its BCE share, ...). A run
-trained with `train.keep_stage1: true` keeps each fold's resume checkpoint at the switch
+trained with `run.keep_stage1: true` keeps each fold's resume checkpoint at the switch
 (`fold<k>/stage1.pt`); `pipeline branch --from runs/A --config CFG --set ...` starts a new run
 whose folds resume from those checkpoints, so every stage-2 variant costs only its stage 2.
 
@@ -71,7 +71,7 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
     stage1 = [d.stage1 for d in sources]
     missing = [p for p in stage1 if not p.exists()]
     if missing:
-        raise PipelineError(f"{missing[0]}: not found; train the source run with train.keep_stage1: true")
+        raise PipelineError(f"{missing[0]}: not found; train the source run with run.keep_stage1: true")
 
     # every checkpoint is checked before anything is written: a refused branch leaves no run behind
     checkpoints = [load_checkpoint(src) for src in stage1]

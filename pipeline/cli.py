@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("branch", help="start a run from another run's end of stage 1 (stage-2 variants)")
     _config_args(p)
     p.add_argument("--from", dest="source", required=True, help="the source run folder, trained with "
-                   "train.keep_stage1: true")
+                   "run.keep_stage1: true")
     p.add_argument("--data", default=None, help="dataset folder, as given to `all` (default: the config's)")
     p.set_defaults(func=cmd_branch)
 

@@ -57,7 +57,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
     `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
     (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
     """
-    if (parallel_folds or cfg.train.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if (parallel_folds or cfg.run.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return train_folds_in_parallel(cfg, resume=resume, force=force)
     import torch
 
@@ -78,7 +78,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
             return results
         if dist.enabled and device is None and torch.cuda.is_available():
             device = f"cuda:{dist.local_rank}"
-        threads = cfg.train.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else 0)
+        threads = cfg.run.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else 0)
         rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, threads)
         data, fold_ids = load_training_data(cfg, dist)
         for fold in todo:
@@ -125,8 +125,8 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
         print(f"{cfg.name}: folds {cfg.fold_list()} already trained, skipping")
         return [read_done(cfg, k) for k in cfg.fold_list()]
     n_gpus = torch.cuda.device_count()
-    workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.train.threads,
-                                    cfg.train.fold_workers)
+    workers, threads = plan_workers(len(folds), n_gpus, os.cpu_count() or 1, cfg.run.threads,
+                                    cfg.run.fold_workers)
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
@@ -142,7 +142,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
             if n_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot)
             command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path),
-                       "--folds", str(fold), "--set", f"train.threads={threads}", "--set", "train.parallel_folds=false",
+                       "--folds", str(fold), "--set", f"run.threads={threads}", "--set", "run.parallel_folds=false",
                        "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}", "--fold-worker"]
             if not resume:
                 command.append("--restart")

@@ -100,7 +100,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     test = load_test(data_dir or cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(data_dir or cfg.data) / 'test' / 'images'}: no test images")
-    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.train.threads)
+    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.run.threads)
     started = time.perf_counter()
     total = np.zeros(test.images.shape, dtype=np.float32)
     with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",

@@ -5,7 +5,7 @@
         best.pt       weights of the epoch with the best validation competition score
         last.pt       model + optimizer + scheduler + loop state: enough to resume
         prev.pt       the last.pt before it (fallback when last.pt is found damaged)
-        stage1.pt     the resume state at the switch to the stage-2 loss (train.keep_stage1)
+        stage1.pt     the resume state at the switch to the stage-2 loss (run.keep_stage1)
         snapshot<c>.pt  the best epoch of lr cycle c (train.snapshots)
         log.csv       LOG_COLUMNS, one row per epoch
         oof.npy       float16 validation probabilities (101x101) of the fold's final model(s)
@@ -36,8 +36,7 @@ from pipeline.errors import PipelineError
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
-NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
-                     "train.parallel_folds", "train.fold_workers", "train.keep_stage1")
+NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "run")
 
 
 def is_training_key(key: str) -> bool:

@@ -248,7 +248,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                 keep_best_oof(folder, split, data.ids, scores.probs)
             saver.save(weights=parts.eval_model.state_dict(), resume=parts.resume_state(state), epoch=epoch,
                        val_score=scores.score, best=improved, snapshot=snapshot,
-                       stage1=t.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch)
+                       stage1=cfg.run.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch)
             log_rows.append(log_row(epoch, lr, train_loss, scores, seconds, with_raw=parts.ema is not None))
             write_log(folder.log, log_rows)
         say(epoch_line(fold, epoch, t, lr, train_loss, scores, improved, seconds), flush=True)
@@ -395,9 +395,9 @@ def epoch_loader(train_set: SaltDataset, cfg: Config, fold: int, epoch: int, rt:
     return torch.utils.data.DataLoader(
         train_set, batch_size=max(1, t.batch_size // dist.world_size),  # train.batch_size is the global batch
         shuffle=sampler is None, sampler=sampler,
-        drop_last=len(train_set) > t.batch_size, num_workers=t.num_workers,
+        drop_last=len(train_set) > t.batch_size, num_workers=cfg.run.num_workers,
         generator=torch.Generator().manual_seed(seed), pin_memory=rt.is_cuda,
-        worker_init_fn=functools.partial(seed_loader_worker, seed + 1000 * dist.rank) if t.num_workers else None,
+        worker_init_fn=functools.partial(seed_loader_worker, seed + 1000 * dist.rank) if cfg.run.num_workers else None,
     )
 
 

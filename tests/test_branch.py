@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline.branch import branch_run, stage1_differences
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.checkpoints import load_checkpoint
 from pipeline.folds_runner import train_folds
 from pipeline.rundir import read_log
 
@@ -76,7 +76,7 @@ def test_only_keys_acting_after_the_switch_may_differ(synth_data, tmp_path):
 def test_branch_refuses_a_source_without_stage1_checkpoints_or_with_another_stage1(synth_data, tmp_path):
     source = staged_config(synth_data, tmp_path, "plain")  # keep_stage1 off
     train_folds(source)
-    with pytest.raises(PipelineError, match=r"stage1.pt: not found; train the source run with train.keep_stage1"):
+    with pytest.raises(PipelineError, match=r"stage1.pt: not found; train the source run with run.keep_stage1"):
         branch_run(staged_config(synth_data, tmp_path, "x", "loss.stage2_name=lovasz"), source.run_dir)
     with pytest.raises(PipelineError, match="stage 1 differs from this config in train.lr"):
         branch_run(staged_config(synth_data, tmp_path, "y", "train.lr=0.01"), source.run_dir)
