@@ -74,6 +74,15 @@ class EpochSeededDataset(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+def seed_loader_worker(seed: int, worker_id: int) -> None:
+    """Each DataLoader worker gets its own augmentation stream (albumentations' Compose has its
+    own RNG, copied into every worker: unseeded, all workers would repeat one sequence)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.dataset.transform is not None:
+        info.dataset.transform.set_random_seed(seed * 100 + worker_id)
+    torch.manual_seed(seed * 100 + worker_id)
+
+
 def reseed(transform, worker_seed: int, worker_id: int) -> None:
     """What a freshly started worker does (train.seed_loader_worker): its own augmentation stream."""
     if transform is not None:
@@ -110,8 +119,6 @@ class TrainLoader:
 
     def fresh_loader(self, seed: int):
         """The per-epoch DataLoader (no workers, or persistence off)."""
-        from pipeline.train import seed_loader_worker
-
         sampler = None
         if self.world_size > 1:
             sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,

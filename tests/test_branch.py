@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from pipeline.branch import branch_run, stage1_differences
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.train import load_checkpoint, read_log, train_folds
+from pipeline.folds_runner import train_folds
+from pipeline.rundir import read_log
 
 # 3 epochs: BCE for 2, then the stage-2 loss; no validation before the switch
 STAGED = ("train.epochs=3", "loss.stage2_from_epoch=2", "loss.stage2_name=bce_lovasz", "loss.bce_weight=0.5",
@@ -29,7 +31,7 @@ def staged_config(data, tmp_path, name, *overrides):
 
 def test_branched_run_ends_with_the_weights_of_the_same_config_trained_from_nothing(synth_data, tmp_path):
     source = staged_config(synth_data, tmp_path, "source", "train.keep_stage1=true")
-    train_folds(source)
+    train_folds(source, device="cpu")  # exact on the CPU
     stage1 = load_checkpoint(source.run_dir / "fold0" / "stage1.pt")
     assert stage1["state"]["epoch"] == 2  # saved at the switch, not overwritten after it
 
@@ -38,9 +40,9 @@ def test_branched_run_ends_with_the_weights_of_the_same_config_trained_from_noth
     (last,) = branch_run(branched, source.run_dir)
     assert load_checkpoint(last)["state"]["epoch"] == 2
     assert [r["epoch"] for r in read_log(last.parent / "log.csv")] == ["1", "2"]
-    train_folds(branched)
+    train_folds(branched, device="cpu")
     straight = staged_config(synth_data, tmp_path, "straight", *variant)
-    train_folds(straight)
+    train_folds(straight, device="cpu")
 
     a = load_checkpoint(straight.run_dir / "fold0" / "last.pt")["model"]
     b = load_checkpoint(branched.run_dir / "fold0" / "last.pt")["model"]
@@ -74,7 +76,7 @@ def test_only_keys_acting_after_the_switch_may_differ(synth_data, tmp_path):
 def test_branch_refuses_a_source_without_stage1_checkpoints_or_with_another_stage1(synth_data, tmp_path):
     source = staged_config(synth_data, tmp_path, "plain")  # keep_stage1 off
     train_folds(source)
-    with pytest.raises(PipelineError, match=r"stage1.pt: not found; train the source run with train.keep_stage1"):
+    with pytest.raises(PipelineError, match=r"stage1.pt: not found; train the source run with run.keep_stage1"):
         branch_run(staged_config(synth_data, tmp_path, "x", "loss.stage2_name=lovasz"), source.run_dir)
     with pytest.raises(PipelineError, match="stage 1 differs from this config in train.lr"):
         branch_run(staged_config(synth_data, tmp_path, "y", "train.lr=0.01"), source.run_dir)

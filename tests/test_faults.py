@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import save_config
-from pipeline.train import load_checkpoint, train_folds
+from pipeline.folds_runner import train_folds
 from tests.test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ def _train_command(config_path: Path) -> list[str]:
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
+    # exact resume is the CPU's promise (a GPU's is tests/test_cuda.py's): no GPU for the processes
+    return dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1", CUDA_VISIBLE_DEVICES="")
 
 
 def _kill_at_random_moments(config_path: Path, done_json: Path, kills: int, seed: int) -> int:
@@ -67,7 +69,7 @@ def _no_temp_files_left(folder: Path) -> None:
 
 def _kill_test(synth_data, tmp_path, kills: int, seed: int):
     straight = tiny_config(synth_data, tmp_path / "straight", *OVERRIDES)
-    train_folds(straight)
+    train_folds(straight, device="cpu")
     killed = tiny_config(synth_data, tmp_path / "killed", *OVERRIDES, f"folds_csv={straight.folds_path()}")
     config_path = tmp_path / "killed.yaml"
     save_config(killed, config_path)

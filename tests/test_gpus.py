@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import fileio, parallel
-from pipeline.parallel import fans_out_by_default, plan_workers, slot_gpu, visible_gpus
+from pipeline import fileio, folds_runner
+from pipeline.folds_runner import fans_out_by_default, plan_workers, slot_gpu, visible_gpus
 from tests.test_train import tiny_config
 
 
@@ -47,7 +47,7 @@ def test_several_gpus_train_one_fold_each_by_default(n_gpus, n_folds, world_size
 
 
 def test_each_fold_process_gets_one_gpu_of_the_inherited_mask(synth_data, tmp_path, monkeypatch, capsys):
-    cfg = tiny_config(synth_data, tmp_path, "folds=[0,1,2]", "train.parallel_folds=true", "train.fold_workers=2")
+    cfg = tiny_config(synth_data, tmp_path, "folds=[0,1,2]", "run.parallel_folds=true", "run.fold_workers=2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     launched = {}
@@ -59,8 +59,8 @@ def test_each_fold_process_gets_one_gpu_of_the_inherited_mask(synth_data, tmp_pa
                           {"fold": fold, "best_score": 0.5, "seconds": 1.0})
         return 0
 
-    monkeypatch.setattr(parallel, "run_echoing_epochs", fake_fold_process)
-    results = parallel.train_folds_in_parallel(cfg)
+    monkeypatch.setattr(folds_runner, "run_echoing_epochs", fake_fold_process)
+    results = folds_runner.train_folds_in_parallel(cfg)
     assert [r["fold"] for r in results] == [0, 1, 2]
     assert set(launched) == {0, 1, 2} and set(launched.values()) <= {"2", "3"}
     assert set(launched.values()) == {"2", "3"}  # 4 slots on 2 GPUs: both used

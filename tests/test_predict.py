@@ -111,7 +111,7 @@ def test_parse_tta_takes_a_comma_list_and_refuses_unknown_flips():
 @pytest.mark.parametrize("mode, size, in_chans", [("pad", 128, 1), ("pad", 112, 3), ("resize", 128, 1)])
 def test_to_batch_copies_the_uint8_batch_then_converts_and_pads_on_the_device(monkeypatch, mode, size, in_chans):
     from pipeline.geometry import pad_or_resize, to_model_input
-    from pipeline.predict import to_batch
+    from pipeline.geometry import to_batch
 
     cfg = Config()
     cfg.input.mode, cfg.input.size, cfg.model.in_chans = mode, size, in_chans

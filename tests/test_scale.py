@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config, save_config
 from pipeline.fileio import read_json
-from pipeline.parallel import plan_workers
-from pipeline.train import load_checkpoint, train_folds
+from pipeline.folds_runner import plan_workers, train_folds
+from pipeline.rundir import FoldDir
 from tests.test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +48,13 @@ def test_two_process_ddp_matches_single_process_metric(synth_data, tmp_path):
     assert oof.shape[0] == len((ddp.run_dir / "fold0" / "oof_ids.txt").read_text().split())
 
 
-def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys):
+def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys, monkeypatch):
+    # bit-equal weights are the CPU's promise: no GPU here or in the fold processes
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     overrides = ("folds=[0,1]", "train.epochs=1", "train.threads=1")
     sequential = tiny_config(synth_data, tmp_path / "seq", *overrides)
-    train_folds(sequential)
+    train_folds(sequential, device="cpu")
     # asked for by the config (as cpu_best does): the fold processes must not fan out again
     parallel = tiny_config(synth_data, tmp_path / "par", *overrides, f"folds_csv={sequential.folds_path()}",
                            "train.parallel_folds=true", "train.fold_workers=2")
@@ -60,8 +64,8 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys):
     # each fold's per-epoch line is echoed by the parent, not only written to its train.out
     assert "fold 0 epoch   1/1" in out and "fold 1 epoch   1/1" in out
     for fold in (0, 1):
-        a = load_checkpoint(sequential.run_dir / f"fold{fold}" / "best.pt")["model"]
-        b = load_checkpoint(parallel.run_dir / f"fold{fold}" / "best.pt")["model"]
+        a = load_checkpoint(FoldDir.of(sequential, fold).best)["model"]
+        b = load_checkpoint(FoldDir.of(parallel, fold).best)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), f"fold {fold} differs"
     # the run's config is the parent's, not that of whichever fold process wrote last (which
     # had folds: [k], threads: 1, parallel_folds: false, and left tune/predict seeing one fold)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.train import load_checkpoint, read_log, train_folds
+from pipeline.folds_runner import train_folds
+from pipeline.rundir import read_log
 
 
 def tiny_config(data, tmp_path, *overrides):
@@ -73,7 +75,7 @@ def test_second_call_skips_a_complete_fold(synth_data, tmp_path, capsys):
 def test_resume_continues_to_identical_weights(synth_data, tmp_path, ema_decay):
     straight = tiny_config(synth_data, tmp_path / "a", "train.epochs=3", "augment.shift_scale=0.5",
                            f"train.ema_decay={ema_decay}")
-    train_folds(straight)
+    train_folds(straight, device="cpu")  # exact on the CPU; CUDA: tests/test_cuda.py
 
     interrupted = tiny_config(synth_data, tmp_path / "b", "train.epochs=3", "augment.shift_scale=0.5",
                               f"train.ema_decay={ema_decay}")
@@ -82,7 +84,7 @@ def test_resume_continues_to_identical_weights(synth_data, tmp_path, ema_decay):
     _train_epochs_then_kill(interrupted, kill_after=2)
     last = load_checkpoint(fold_dir(interrupted) / "last.pt")
     assert last["state"]["epoch"] == 2
-    train_folds(interrupted)  # resumes at epoch 3
+    train_folds(interrupted, device="cpu")  # resumes at epoch 3
 
     a = load_checkpoint(fold_dir(straight) / "last.pt")
     b = load_checkpoint(fold_dir(interrupted) / "last.pt")
@@ -98,7 +100,7 @@ def test_resume_continues_to_identical_weights(synth_data, tmp_path, ema_decay):
         read_log(fold_dir(interrupted) / "log.csv")[-1]["val_score"]
 
 
-def _train_epochs_then_kill(cfg, kill_after):
+def _train_epochs_then_kill(cfg, kill_after, device="cpu"):
     """Run the fold but raise out of the loop after `kill_after` epochs (what SIGKILL leaves behind)."""
     import pipeline.train as train_module
 
@@ -114,7 +116,7 @@ def _train_epochs_then_kill(cfg, kill_after):
     train_module.write_log = write_then_maybe_die
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_folds(cfg)
+            train_folds(cfg, device=device)
     finally:
         train_module.write_log = real
     assert not (fold_dir(cfg) / "done.json").exists()
@@ -240,7 +242,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     import json
 
     from pipeline.config import flatten
-    from pipeline.train import NEUTRAL_DEFAULTS, is_training_key, training_digest
+    from pipeline.rundir import NEUTRAL_DEFAULTS, is_training_key, training_digest
 
     assert set(NEUTRAL_DEFAULTS) == {"train.ema_decay", "model.residual", "loss.image_only", "model.global_context",
                                      "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit",
@@ -258,7 +260,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
 
 def test_run_trained_fold_by_fold_records_every_fold_for_tune_and_predict(synth_data, tmp_path):
     from pipeline.config import load_config as load_saved
-    from pipeline.train import prepare_run_dir
+    from pipeline.rundir import prepare_run_dir
 
     saved = tmp_path / "runs" / "tiny" / "config.yaml"
     for folds, expected in (("[0]", [0]), ("[1]", [0, 1]), ("[1]", [0, 1]), ("[2]", [])):  # [] = all 3

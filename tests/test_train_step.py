@@ -87,3 +87,29 @@ def test_speed_benchmark_times_the_configs_own_step_and_prediction(tmp_path):
     assert "error" not in row, row
     assert row["train_img_s_stage1"] > 0 and row["train_img_s_stage2"] > 0 and row["infer_img_s"] > 0
     assert row["tta"] == ["none", "hflip"] and row["batch"] == 8
+
+
+def test_resume_checkpoint_every_two_epochs_loses_at_most_two_and_resumes_exactly(synth_data, tmp_path):
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.folds_runner import train_folds
+    from tests.test_train import _train_epochs_then_kill, fold_dir, tiny_config
+
+    options = ("train.epochs=4", "run.checkpoint_every=2")
+    straight = tiny_config(synth_data, tmp_path / "a", *options)
+    train_folds(straight, device="cpu")
+    assert load_checkpoint(fold_dir(straight) / "last.pt")["state"]["epoch"] == 4  # the last epoch always
+
+    killed = tiny_config(synth_data, tmp_path / "b", *options, f"folds_csv={straight.folds_path()}")
+    _train_epochs_then_kill(killed, kill_after=3)  # killed after epoch 3: its last.pt is epoch 2's
+    assert load_checkpoint(fold_dir(killed) / "last.pt")["state"]["epoch"] == 2
+    train_folds(killed, device="cpu")
+    a = load_checkpoint(fold_dir(straight) / "last.pt")["model"]
+    b = load_checkpoint(fold_dir(killed) / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_every_must_be_at_least_one():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="run.checkpoint_every"):
+        load_config(None, ["run.checkpoint_every=0"])
