@@ -1,8 +1,10 @@
-"""Command line: `python -m pipeline <command> ...`. It only parses and calls.
+"""Command line: `tgs <command> ...` (the same as `python -m pipeline <command> ...`). It only
+parses and calls.
 
 Heavy imports (torch, timm, kaggle) happen inside the command functions, so `--help`,
 `score` and `rle` start fast. Every `PipelineError` becomes one line on stderr and exit
-code 2; argparse's own errors are one line too.
+code 2; argparse's own errors are one line too. A command acting on a run (train, all, branch,
+tune, predict, submit, show) appends what it prints to the run's log.txt (pipeline/runlog.py).
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def cmd_kaggle(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
+    parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
 
     p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
@@ -308,10 +310,41 @@ def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default="kernels/output")
 
 
+RUN_COMMANDS_BY_CONFIG = ("train", "all", "branch")
+
+
+def run_dir_of(args: argparse.Namespace) -> Path | None:
+    """The run folder a command acts on (for its log.txt), or None."""
+    if getattr(args, "fold_worker", False):  # its parent logs the lines it echoes
+        return None
+    if args.command in RUN_COMMANDS_BY_CONFIG:
+        from pipeline.config import load_config
+
+        try:
+            return load_config(args.config, args.overrides).run_dir
+        except PipelineError:
+            return None  # the command itself reports the bad config
+    run = getattr(args, "run", None)
+    return Path(run) if run else None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     parser = build_parser()
     args = parser.parse_args(argv)
+    run_dir = run_dir_of(args)
+    if run_dir is None:
+        return _call(args)
+    from pipeline.runlog import run_log
+
+    with run_log(run_dir, sys.argv[1:] if argv is None else argv) as log:
+        code = _call(args)
+        if log is not None:
+            log.exit_code = code
+    return code
+
+
+def _call(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except PipelineError as exc:

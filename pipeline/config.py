@@ -131,6 +131,9 @@ class TrainConfig:
     # so `pipeline branch` can start stage-2 variants of this run without repeating stage 1.
     # Without a stage 1 (loss.stage2_from_epoch <= 0, as in smoke tests) nothing is kept.
     keep_stage1: bool = False
+    # Also write per-epoch scalars (losses, lr, validation score) for TensorBoard under
+    # runs/<name>/tensorboard/fold<k>/; needs the optional `tensorboard` package.
+    tensorboard: bool = False
 
 
 @dataclass

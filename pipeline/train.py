@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import fileio
+from pipeline import fileio, runlog
 from pipeline.config import Config, dump_yaml, flatten, load_config, save_config
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
@@ -49,7 +49,7 @@ LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
 NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
-                     "train.parallel_folds", "train.fold_workers", "train.keep_stage1")
+                     "train.parallel_folds", "train.fold_workers", "train.keep_stage1", "train.tensorboard")
 
 
 def is_training_key(key: str) -> bool:
@@ -455,6 +455,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                              "val_score_raw": f"{val_score_raw:.5f}" if ema is not None else "",
                              "seconds": f"{seconds:.1f}"})
             write_log(fold_dir / "log.csv", log_rows)
+            runlog.tensorboard_epoch(cfg, fold, log_rows[-1])
         validated = (f"val_loss {val_loss:.4f}  val_score {val_score:.4f}{' *' if improved else '  '}"
                      + (f"  (raw weights {val_score_raw:.4f})" if ema is not None else "")
                      if validating else f"(validation from epoch {t.validate_from})")
