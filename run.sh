@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command, end to end. On a fresh machine it first creates .venv and installs the project.
 #
-#   ./run.sh                                   synthetic data -> cpu_quick (GPU preset on CUDA) -> submission
-#   ./run.sh --data DIR --config CFG [--set k=v ...] [--force]   the same on real data (Kaggle layout)
+#   ./run.sh                                   the demo: small synthetic set -> configs/demo.yaml -> submission, pictures (~3 min)
+#   ./run.sh --config CFG                      a config on the 800-image synthetic set (configs/cpu_quick.yaml: ~15 min)
+#   ./run.sh --data DIR --config CFG [--set k=v ...] [--force]   real data (Kaggle layout)
 #   ./run.sh test [pytest args]                run the test suite (fast set; -m slow for the rest)
 #   ./run.sh setup                             only create/update .venv
 set -euo pipefail
@@ -39,18 +40,34 @@ while [ $# -gt 0 ]; do
 done
 setup
 
-if [ -z "$DATA" ]; then
-  DATA=data/synth
-  if [ ! -f "$DATA/train.csv" ]; then
-    echo "== data: generating the synthetic dataset in $DATA"
-    "$PY" -m pipeline synth --out "$DATA" --n-train 800 --n-test 200 --seed 0
-  fi
+DEMO=""
+if [ -z "$CONFIG" ] && [ -z "$DATA" ]; then
+  DEMO=1
+  CONFIG=configs/demo.yaml
 fi
-if [ -z "$CONFIG" ]; then
+if [ -z "$CONFIG" ]; then  # --data without --config: the quick CPU preset, or the GPU one on CUDA
   if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     CONFIG=configs/resnet34_lovasz.yaml
   else
     CONFIG=configs/cpu_quick.yaml
   fi
 fi
-exec "$PY" -m pipeline all --config "$CONFIG" --data "$DATA" ${ARGS[@]+"${ARGS[@]}"}
+if [ -z "$DATA" ]; then
+  if [ -n "$DEMO" ]; then DATA=data/demo; N_TRAIN=300; N_TEST=100; else DATA=data/synth; N_TRAIN=800; N_TEST=200; fi
+  if [ ! -f "$DATA/train.csv" ]; then
+    echo "== data: generating a synthetic dataset in $DATA ($N_TRAIN train, $N_TEST test images)"
+    "$PY" -m pipeline synth --out "$DATA" --n-train "$N_TRAIN" --n-test "$N_TEST" --seed 0
+  fi
+fi
+"$PY" -m pipeline all --config "$CONFIG" --data "$DATA" ${ARGS[@]+"${ARGS[@]}"}
+if [ -n "$DEMO" ]; then
+  cat <<'NEXT'
+
+That was the demo on synthetic data: its score says nothing about TGS. Next, the real data
+(a Kaggle account and its API token: README, "Train on Kaggle"):
+  source .venv/bin/activate                                   # puts tgs on PATH
+  tgs kaggle download --out data/tgs
+  ./run.sh --data data/tgs --config configs/cpu_best.yaml     # ~1 hour on 2 CPU cores
+  ./run.sh --data data/tgs --config configs/resnet34_lovasz.yaml   # on a GPU
+NEXT
+fi

@@ -53,10 +53,8 @@ class AugmentConfig:
     shift_scale: float = 0.5  # probability of a small affine shift/scale
     shift_limit: float = 0.1
     scale_limit: float = 0.1
-    # Degrees either way, drawn by the same affine: salt flanks dip at every angle, but the
-    # beds stay roughly level, so only small tilts keep a section plausible (Heng's TGS
-    # starter used +-15). 0 = the tutorial's affine, no rotation. On cpu_best, +-10 with scale
-    # +-0.15 scored 0.778 tuned against 0.782 (v13, docs/experiments.md).
+    # Degrees either way, drawn by the same affine: the beds stay roughly level, so only small
+    # tilts keep a section plausible. 0 = the tutorial's affine, no rotation (docs/results.md).
     rotate_limit: float = 0.0
     brightness_contrast: float = 0.5
     brightness_limit: float = 0.1
@@ -150,8 +148,7 @@ class PseudoConfig:
     teacher: str = ""
     # Keep a test image only if at most this share of its pixels has a teacher probability in
     # pseudo.UNCERTAIN_BAND (0.2-0.8): confident labels only. In [0, 1]. A mask's boundary is
-    # uncertain by nature; on the sample's test images v8 (0.782) keeps 19% at 0.01 (mostly
-    # empty ones), 44% at 0.05, 65% at 0.1; on its OOF the images kept at 0.05 score 0.922.
+    # uncertain by nature, so 0 keeps almost nothing (shares measured: docs/results.md).
     max_uncertain_share: float = 0.05
 
 
@@ -161,8 +158,8 @@ class TuneConfig:
     min_areas: list[int] = field(default_factory=lambda: [0, 10, 20, 30, 50, 75, 100, 150, 200])
     # "Is there salt at all?" may be decided at a stricter threshold than the one that draws the
     # mask: the mask (probs > threshold) is kept only if min_area pixels are > empty_threshold.
-    # On a real OOF this gained +0.005 CV over one threshold. Each threshold is also searched with
-    # itself (the plain min-area rule), so tuning never does worse; [] searches only that. In [0, 1).
+    # Each threshold is also searched with itself (the plain min-area rule), so tuning never does
+    # worse; [] searches only that. In [0, 1).
     empty_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])
 
 
