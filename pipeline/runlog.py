@@ -108,7 +108,7 @@ def run_log(run_dir: str | os.PathLike, argv: list[str] | None = None):
     outcome = "failed"
     try:
         yield log
-        outcome = "done" if not log.exit_code else f"exit {log.exit_code}"
+        outcome = f"exit {log.exit_code or 0}"
     except SystemExit as exc:
         outcome = f"exit {exc.code}"
         raise
@@ -122,7 +122,7 @@ def run_log(run_dir: str | os.PathLike, argv: list[str] | None = None):
         out.finish()
         err.finish()
         sys.stdout, sys.stderr = saved
-        log.write_line(f"{outcome} in {time.perf_counter() - started:.1f} s")
+        log.write_line(f"{outcome} after {time.perf_counter() - started:.1f} s")
 
 
 # ---------------------------------------------------------------- TensorBoard (optional)

@@ -42,9 +42,9 @@ def test_each_command_on_a_run_appends_its_output_with_times_to_log_txt(fake_run
     assert text[0] == f"$ tgs tune --run {fake_run}"
     # everything the console saw, in order, then how the command ended
     assert text[1:1 + len(printed.splitlines())] == [line.rstrip() for line in printed.splitlines() if line.strip()]
-    assert re.fullmatch(r"done in \d+\.\d s", text[len(printed.splitlines()) + 1])
+    assert re.fullmatch(r"exit 0 after \d+\.\d s", text[len(printed.splitlines()) + 1])
     second = text.index(f"$ tgs show --run {fake_run}")
-    assert second > 1 and text[second + 1].endswith("oof_worst.png") and text[-1].startswith("done in")
+    assert second > 1 and text[second + 1].endswith("oof_worst.png") and text[-1].startswith("exit 0 after")
 
 
 def test_a_failing_command_logs_its_one_line_error_and_exit_code(fake_run, capsys):
@@ -53,7 +53,7 @@ def test_a_failing_command_logs_its_one_line_error_and_exit_code(fake_run, capsy
     err = capsys.readouterr().err
     lines = [line[21:] for line in log_lines(fake_run)]
     assert lines[-2] == err.strip() and lines[-2].startswith("error: ")
-    assert lines[-1].startswith("exit 2 in ")
+    assert lines[-1].startswith("exit 2 after ")
 
 
 def test_log_keeps_the_last_state_of_a_progress_bar_not_every_redraw(tmp_path):
@@ -84,7 +84,7 @@ def test_run_log_restores_the_console_streams_even_when_the_command_fails(tmp_pa
             print("about to fail")
             raise ValueError("boom")
     assert (sys.stdout, sys.stderr) == before
-    assert [line[21:] for line in log_lines(tmp_path)][-2:] == ["about to fail", "failed: boom in 0.0 s"]
+    assert [line[21:] for line in log_lines(tmp_path)][-2:] == ["about to fail", "failed: boom after 0.0 s"]
 
 
 def test_commands_without_a_run_write_no_log(tmp_path, monkeypatch, capsys):
@@ -155,14 +155,15 @@ def test_training_logs_every_epoch_to_log_txt_and_tensorboard(synth_data, tmp_pa
     argv = ["train", "--config", str(config), "--folds", "0", "--set", f"data={synth_data}",
             "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"folds_csv={tmp_path / 'folds.csv'}",
             "--set", "train.epochs=2", "--set", "train.limit_train=16", "--set", "train.batch_size=8",
-            "--set", "train.threads=1", "--set", "predict.tta=[none]", "--set", "train.tensorboard=true"]
+            "--set", "train.threads=1", "--set", "train.parallel_folds=false", "--set", "predict.tta=[none]",
+            "--set", "train.tensorboard=true"]
     assert main(argv) == 0
     close_tensorboard()
     run = tmp_path / "runs" / "demo"
     text = [line[21:] for line in log_lines(run)]
     assert text[0].startswith("$ tgs train --config")
     assert any(line.startswith("fold 0 epoch   2/2  lr ") for line in text)
-    assert text[-1].startswith("done in ")
+    assert text[-1].startswith("exit 0 after ")
     scalars = read_scalars(run / "tensorboard" / "fold0")
     assert [step for step, _ in scalars["loss/train"]] == [1, 2] and len(scalars["score/val"]) == 2
     assert json.loads((run / "fold0" / "done.json").read_text())["epochs_run"] == 2
