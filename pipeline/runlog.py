@@ -8,7 +8,7 @@ The file is opened and closed per line (a few hundred lines a run): a run dir th
 only during the command (train creates it) gets the lines printed before it existed, and
 one removed under the command (--force) is simply written again.
 
-Optional TensorBoard scalars (`train.tensorboard: true`) are written here too, from the same
+Optional TensorBoard scalars (`run.tensorboard: true`) are written here too, from the same
 per-epoch row that goes to fold<k>/log.csv; torch.utils.tensorboard is imported only then.
 """
 
@@ -138,7 +138,7 @@ def _writer(log_dir: Path):
         except ImportError:
             from pipeline.errors import PipelineError
 
-            raise PipelineError("train.tensorboard: the tensorboard package is not installed "
+            raise PipelineError("run.tensorboard: the tensorboard package is not installed "
                                 "(pip install -e '.[tensorboard]')") from None
         if not _writers:
             atexit.register(close_tensorboard)
@@ -149,7 +149,7 @@ def _writer(log_dir: Path):
 def tensorboard_epoch(cfg, fold: int, row: dict) -> None:
     """Scalars of one epoch (a fold/log.csv row) under runs/<name>/tensorboard/fold<k>/,
     when the config asks for them: loss/train, loss/val, score/val, lr."""
-    if not getattr(cfg.train, "tensorboard", False):
+    if not cfg.run.tensorboard:
         return
     writer = _writer(Path(cfg.run_dir) / TENSORBOARD_DIR / f"fold{fold}")
     step = int(row["epoch"])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import FoldDir
 
 CAPTIONS = {
     "oof_worst.png": "The worst-scored out-of-fold images. Left: the image, truth outlined in blue, the "
@@ -82,7 +83,7 @@ def fold_rows(run: Path, folds: list[int], tuned: dict | None) -> list[list[Any]
     per_fold = (tuned or {}).get("per_fold") or {}
     rows = []
     for fold in folds:
-        done = _read_json(run / f"fold{fold}" / "done.json") or {}
+        done = _read_json(FoldDir.of(run, fold).done) or {}
         oof = per_fold.get(str(fold)) or {}
         seconds = done.get("seconds")
         rows.append([fold, done.get("best_epoch"), done.get("epochs_run"), done.get("best_score"),

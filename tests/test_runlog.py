@@ -100,18 +100,21 @@ def test_the_cli_is_called_tgs_as_the_console_script_declares():
     assert build_parser().format_usage().startswith("usage: tgs ")
 
 
-def test_tensorboard_is_not_a_training_key():
-    from pipeline.train import training_digest
+def test_tensorboard_changes_no_digest_and_is_also_spelt_train_tensorboard(tmp_path):
+    from pipeline.rundir import training_digest
 
     cfg = Config()
     on = load_config_with(cfg, tensorboard=True)
-    assert training_digest(on) == training_digest(cfg)
+    assert (training_digest(on), on.digest()) == (training_digest(cfg), cfg.digest())
+    config = tmp_path / "c.yaml"
+    config.write_text("name: x\ntrain:\n  tensorboard: true\n")
+    assert load_config(config).run.tensorboard and load_config(config, ["train.tensorboard=false"]).run == cfg.run
 
 
-def load_config_with(cfg: Config, **train) -> Config:
+def load_config_with(cfg: Config, **run) -> Config:
     import dataclasses
 
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run))
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
