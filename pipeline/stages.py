@@ -81,8 +81,8 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     path = submit_run(run, out=submission, data_dir=cfg.data)
     print(f"wrote {path}")
     print("== show")
-    pictures = show_run(run, data_dir=cfg.data)
-    print(f"pictures: {pictures[-1]} ({len(pictures) - 1} PNGs beside it)")
+    page = (show_run(run, data_dir=cfg.data) or [run / "show" / "index.html"])[-1]
+    print(f"pictures: {page}")
     minutes = (time.perf_counter() - started) / 60
     if from_nothing:  # the leaderboard row gains the wall time (tune wrote the row without it)
         save_wall_minutes(run, minutes, cfg.digest())
@@ -91,7 +91,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     print(format_leaderboard("submissions/leaderboard.csv", top=10))
     note = "" if from_nothing else " (this call; the run existed before it)"
     print(f"\n{cfg.name}: done in {minutes:.1f} min{note}")
-    print(where_things_are(run, path, pictures[-1]))
+    print(where_things_are(run, path, page))
     return path
 
 
