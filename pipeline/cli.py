@@ -125,6 +125,15 @@ def cmd_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blend(args: argparse.Namespace) -> int:
+    from pipeline.blend import blend_runs
+
+    path = blend_runs(args.runs, args.name, weights=args.weights, runs_dir=args.runs_dir, data_dir=args.data,
+                      force=args.force, submission=args.submission)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune import tune_run
 
@@ -239,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute every stage")
     p.add_argument("--submission", default=None, help="submission path (default: submissions/<name>.csv)")
     p.set_defaults(func=cmd_all)
+
+    p = sub.add_parser("blend", help="weighted mean of runs' OOF and test probabilities, tuned and submitted as a run")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders on the same folds, e.g. runs/a runs/b")
+    p.add_argument("--name", required=True, help="the blend's run name: writes <runs-dir>/NAME and submissions/NAME.csv")
+    p.add_argument("--weights", default="auto", help="'auto' (searched on the OOF, nested; default) or e.g. 1,2")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--data", default=None, help="dataset folder with test/images (default: the first run's)")
+    p.add_argument("--force", action="store_true", help="remake the blend (also one of other runs under NAME)")
+    p.add_argument("--submission", default=None, help="submission path (default: submissions/NAME.csv)")
+    p.set_defaults(func=cmd_blend)
 
     p = sub.add_parser("tune", help="search threshold and min area on the out-of-fold predictions")
     p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_quick")
