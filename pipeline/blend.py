@@ -13,7 +13,7 @@ which lists the members and weights), `submit` (checked) and `show` run on it un
 Weights (`--weights auto`). Every weight vector on a coarse simplex grid (steps of 0.1 for two
 or three members, coarser for more, plus exact equal weights) is scored by the competition
 metric with its post-processing tuned, i.e. the best of tune's threshold x empty-threshold x
-min-area grid. Picking the best of ~66 mixes and ~1300 rules on the same OOF flatters it, so:
+min-area grid. Picking the best of ~66 mixes x ~1400 rules on the same OOF flatters it, so:
   - the search is judged nested: for each fold, weights and rule are chosen on the other folds'
     OOF and scored on that fold; `cv_nested` (blend.json) is that honest CV, and
     `cv_nested_equal` the same for equal weights (only the rule chosen elsewhere);
