@@ -387,6 +387,9 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
     if len(members) == 1:
         found = {"weights": np.ones(1), "report": {"mode": "single run"}}
     else:
+        if given is None:
+            print(f"  searching {len(simplex_grid(len(members)))} weight mixes x {len(fold_ids)} folds, "
+                  "each with tune's post-processing grid", flush=True)
         found = search_weights(_load_truth(cfg, fold_ids), member_probs, cfg, given)
     weights = found["weights"]
     report = {**found["report"], "seconds": round(time.perf_counter() - started, 1)}
