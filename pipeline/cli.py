@@ -93,9 +93,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
     from pipeline.train import train_folds
 
-    cfg = load_config(args.config, args.overrides)
     if args.folds is not None:
         cfg.folds = args.folds
     train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds,

@@ -107,7 +107,7 @@ def _train_ids_and_masks(data_dir: Path) -> tuple[list[str], np.ndarray]:
     from pipeline import data
 
     images_dir, masks_dir, csv_path = data_dir / "train" / "images", data_dir / "train" / "masks", data_dir / "train.csv"
-    if masks_dir.is_dir():
+    if masks_dir.is_dir() or data._exists_but_not_folder(masks_dir):
         # the ids are the images' (what training loads); every one needs its mask
         ids = data.list_image_ids(images_dir) if images_dir.is_dir() else data.list_image_ids(masks_dir)
         if not ids:

@@ -96,16 +96,12 @@ def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) 
         if not (fold_dir / name).exists():
             state = "not trained" if not fold_dir.is_dir() or name != "done.json" else "not finished"
             raise PipelineError(f"{fold_dir / name}: missing (fold {fold} {state})")
-    try:
-        probs = np.load(fold_dir / "oof.npy", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: not a readable .npy array ({exc})") from None
+    from pipeline.fileio import read_npy, read_text
+
+    probs = read_npy(fold_dir / "oof.npy")
     if probs.ndim != 3 or probs.shape[1:] != IMAGE_SHAPE:
         raise PipelineError(f"{fold_dir / 'oof.npy'}: shape {probs.shape}, expected [n, 101, 101]")
-    try:
-        ids = (fold_dir / "oof_ids.txt").read_text(encoding="utf-8").split()
-    except UnicodeDecodeError:
-        raise PipelineError(f"{fold_dir / 'oof_ids.txt'}: not UTF-8 text") from None
+    ids = read_text(fold_dir / "oof_ids.txt").split()
     if len(ids) != len(probs):
         raise PipelineError(
             f"{fold_dir / 'oof_ids.txt'}: {len(ids)} ids but oof.npy holds {len(probs)} images"
