@@ -523,3 +523,41 @@ def test_test_ids_that_are_not_text_name_the_file(tmp_path):
     fileio.write_npy(tmp_path / "test_probs.npy", np.zeros((1, 101, 101), np.float16))
     (tmp_path / "test_ids.txt").write_bytes(b"\xff\xfe\x00id")
     assert_names(refusal(read_test_probs, tmp_path), str(tmp_path / "test_ids.txt"), "not UTF-8")
+
+
+# ---------------------------------------------------------------- PNG files
+
+
+def _encoded(image, fmt: str = "PNG") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda Image: _encoded(Image.new("L", (100, 101))), "image is 100x101, expected 101x101"),
+    (lambda Image: _encoded(Image.new("RGB", (101, 101)), "JPEG"), "it is a JPEG file"),
+    (lambda Image: _encoded(Image.new("L", (101, 101)))[:-20], "truncated file"),
+    (lambda Image: b"", "empty file"),
+    (lambda Image: b"id,rle_mask\n", "not an image file"),
+])
+def test_png_of_the_wrong_size_format_or_truncated_names_the_file_and_problem(tmp_path, make, problem):
+    from PIL import Image
+
+    path = tmp_path / "odd.png"
+    path.write_bytes(make(Image))
+    assert_names(refusal(data.read_image, path), str(path), problem)
+
+
+def test_sixteen_bit_and_palette_masks_read_as_their_salt(tmp_path):
+    from PIL import Image
+
+    salt = np.zeros((101, 101), bool)
+    salt[10:20, 30:40] = True
+    sixteen = tmp_path / "sixteen.png"
+    sixteen.write_bytes(data.mask_png_bytes(salt, sixteen_bit=True))
+    palette = tmp_path / "palette.png"
+    palette.write_bytes(_encoded(Image.fromarray(salt.astype(np.uint8) * 255).convert("P")))
+    assert (data.read_mask(sixteen) == salt).all() and (data.read_mask(palette) == salt).all()
