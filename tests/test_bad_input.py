@@ -561,3 +561,28 @@ def test_sixteen_bit_and_palette_masks_read_as_their_salt(tmp_path):
     palette = tmp_path / "palette.png"
     palette.write_bytes(_encoded(Image.fromarray(salt.astype(np.uint8) * 255).convert("P")))
     assert (data.read_mask(sixteen) == salt).all() and (data.read_mask(palette) == salt).all()
+
+
+# ---------------------------------------------------------------- kills mid-way
+
+
+def test_predict_killed_between_its_writes_leaves_no_record_claiming_a_finished_prediction(tmp_path, monkeypatch):
+    from pipeline import predict
+    from pipeline.config import save_config
+
+    root = _dataset(tmp_path)
+    cfg = Config(name="killed", data=str(root), runs_dir=str(tmp_path / "runs"), n_folds=2)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    (cfg.run_dir / "predict.json").write_text('{"data": "old", "test_fingerprint": "old"}')
+    monkeypatch.setattr(predict, "fold_probs", lambda cfg, fold, images, *rest: np.zeros(images.shape, np.float32))
+    real_write_text = fileio.write_text
+
+    def killed_at_the_ids(path, text):
+        if Path(path).name == "test_ids.txt":
+            raise KeyboardInterrupt  # what a SIGINT or the end of a SIGKILLed process looks like here
+        real_write_text(path, text)
+
+    monkeypatch.setattr(fileio, "write_text", killed_at_the_ids)
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_run(cfg.run_dir, device="cpu")
+    assert (cfg.run_dir / "test_probs.npy").exists() and not (cfg.run_dir / "predict.json").exists()
