@@ -586,3 +586,14 @@ def test_predict_killed_between_its_writes_leaves_no_record_claiming_a_finished_
     with pytest.raises(KeyboardInterrupt):
         predict.predict_run(cfg.run_dir, device="cpu")
     assert (cfg.run_dir / "test_probs.npy").exists() and not (cfg.run_dir / "predict.json").exists()
+
+
+def test_training_log_that_is_a_folder_or_garbage_names_it(tmp_path):
+    from pipeline.show import _read_log
+
+    log = tmp_path / "log.csv"
+    log.mkdir()
+    assert_names(refusal(_read_log, log), str(log), "is a folder")
+    log.rmdir()
+    log.write_text("epoch,train_loss\n1,abc\n")
+    assert_names(refusal(_read_log, log), str(log), "not a training log")
