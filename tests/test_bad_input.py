@@ -597,3 +597,13 @@ def test_training_log_that_is_a_folder_or_garbage_names_it(tmp_path):
     log.rmdir()
     log.write_text("epoch,train_loss\n1,abc\n")
     assert_names(refusal(_read_log, log), str(log), "not a training log")
+
+
+def test_folds_file_with_an_empty_fold_is_refused_before_training(tmp_path):
+    from pipeline.train import load_training_data
+
+    root = _dataset(tmp_path)
+    folds_csv = tmp_path / "folds.csv"
+    folds_csv.write_text("id,fold\nid0,0\nid1,2\nid2,0\nid3,2\n")
+    cfg = Config(name="gap", data=str(root), folds_csv=str(folds_csv), n_folds=3)
+    assert_names(refusal(load_training_data, cfg), str(folds_csv), "fold 1 holds none of the 4 train images")
