@@ -80,6 +80,8 @@ def make_folds(ids: Sequence[str], masks: np.ndarray, k: int = 5, seed: int = 42
         raise PipelineError(f"make_folds: id {_first_duplicate(ids)} appears more than once")
     if k < 2:
         raise PipelineError(f"folds: k must be at least 2, got {k}")
+    if not 0 <= seed <= 2**32 - 1:  # sklearn's own check is a ValueError traceback
+        raise PipelineError(f"folds: seed must be in 0..{2**32 - 1}, got {seed}")
     if len(ids) < k:
         raise PipelineError(f"folds: k={k} folds need at least {k} train images, got {len(ids)}")
     order = np.argsort(np.array(ids, dtype=object), kind="stable")  # input order must not matter

@@ -607,3 +607,27 @@ def test_folds_file_with_an_empty_fold_is_refused_before_training(tmp_path):
     folds_csv.write_text("id,fold\nid0,0\nid1,2\nid2,0\nid3,2\n")
     cfg = Config(name="gap", data=str(root), folds_csv=str(folds_csv), n_folds=3)
     assert_names(refusal(load_training_data, cfg), str(folds_csv), "fold 1 holds none of the 4 train images")
+
+
+# ---------------------------------------------------------------- command-line numbers
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["synth", "--out", "x", "--seed", "-1"], "argument --seed: expected a non-negative integer"),
+    (["folds", "--data", "x", "--seed", str(2**64)], "argument --seed: expected a seed in 0..4294967295"),
+    (["synth", "--out", "x", "--n-train", str(10**9)], "argument --n-train: expected at most 100000 images"),
+])
+def test_command_line_seed_or_count_out_of_range_is_one_argparse_line(tmp_path, monkeypatch, capsys, argv, problem):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and problem in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_seed_out_of_range_is_a_pipeline_error_naming_it(tmp_path):
+    from pipeline.synth import generate
+
+    assert_names(refusal(folds.make_folds, ["a", "b"], np.zeros((2, 101, 101), bool), 2, -1), "folds: seed", "-1")
+    assert_names(refusal(generate, tmp_path / "s", 2, 1, -5), "synth: seed", "-5")
