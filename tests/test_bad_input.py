@@ -631,3 +631,10 @@ def test_library_seed_out_of_range_is_a_pipeline_error_naming_it(tmp_path):
 
     assert_names(refusal(folds.make_folds, ["a", "b"], np.zeros((2, 101, 101), bool), 2, -1), "folds: seed", "-1")
     assert_names(refusal(generate, tmp_path / "s", 2, 1, -5), "synth: seed", "-5")
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cpu:x"])
+def test_unknown_device_is_one_line_naming_it(device):
+    from pipeline.runtime import resolve_runtime
+
+    assert_names(refusal(resolve_runtime, "off", "off", device), f"device {device!r}", "expected cpu, cuda")
