@@ -94,8 +94,8 @@ OUT_OF_RANGE = [
     ("train.plateau_factor=1", "'train.plateau_factor'", "in (0, 1)"),
     ("train.plateau_factor=0", "'train.plateau_factor'", "in (0, 1)"),
     ("train.early_stop_patience=-1", "'train.early_stop_patience'", "in [0, 1000000]"),
-    ("train.num_workers=-1", "'train.num_workers'", "in [0, 1024]"),
-    ("train.threads=100000", "'train.threads'", "in [0, 1024]"),
+    ("run.num_workers=-1", "'run.num_workers'", "in [0, 1024]"),
+    ("train.threads=100000", "'run.threads'", "in [0, 1024]"),
     ("train.limit_train=-5", "'train.limit_train'", "in [0, 1000000000]"),
     ("train.grad_clip=-1", "'train.grad_clip'", "in [0, 1e+06]"),
     ("train.ema_decay=nan", "'train.ema_decay'", "in [0, 1)"),
@@ -506,7 +506,7 @@ def test_rle_decode_into_a_path_that_is_a_file_names_it(tmp_path):
     ("[" * 100_000, "not valid JSON"),
 ])
 def test_tune_json_of_another_shape_is_one_line_naming_it(tmp_path, content, problem):
-    from pipeline.tune import read_tuned
+    from pipeline.postprocess import read_tuned
 
     (tmp_path / "tune.json").write_text(content)
     assert_names(refusal(read_tuned, tmp_path), str(tmp_path / "tune.json"), problem)
@@ -600,7 +600,7 @@ def test_training_log_that_is_a_folder_or_garbage_names_it(tmp_path):
 
 
 def test_folds_file_with_an_empty_fold_is_refused_before_training(tmp_path):
-    from pipeline.train import load_training_data
+    from pipeline.folds_runner import load_training_data
 
     root = _dataset(tmp_path)
     folds_csv = tmp_path / "folds.csv"
