@@ -638,3 +638,14 @@ def test_unknown_device_is_one_line_naming_it(device):
     from pipeline.runtime import resolve_runtime
 
     assert_names(refusal(resolve_runtime, "off", "off", device), f"device {device!r}", "expected cpu, cuda")
+
+
+def test_damaged_log_csv_met_on_resume_names_the_file_and_line(tmp_path):
+    from pipeline.rundir import read_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,train_loss\n0,0.5\n1x,0.4\n")
+    assert_names(refusal(read_log, log), str(log), "line 3 has epoch '1x'")
+    log.write_bytes(b"epoch\n\xff\n")
+    assert_names(refusal(read_log, log), str(log), "not UTF-8")
+    assert read_log(tmp_path / "absent.csv") == []
