@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import Config, load_run_config, save_config
+from pipeline.config import Config, check_plain_name, load_run_config, save_config
 from pipeline.errors import PipelineError
+from pipeline.leaderboard import describe_members
+from pipeline.rundir import BLEND_FILE, FoldDir, training_digest
 
-BLEND_FILE = "blend.json"
 MAX_GRID_POINTS = 100  # weight vectors searched: each costs one tune grid per fold
 GRID_STEPS = (10, 8, 5, 4, 2)  # 1/step is the weight resolution; the finest one under MAX_GRID_POINTS
 TIE = 1e-9  # scores are means of tenths; closer than this is a tie
@@ -74,7 +75,6 @@ def read_member(run_dir: str | Path) -> Member:
     """Check that the run's predictions exist and belong to its current training (one-line
     refusals otherwise); its arrays are read later, by `member_oof` / `member_test`."""
     from pipeline.submit import read_test_probs
-    from pipeline.train import training_digest
     from pipeline.tune import read_fold_oof
 
     run = Path(run_dir)
@@ -86,19 +86,19 @@ def read_member(run_dir: str | Path) -> Member:
     fold_seconds: dict[int, float] = {}
     newest_done = _mtime(run / "config.yaml")
     for fold in cfg.fold_list():
-        fold_dir = run / f"fold{fold}"
+        folder = FoldDir.of(run, fold)
         ids, _ = read_fold_oof(run, fold)  # missing files, shape, NaN: one line each
-        done = fileio.read_json(fold_dir / "done.json")
+        done = fileio.read_json(folder.done)
         if not isinstance(done, dict):
-            raise PipelineError(f"{fold_dir / 'done.json'}: not a JSON object")
+            raise PipelineError(f"{folder.done}: not a JSON object")
         if done.get("config_digest", digest) != digest:
-            raise PipelineError(f"{fold_dir / 'done.json'}: stale, fold {fold} was trained with another config "
+            raise PipelineError(f"{folder.done}: stale, fold {fold} was trained with another config "
                                 f"than {run / 'config.yaml'} — retrain it or blend another run")
-        if _mtime(fold_dir / "oof.npy") > _mtime(fold_dir / "done.json"):
-            raise PipelineError(f"{fold_dir / 'oof.npy'}: newer than its done.json (fold {fold} is being retrained?)")
+        if _mtime(folder.oof) > _mtime(folder.done):
+            raise PipelineError(f"{folder.oof}: newer than its done.json (fold {fold} is being retrained?)")
         fold_ids[fold] = ids
         fold_seconds[fold] = float(done.get("seconds", 0.0) or 0.0)
-        newest_done = max(newest_done, _mtime(fold_dir / "done.json"))
+        newest_done = max(newest_done, _mtime(folder.done))
     test_ids, _ = read_test_probs(run)  # missing, unreadable or inconsistent: one line
     if _mtime(run / "test_probs.npy") < newest_done:
         raise PipelineError(f"{run / 'test_probs.npy'}: stale, older than the run's training (done.json, "
@@ -137,8 +137,8 @@ def check_members_agree(members: list[Member]) -> None:
 def member_digest(member: Member) -> str:
     """sha256 of every file the blend reads from the member: a changed prediction remakes the blend."""
     digest = hashlib.sha256()
-    files = [member.run / f"fold{k}" / name for k in member.cfg.fold_list()
-             for name in ("oof.npy", "oof_ids.txt", "done.json")]
+    folders = [FoldDir.of(member.run, k) for k in member.cfg.fold_list()]
+    files = [path for f in folders for path in (f.oof, f.oof_ids, f.done)]
     for path in files + [member.run / "test_probs.npy", member.run / "test_ids.txt"]:
         digest.update(path.name.encode())
         with open(path, "rb") as handle:
@@ -149,7 +149,7 @@ def member_digest(member: Member) -> str:
 
 def member_oof(member: Member, fold: int, ids: list[str]) -> np.ndarray:
     """float16 [n,101,101]: the member's OOF of `fold`, in the order of `ids`."""
-    probs = np.load(member.run / f"fold{fold}" / "oof.npy", allow_pickle=False)
+    probs = np.load(FoldDir.of(member.run, fold).oof, allow_pickle=False)
     index = {image_id: i for i, image_id in enumerate(member.fold_ids[fold])}
     return probs[[index[i] for i in ids]].astype(np.float16)
 
@@ -354,7 +354,8 @@ def _is_fresh(output: Path, inputs: list[Path]) -> bool:
 
 def _blend_is_current(run: Path, digest: str, folds: list[int]) -> bool:
     path = run / BLEND_FILE
-    needed = [run / f"fold{k}" / n for k in folds for n in ("oof.npy", "oof_ids.txt", "done.json")]
+    folders = [FoldDir.of(run, k) for k in folds]
+    needed = [path for f in folders for path in (f.oof, f.oof_ids, f.done)]
     needed += [run / "test_probs.npy", run / "test_ids.txt", run / "config.yaml"]
     if not path.exists() or not all(p.exists() for p in needed):
         return False
@@ -376,8 +377,6 @@ def _load_truth(cfg: Config, fold_ids: dict[int, list[str]]) -> dict[int, np.nda
 
 def make_blend(members: list[Member], run: Path, weights_text: str, digest: str) -> dict[str, Any]:
     """Search or take the weights, write the blended fold OOFs, test probabilities and blend.json."""
-    from pipeline.train import training_digest
-
     first = members[0]
     cfg = dataclasses.replace(load_run_config(first.run), name=run.name, runs_dir=str(run.parent))
     fold_ids = {fold: sorted(ids) for fold, ids in first.fold_ids.items()}
@@ -397,12 +396,12 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
     (run / BLEND_FILE).unlink(missing_ok=True)  # written again last: until then the blend is unfinished
     save_config(cfg, run / "config.yaml")
     for fold, ids in fold_ids.items():
-        fold_dir = run / f"fold{fold}"
-        (fold_dir / "done.json").unlink(missing_ok=True)
-        fileio.write_npy(fold_dir / "oof.npy", blend_probs(member_probs[fold], weights).astype(np.float16))
-        fileio.write_text(fold_dir / "oof_ids.txt", "\n".join(ids) + "\n")
+        folder = FoldDir.of(run, fold)
+        folder.done.unlink(missing_ok=True)
+        fileio.write_npy(folder.oof, blend_probs(member_probs[fold], weights).astype(np.float16))
+        fileio.write_text(folder.oof_ids, "\n".join(ids) + "\n")
         # seconds: the members' training of this fold, added up (what the blend cost to train)
-        fileio.write_json(fold_dir / "done.json", {
+        fileio.write_json(folder.done, {
             "fold": fold, "blend": True, "seconds": round(sum(m.fold_seconds[fold] for m in members), 1),
             "config_digest": training_digest(cfg)})
     del member_probs
@@ -426,11 +425,6 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
     return blend
 
 
-def describe_members(blend: dict[str, Any]) -> str:
-    """'A:0.50 B:0.50' — the leaderboard's members column."""
-    return " ".join(f"{m['name']}:{float(m['weight']):.2f}" for m in blend.get("members", []))
-
-
 def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs_dir: str | Path = "runs",
                data_dir: str | Path | None = None, force: bool = False,
                leaderboard_csv: str | Path = "submissions/leaderboard.csv",
@@ -442,8 +436,7 @@ def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs
 
     if not runs:
         raise PipelineError("--runs: give at least one run folder")
-    if not name or Path(name).name != name:
-        raise PipelineError(f"--name {name!r}: expected a plain run name, e.g. blend_ab")
+    check_plain_name(name, "--name")  # it becomes runs/<name>/ and submissions/<name>.csv
     members = [read_member(r) for r in runs]
     check_members_agree(members)
     if len({m.run.resolve() for m in members}) < len(members):
@@ -462,7 +455,7 @@ def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs
         blend = fileio.read_json(run / BLEND_FILE)
         print(f"== blend: {run / BLEND_FILE} is up to date ({describe_members(blend)})")
 
-    done_files = [run / f"fold{k}" / "done.json" for k in cfg.fold_list()] + [run / "config.yaml"]
+    done_files = [FoldDir.of(run, k).done for k in cfg.fold_list()] + [run / "config.yaml"]
     if force or not _is_fresh(run / "tune.json", done_files + [run / BLEND_FILE]):
         print("== tune")
         tune_run(run, leaderboard_csv=leaderboard_csv)

@@ -148,14 +148,19 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
 
 def _blend_members(run: Path) -> str:
     """'A:0.50 B:0.50' for a blend (its blend.json), "" for a trained run."""
-    from pipeline.blend import BLEND_FILE, describe_members
     from pipeline.fileio import read_json
+    from pipeline.rundir import BLEND_FILE
 
     path = run / BLEND_FILE
     if not path.exists():
         return ""
     blend = read_json(path)
     return describe_members(blend) if isinstance(blend, dict) else ""
+
+
+def describe_members(blend: dict[str, Any]) -> str:
+    """'A:0.50 B:0.50': a blend.json's members and weights, as the members column shows them."""
+    return " ".join(f"{m['name']}:{float(m['weight']):.2f}" for m in blend.get("members", []))
 
 
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:

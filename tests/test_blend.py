@@ -14,6 +14,7 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.leaderboard import read_leaderboard
+from pipeline.rundir import FoldDir
 from pipeline.submit import check_submission
 from pipeline.tune import tune_run
 from tests.fake_run import make_fake_run
@@ -130,10 +131,10 @@ def test_blend_writes_a_run_that_submits_ranks_and_lists_its_members(runs, synth
     assert check_submission(path, synth_data) == len((run / "test_ids.txt").read_text().split())
     assert path.name == "ab.csv" and (run / "oof.csv").exists() and (run / "show" / "oof_worst.png").exists()
     # the OOF is the weighted mean of the members', fold by fold, whatever order they wrote ids in
-    ids = (run / "fold1" / "oof_ids.txt").read_text().split()
+    ids = FoldDir.of(run, 1).oof_ids.read_text().split()
     expected = 0.25 * blend.member_oof(blend.read_member(runs["a"]), 1, ids).astype(np.float32) \
         + 0.75 * blend.member_oof(blend.read_member(runs["b"]), 1, ids).astype(np.float32)
-    np.testing.assert_allclose(np.load(run / "fold1" / "oof.npy"), expected, atol=1e-3)
+    np.testing.assert_allclose(np.load(FoldDir.of(run, 1).oof), expected, atol=1e-3)
     row = next(r for r in read_leaderboard("submissions/leaderboard.csv") if r["run"] == "ab")
     assert row["model"] == "blend" and row["members"] == "a:0.25 b:0.75"
 
@@ -160,11 +161,11 @@ def test_rerun_skips_what_is_done_and_a_changed_member_remakes_the_blend(runs, c
 
 def _swap_fold_ids(runs):
     b = runs["b"]
-    ids0 = (b / "fold0" / "oof_ids.txt").read_text().split()
-    ids1 = (b / "fold1" / "oof_ids.txt").read_text().split()
+    ids0 = FoldDir.of(b, 0).oof_ids.read_text().split()
+    ids1 = FoldDir.of(b, 1).oof_ids.read_text().split()
     ids0[0], ids1[0] = ids1[0], ids0[0]
-    (b / "fold0" / "oof_ids.txt").write_text("\n".join(ids0) + "\n")
-    (b / "fold1" / "oof_ids.txt").write_text("\n".join(ids1) + "\n")
+    FoldDir.of(b, 0).oof_ids.write_text("\n".join(ids0) + "\n")
+    FoldDir.of(b, 1).oof_ids.write_text("\n".join(ids1) + "\n")
 
 
 def _other_folds_file(runs):
@@ -192,7 +193,7 @@ def _future(path):
 
 
 def _other_digest(runs):
-    done = runs["b"] / "fold0" / "done.json"
+    done = FoldDir.of(runs["b"], 0).done
     info = json.loads(done.read_text())
     info["config_digest"] = "0000000000000000"
     done.write_text(json.dumps(info))
@@ -203,12 +204,12 @@ REFUSALS = {
     "other ids in a fold": (_swap_fold_ids, "runs/b: fold 0's OOF ids differ from runs/a's in 2 ids"),
     "another folds file": (_other_folds_file, "runs/b: folds file"),
     "other test ids": (_fewer_test_ids, "runs/b: test ids differ from runs/a's in 1 ids"),
-    "a fold not finished": (lambda r: (r["b"] / "fold1" / "done.json").unlink(),
+    "a fold not finished": (lambda r: FoldDir.of(r["b"], 1).done.unlink(),
                             "runs/b/fold1/done.json: missing (fold 1 not finished)"),
     "no test predictions": (lambda r: (r["b"] / "test_probs.npy").unlink(), "runs/b/test_probs.npy: missing"),
-    "test predictions older than training": (lambda r: _future(r["b"] / "fold2" / "done.json"),
+    "test predictions older than training": (lambda r: _future(FoldDir.of(r["b"], 2).done),
                                              "runs/b/test_probs.npy: stale"),
-    "OOF newer than done.json": (lambda r: _future(r["b"] / "fold2" / "oof.npy"),
+    "OOF newer than done.json": (lambda r: _future(FoldDir.of(r["b"], 2).oof),
                                  "runs/b/fold2/oof.npy: newer than its done.json"),
     "fold trained with another config": (_other_digest, "runs/b/fold0/done.json: stale"),
 }
@@ -232,10 +233,18 @@ def test_runs_on_a_different_number_of_folds_are_refused(runs, capsys):
 
 
 def test_blend_never_writes_over_a_trained_run_or_another_blend(runs, capsys):
-    (runs["a"].parent / "trained" / "fold0").mkdir(parents=True)
-    (runs["a"].parent / "trained" / "fold0" / "best.pt").write_bytes(b"")
+    FoldDir.of(runs["a"].parent / "trained", 0).path.mkdir(parents=True)
+    FoldDir.of(runs["a"].parent / "trained", 0).best.write_bytes(b"")
     assert blend_cli("--runs", "runs/a", "runs/b", "--name", "trained") == 2
     assert "runs/trained: holds a trained run" in capsys.readouterr().err
     assert blend_cli("--runs", "runs/a", "--name", "one") == 0
     assert blend_cli("--runs", "runs/a", "runs/b", "--name", "one") == 2
     assert "runs/one: blends runs/a, not runs/a, runs/b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["..", "../outside", "a/b"])
+def test_blend_name_must_be_a_plain_folder_name(runs, capsys, name):
+    assert blend_cli("--runs", "runs/a", "--name", name) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--name {name!r}" in err and "plain folder name" in err
+    assert sorted(p.name for p in runs["a"].parent.iterdir()) == ["a", "b", "k2"]
