@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import kaggle_cli
 from pipeline.cli import main
-from pipeline.kaggle_cli import COMPETITION
+from pipeline.kaggle import COMPETITION, credentials, dataset, kernel
 
 REPO = Path(__file__).resolve().parents[1]
+KAGGLE_MODULES = ("commands", "credentials", "dataset", "kernel", "submission")
 
 FAKE_KAGGLE = '''\
 #!{python}
@@ -188,7 +188,7 @@ def test_download_again_replaces_the_old_layout_without_stale_images(fake_kaggle
 
     assert sorted(p.name for p in (out / "train" / "images").iterdir()) == \
         sorted(p.name for p in (other / "train" / "images").iterdir())
-    assert kaggle_cli.verify_dataset(out) == kaggle_cli.verify_dataset(other)
+    assert dataset.verify_dataset(out) == dataset.verify_dataset(other)
 
 
 def test_download_opens_competition_data_zip_only_when_train_and_test_zips_are_absent(
@@ -283,7 +283,7 @@ def test_credentials_are_found_where_the_kaggle_cli_looks(fake_kaggle, tmp_path,
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     home = Path(os.environ["HOME"])
-    assert kaggle_cli.find_credentials() is None
+    assert credentials.find_credentials() is None
     if where == "api_token_env":
         monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_x")
     elif where == "config_dir_env":
@@ -299,14 +299,14 @@ def test_credentials_are_found_where_the_kaggle_cli_looks(fake_kaggle, tmp_path,
     else:
         (home / ".kaggle").mkdir()
         (home / ".kaggle" / "access_token").write_text("KGAT_x")
-    assert kaggle_cli.find_credentials() is not None
+    assert credentials.find_credentials() is not None
 
 
 def test_missing_kaggle_executable_says_to_install_the_project(fake_kaggle, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(kaggle_cli, "_VENV_BIN", empty)
+    monkeypatch.setattr(credentials, "_VENV_BIN", empty)
 
     assert main(["kaggle", "download", "--out", str(tmp_path / "tgs")]) == 2
     line = _one_error_line(capsys)
@@ -424,12 +424,12 @@ def test_kernel_build_writes_metadata_kaggle_accepts(fake_kaggle, tmp_path):
 @pytest.mark.parametrize("slug", ["tgs-salt-pipeline-train", "salt-unet-resnet34", "tgs-cv-5fold"])
 def test_kernel_title_slugifies_back_to_the_slug(slug):
     slugify = pytest.importorskip("slugify").slugify  # the function kaggle's push uses
-    assert slugify(kaggle_cli.title_from_slug(slug)) == slug
+    assert slugify(kernel.title_from_slug(slug)) == slug
 
 
 def test_checked_in_kernel_metadata_has_the_same_fields_with_a_placeholder_user():
     checked_in = json.loads((REPO / "kernels" / "train" / "kernel-metadata.json").read_text())
-    rendered = kaggle_cli.kernel_metadata("your-kaggle-username", "tgs-salt-pipeline-train")
+    rendered = kernel.kernel_metadata("your-kaggle-username", "tgs-salt-pipeline-train")
     assert checked_in == rendered
 
 
@@ -439,7 +439,7 @@ def test_kernel_metadata_passes_the_kaggle_clis_own_push_validation(tmp_path):
     folder = tmp_path / "kernel"
     folder.mkdir()
     (folder / "kernel.py").write_text("print('hi')\n")
-    (folder / "kernel-metadata.json").write_text(json.dumps(kaggle_cli.kernel_metadata("alice", "tgs-salt-pipeline-train")))
+    (folder / "kernel-metadata.json").write_text(json.dumps(kernel.kernel_metadata("alice", "tgs-salt-pipeline-train")))
     probe = textwrap.dedent(f"""
         from kaggle.api.kaggle_api_extended import KaggleApi
         class Reached(Exception):
@@ -511,10 +511,20 @@ def test_kernel_build_is_reproducible(tmp_path):
     assert first == second
 
 
-def test_importing_kaggle_cli_does_not_import_kaggle_or_torch():
-    code = "import sys, pipeline.kaggle_cli; print(sorted(m for m in ('kaggle', 'torch', 'pandas') if m in sys.modules))"
+def test_importing_the_kaggle_package_does_not_import_kaggle_or_torch():
+    modules = ", ".join(f"pipeline.kaggle.{name}" for name in KAGGLE_MODULES)
+    code = f"import sys, {modules}; print(sorted(m for m in ('kaggle', 'torch', 'pandas') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_pipeline_kaggle_does_not_shadow_the_kaggle_library():
+    """`import kaggle` still finds the official library, with pipeline.kaggle loaded or not."""
+    code = ("import importlib.util, pipeline.kaggle.commands, pipeline.kaggle.credentials; "
+            "print(importlib.util.find_spec('kaggle').origin)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    origin = Path(result.stdout.strip())
+    assert origin.name == "__init__.py" and (REPO / "pipeline") not in origin.parents, result.stderr
 
 
 # ---------------------------------------------------------------- kernel push / status / output
@@ -594,16 +604,16 @@ def test_kernel_data_from_zipped_input_unpacks_elsewhere_and_leaves_input_untouc
     mount = _kaggle_input_mount(tiny_data, tmp_path / "input" / COMPETITION)
     before = _tree(mount)
 
-    data = kaggle_cli.prepare_kernel_data(mount, tmp_path / "work" / "data")
+    data = dataset.prepare_kernel_data(mount, tmp_path / "work" / "data")
 
     assert data == tmp_path / "work" / "data"
     assert _tree(mount) == before
-    assert kaggle_cli.verify_dataset(data)["train"] == 16
+    assert dataset.verify_dataset(data)["train"] == 16
     assert (data / "train.csv").read_bytes() == (tiny_data / "train.csv").read_bytes()
 
 
 def test_kernel_data_already_in_the_layout_is_used_in_place(tiny_data, tmp_path):
-    assert kaggle_cli.prepare_kernel_data(tiny_data, tmp_path / "unused") == tiny_data
+    assert dataset.prepare_kernel_data(tiny_data, tmp_path / "unused") == tiny_data
     assert not (tmp_path / "unused").exists()
 
 
@@ -611,7 +621,7 @@ def test_verify_counts_salt_masks(tiny_data):
     from pipeline.data import list_image_ids, read_masks
 
     masks = read_masks([tiny_data / "train" / "masks" / f"{i}.png" for i in list_image_ids(tiny_data / "train" / "masks")])
-    counts = kaggle_cli.verify_dataset(tiny_data)
+    counts = dataset.verify_dataset(tiny_data)
     assert counts == {"train": 16, "salt": int(np.any(masks, axis=(1, 2)).sum()), "test": 6}
 
 
