@@ -18,7 +18,8 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import COMPETITION
 from pipeline.kaggle.credentials import run_kaggle
 
-KERNEL_INPUT = Path("/kaggle/input") / COMPETITION
+KAGGLE_INPUT = Path("/kaggle/input")  # where a kernel's data sources are mounted, one folder per slug
+KERNEL_INPUT = KAGGLE_INPUT / COMPETITION
 KERNEL_WORKING = Path("/kaggle/working")
 METADATA_FILE = "kernel-metadata.json"
 KERNEL_FILE = "kernel.py"
@@ -41,9 +42,20 @@ def _check_kernel_names(user: str, slug: str) -> None:
                             "e.g. tgs-salt-pipeline-train")
 
 
-def kernel_metadata(user: str, slug: str, machine_shape: str = "NvidiaTeslaT4") -> dict:
-    """kernel-metadata.json for `kaggle kernels push`. enable_internet is set explicitly: the
-    kaggle CLI defaults it to true, and this kernel needs no network."""
+def parse_dataset_id(dataset_id: str, flag: str = "--weights-dataset") -> tuple[str, str]:
+    """"owner/slug" -> (owner, slug), as Kaggle spells a dataset (slug 6-50 characters)."""
+    match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9_-]*)/([a-z0-9]+(?:-[a-z0-9]+)*)", dataset_id)
+    if not match or not 6 <= len(match.group(2)) <= 50:
+        raise PipelineError(f"{flag} {dataset_id!r}: expected a Kaggle dataset as OWNER/SLUG (slug: 6-50 lowercase "
+                            "letters/digits joined by '-'), e.g. alice/timm-resnet34-imagenet")
+    return match.group(1), match.group(2)
+
+
+def kernel_metadata(user: str, slug: str, machine_shape: str = "NvidiaTeslaT4", *, internet: bool = False,
+                    dataset_sources: Sequence[str] = ()) -> dict:
+    """kernel-metadata.json for `kaggle kernels push`. enable_internet is always written: the
+    kaggle CLI defaults it to true, and the kernel needs the network only to download encoder
+    weights (--internet); dataset_sources are mounted read-only under /kaggle/input/<slug>."""
     _check_kernel_names(user, slug)
     return {
         "id": f"{user}/{slug}",
@@ -54,9 +66,9 @@ def kernel_metadata(user: str, slug: str, machine_shape: str = "NvidiaTeslaT4") 
         "is_private": True,
         "enable_gpu": True,
         "enable_tpu": False,
-        "enable_internet": False,
+        "enable_internet": bool(internet),
         "machine_shape": machine_shape,
-        "dataset_sources": [],
+        "dataset_sources": list(dataset_sources),
         "competition_sources": [COMPETITION],
         "kernel_sources": [],
         "model_sources": [],
@@ -98,8 +110,10 @@ With PSEUDO_ROUND it then trains the same config again as '<name>_pseudo', each 
 the test images the first run's same fold labels confidently (`pseudo.teacher`), and that
 second run writes submission.csv (the first one's is submission_teacher.csv).
 
-It needs no internet and no pip install: the Kaggle Python image carries torch, timm,
-albumentations, pandas, scikit-learn, PyYAML and Pillow.
+It needs no pip install: the Kaggle Python image carries torch, timm, albumentations,
+pandas, scikit-learn, PyYAML and Pillow. It needs the internet only when the config's
+encoder starts from ImageNet weights that timm downloads (`kernel build --internet`);
+`--weights-dataset` mounts them from a Kaggle dataset instead.
 
 Environment (for trying it locally):
     TGS_KAGGLE_INPUT    the competition data (default {default_input})
@@ -188,14 +202,43 @@ def render_kernel(bundle: bytes, config_name: str, pseudo_round: bool = False) -
     )
 
 
+def weights_overrides(weights_dataset: str | None) -> list[str]:
+    """--weights-dataset OWNER/SLUG: the encoder starts from the weights in that dataset's mount."""
+    if not weights_dataset:
+        return []
+    _, dataset_slug = parse_dataset_id(weights_dataset)
+    return ["model.pretrained=true", f"model.weights_path={KAGGLE_INPUT / dataset_slug}"]
+
+
+def check_kernel_weights(cfg, internet: bool, weights_dataset: str | None) -> None:
+    """A pretrained config's kernel must be able to reach its weights: a Kaggle kernel sees
+    neither this machine's files nor, without internet, timm's download."""
+    if not cfg.model.pretrained or weights_dataset:
+        return
+    if cfg.model.weights_path:
+        raise PipelineError(f"model.weights_path {cfg.model.weights_path!r} is on this machine, which the kernel "
+                            "cannot read: pass --weights-dataset OWNER/SLUG (python -m pipeline kaggle "
+                            "weights-dataset makes one), or --internet --set model.weights_path= to download")
+    if not internet:
+        raise PipelineError(f"model.pretrained: an offline kernel cannot download the {cfg.model.name} encoder's "
+                            "ImageNet weights: pass --internet (timm downloads them in the kernel) or "
+                            "--weights-dataset OWNER/SLUG (python -m pipeline kaggle weights-dataset makes one)")
+
+
 def build_kernel(config: str | os.PathLike, overrides: Sequence[str], user: str, slug: str,
-                 out: str | os.PathLike, machine_shape: str = "NvidiaTeslaT4", pseudo_round: bool = False) -> Path:
-    """Render `out`/kernel-metadata.json and `out`/kernel.py; returns `out`."""
+                 out: str | os.PathLike, machine_shape: str = "NvidiaTeslaT4", pseudo_round: bool = False, *,
+                 internet: bool = False, weights_dataset: str | None = None) -> Path:
+    """Render `out`/kernel-metadata.json and `out`/kernel.py; returns `out`. internet: the
+    kernel may download (timm's ImageNet weights); weights_dataset: "owner/slug" of a Kaggle
+    dataset holding the encoder's weights, mounted and used as model.weights_path."""
     from pipeline.config import dump_yaml, load_config
     from pipeline.fileio import write_json, write_text
 
-    metadata = kernel_metadata(user, slug, machine_shape)  # checks user and slug first
-    cfg = load_config(config, list(overrides))
+    sources = [weights_dataset] if weights_dataset else []
+    metadata = kernel_metadata(user, slug, machine_shape, internet=internet,  # checks the names first
+                               dataset_sources=sources)
+    cfg = load_config(config, [*overrides, *weights_overrides(weights_dataset)])
+    check_kernel_weights(cfg, internet, weights_dataset)
     out = Path(out)
     if pseudo_round and cfg.pseudo.teacher:
         raise PipelineError(f"--pseudo-round: the config already names pseudo.teacher {cfg.pseudo.teacher!r}; "
