@@ -47,6 +47,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    # numpy's and sklearn's seeds: outside this range they raise a ValueError traceback
+    value = _positive_int(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _image_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SYNTH_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SYNTH_IMAGES} images (TGS has 22000), got {text!r}")
+    return value
+
+
+MAX_SYNTH_IMAGES = 100_000  # synth holds every image in memory while it draws them (~0.1 MB each)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -93,9 +111,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train import train_folds
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
+    from pipeline.folds_runner import train_folds
+
     if args.folds is not None:
         cfg.folds = args.folds
     train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds,
@@ -182,15 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
     p.add_argument("--out", required=True, help="output folder (train/, test/, train.csv, depths.csv)")
-    p.add_argument("--n-train", type=_positive_int, default=800)
-    p.add_argument("--n-test", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=_image_count, default=800)
+    p.add_argument("--n-test", type=_image_count, default=200)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("folds", help="stratified k-fold split by salt-coverage class")
     p.add_argument("--data", required=True, help="dataset folder (train/masks or train.csv)")
     p.add_argument("--k", type=_positive_int, default=5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=_seed, default=42)
     p.add_argument("--out", default="folds/folds.csv")
     p.set_defaults(func=cmd_folds)
 
@@ -215,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=_folds_arg, default=None, help="e.g. 0,1 (default: the config's)")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the folds afresh")
     p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
-    p.add_argument("--resume", action="store_true", help="(default) continue from last.pt")
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
     p.add_argument("--fold-worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel-folds
     p.set_defaults(func=cmd_train)
@@ -223,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("branch", help="start a run from another run's end of stage 1 (stage-2 variants)")
     _config_args(p)
     p.add_argument("--from", dest="source", required=True, help="the source run folder, trained with "
-                   "train.keep_stage1: true")
+                   "run.keep_stage1: true")
     p.add_argument("--data", default=None, help="dataset folder, as given to `all` (default: the config's)")
     p.set_defaults(func=cmd_branch)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,10 +59,11 @@ def _train_minutes(run: Path, folds: list[int]) -> float:
     time (--parallel-folds), the span from the first start to the last finish (done.json's
     `finished` minus `seconds` is a fold's start), whichever is shorter."""
     from pipeline.fileio import read_json
+    from pipeline.rundir import FoldDir
 
     spans: list[tuple[float, float | None]] = []  # (seconds, finished)
     for fold in folds:
-        done = run / f"fold{fold}" / "done.json"
+        done = FoldDir.of(run, fold).done
         if done.exists():
             try:
                 info = read_json(done)
@@ -144,23 +146,23 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
     """The rows of a leaderboard CSV ([] when it does not exist yet). A row from a file written
     before a column existed has "" there, except empty_threshold: the row's threshold (what it was)."""
+    from pipeline.fileio import read_text
+
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
+    text = read_text(path)  # a folder, permissions, not UTF-8, far too large: one line naming it
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                return []
-            if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
-                raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
-            rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
-            if "empty_threshold" not in reader.fieldnames:
-                for row in rows:
-                    row["empty_threshold"] = row.get("threshold", "")
-            return rows
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not UTF-8 text") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None:
+            return []
+        if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
+            raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
+        rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+        if "empty_threshold" not in reader.fieldnames:
+            for row in rows:
+                row["empty_threshold"] = row.get("threshold", "")
+        return rows
     except csv.Error as exc:
         raise PipelineError(f"{path}: malformed CSV ({exc})") from None
 

@@ -11,7 +11,7 @@ images.
 IoU > t is tested in integers, 100 * intersection > percent * union, so a ratio
 that lands exactly on a threshold (11/20 vs 0.55) is never decided by float
 rounding. A probability map is binarised as `probs > threshold`, compared in the
-probabilities' own precision without rounding the threshold (see `binarize`).
+probabilities' own precision without rounding the threshold (see `above_threshold`).
 
 Post-processing: the mask `probs > threshold` is kept only when at least `min_area`
 pixels have `probs > empty_threshold`, else the image is predicted empty. The empty
@@ -74,21 +74,12 @@ def _tenths_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------- post-processing
 
 
-def apply_min_area(pred: np.ndarray, min_area: int) -> np.ndarray:
-    """A new array where every predicted mask with fewer than `min_area` pixels is emptied."""
-    pred = _as_masks(pred, "pred")
-    if min_area < 0:
-        raise ValueError(f"min_area must be >= 0, got {min_area}")
-    keep = mask_areas(pred) >= min_area
-    return pred & keep[:, None, None]
-
-
 def mask_areas(masks: np.ndarray) -> np.ndarray:
     """Pixels per mask, int64 [N], of bool masks [N, H, W]."""
     return _count_per_row(_rows(_as_masks(masks, "masks")))
 
 
-def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
+def above_threshold(probs: np.ndarray, threshold: float) -> np.ndarray:
     """`probs > threshold` as threshold_scores decides it (the threshold taken exactly as float64).
 
     Comparing a float16 array with a Python float lets numpy pick the precision;
@@ -264,7 +255,7 @@ def _exact_cuts(dtype: np.dtype, thresholds: np.ndarray) -> np.ndarray | None:
 def score_csvs(truth_csv: str | os.PathLike, pred_csv: str | os.PathLike,
                shape: tuple[int, int] = (101, 101)) -> tuple[float, int]:
     """(competition score, image count) of a prediction CSV against a truth CSV, both id,rle_mask."""
-    from pipeline.rle import decode_many, read_rle_csv
+    from pipeline.rle import check_many, decode_chunks, read_rle_csv
 
     truth_df, pred_df = read_rle_csv(truth_csv), read_rle_csv(pred_csv)
     truth_ids, pred_ids = truth_df["id"].tolist(), pred_df["id"].tolist()
@@ -282,9 +273,18 @@ def score_csvs(truth_csv: str | os.PathLike, pred_csv: str | os.PathLike,
         raise PipelineError(f"{truth_csv}: no rows to score")
 
     pred_rles = pred_df.set_index("id")["rle_mask"].reindex(truth_ids).tolist()
-    truth = decode_many(truth_df["rle_mask"].tolist(), shape, ids=truth_ids, where=str(truth_csv))
-    pred = decode_many(pred_rles, shape, ids=truth_ids, where=str(pred_csv))
-    return competition_score(truth, pred), len(truth_ids)
+    # Chunk by chunk, so memory stays a few MB whatever the row count; every truth row is
+    # checked before any prediction row, so a bad truth file is named first.
+    check_many(truth_df["rle_mask"].tolist(), shape, ids=truth_ids, where=str(truth_csv))
+    tenths = 0
+    truth_chunks = decode_chunks(truth_df["rle_mask"].tolist(), shape, ids=truth_ids, where=str(truth_csv))
+    pred_chunks = decode_chunks(pred_rles, shape, ids=truth_ids, where=str(pred_csv))
+    for (_, truth), (_, pred) in zip(truth_chunks, pred_chunks):
+        truth_rows, pred_rows = _rows(truth), _rows(pred)
+        intersection = _count_per_row(truth_rows & pred_rows)
+        union = _count_per_row(truth_rows) + _count_per_row(pred_rows) - intersection
+        tenths += int(_tenths_from_counts(intersection, union).sum())
+    return tenths / (10 * len(truth_ids)), len(truth_ids)
 
 
 # ---------------------------------------------------------------- helpers

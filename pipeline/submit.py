@@ -1,4 +1,5 @@
-"""Submission: tuned binarisation of the test probabilities -> RLE CSV, checked before it leaves.
+"""Submission: the tuned post-processing (pipeline/postprocess.py) of the test probabilities ->
+RLE CSV, checked before it leaves.
 
 `submit_run` reads what `tune` decided (`tune.json`) and what `predict` produced
 (`test_probs.npy` + `test_ids.txt`), writes `submissions/<run>.csv` atomically, and runs
@@ -15,39 +16,6 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 SUBMISSIONS_DIR = Path("submissions")
-BINARIZE_BLOCK = 1024  # images per block
-
-
-def binarize(probs: np.ndarray, threshold: float, min_area: int,
-             empty_mask: np.ndarray | None = None, empty_threshold: float | None = None) -> np.ndarray:
-    """Probabilities [N,H,W] -> bool masks: > threshold; a mask is emptied when fewer than
-    min_area pixels are > empty_threshold (None: the threshold itself, the plain min-area rule);
-    and the images flagged in empty_mask [N] (e.g. blank images) are forced empty.
-
-    The same rule, compared in the same precision, as metric.threshold_scores scored it while tuning.
-    """
-    from pipeline import metric
-
-    probs = np.asarray(probs)
-    if empty_mask is not None:
-        empty_mask = np.asarray(empty_mask, dtype=bool)
-        if empty_mask.shape != (len(probs),):
-            raise ValueError(f"empty_mask has shape {empty_mask.shape}, expected ({len(probs)},)")
-    same_cut = empty_threshold is None or float(empty_threshold) == float(threshold)
-    masks = np.empty(probs.shape, dtype=bool)
-    # In blocks: 18000 float16 test images would need 700 MB more as one float32 copy.
-    for first in range(0, len(probs), BINARIZE_BLOCK):
-        block = probs[first:first + BINARIZE_BLOCK]
-        # probs > threshold with the threshold taken exactly, as metric.threshold_scores decided
-        # it while tuning, never rounded to the array's float16 precision
-        block_masks = metric.binarize(block, float(threshold))
-        if min_area > 0:
-            decides = block_masks if same_cut else metric.binarize(block, float(empty_threshold))
-            block_masks &= (metric.mask_areas(decides) >= int(min_area))[:, None, None]
-        masks[first:first + len(block)] = block_masks
-    if empty_mask is not None:
-        masks[empty_mask] = False
-    return masks
 
 
 def _require(path: Path, command: str) -> Path:
@@ -61,11 +29,10 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
     predict = f"python -m pipeline predict --run {run}"
     probs_path = _require(run / "test_probs.npy", predict)
     ids_path = _require(run / "test_ids.txt", predict)
-    try:
-        probs = np.load(probs_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{probs_path}: not a readable .npy array ({exc}) — run `{predict}`") from None
-    ids = ids_path.read_text(encoding="utf-8").split()
+    from pipeline.fileio import read_npy, read_text
+
+    probs = read_npy(probs_path, hint=f"run `{predict}`")
+    ids = read_text(ids_path).split()
     if probs.ndim != 3 or probs.shape[1:] != (101, 101) or len(probs) != len(ids):
         raise PipelineError(
             f"{probs_path}: shape {probs.shape} does not match {len(ids)} ids in {ids_path.name} — run `{predict}`"
@@ -89,7 +56,7 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     from pipeline.data import list_image_ids
     from pipeline.rle import encode_many, write_rle_csv
     from pipeline.config import load_run_config
-    from pipeline.tune import read_tuned
+    from pipeline.postprocess import read_tuned
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -142,7 +109,7 @@ def check_submission(csv: str | Path, test: str | Path) -> int:
     sample_submission.csv) raise a one-line PipelineError naming the file and the first problem.
     """
     from pipeline.data import list_image_ids
-    from pipeline.rle import decode_many, read_rle_csv
+    from pipeline.rle import check_many, read_rle_csv
 
     csv = Path(csv)
     images_dir, dataset = _test_images_dir(Path(test))
@@ -166,7 +133,7 @@ def check_submission(csv: str | Path, test: str | Path) -> int:
 
     rles = frame["rle_mask"].tolist()
     try:
-        decode_many(rles, (101, 101), ids=ids, where=str(csv))  # vectorised; stops at the first bad row
+        check_many(rles, (101, 101), ids=ids, where=str(csv))  # vectorised, no masks kept; stops at the first bad row
     except PipelineError as first:
         n_bad = sum(1 for image_id, rle in zip(ids, rles) if not _decodes(rle, image_id))
         more = f" (and {n_bad - 1} more bad rows)" if n_bad > 1 else ""
