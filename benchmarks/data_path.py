@@ -7,12 +7,16 @@ Supply, measured here: for each GPU preset, the very DataLoader `train_fold` bui
 over the real train images, the preset's augmentation, batch size, shuffling, seeded workers,
 a fresh loader per epoch) is iterated for `--seconds` at each worker count; images/s counts
 from the first batch on, and the time to that first batch (worker start-up, paid every epoch
-since the loader is rebuilt per epoch) is recorded apart. With one worker the rate is what
-one core makes; the rate of N cores is extrapolated as N x that (augmentation is per image
-and embarrassingly parallel; this 2-core VM can only check N = 2, where the main process
-shares the cores). The main process's own per-batch work, `to_batch` (uint8 -> float, reflect
-pad to the preset's size, on the CPU before the copy to the GPU), is timed separately: it is
-serial in the training process, so it caps the rate however many workers there are.
+since the loader is rebuilt per epoch) is recorded apart. Besides the wall-clock rate, each
+run divides the images by the CPU time the loader's processes used (the workers', read with
+getrusage once they have exited; with 0 workers the main process's): images per CPU-second,
+what one idle core makes, which holds on this shared VM where the clock rate depends on
+everyone else's load (a worker's few prefetched, unconsumed batches make it a slight
+underestimate). Supply on N cores is extrapolated as N x the 1-worker figure: augmentation is
+per image and embarrassingly parallel (this 2-core VM can only check N = 2). The main process's own per-batch work, `to_batch` (uint8 -> float, reflect
+pad to the preset's size), is timed separately on the CPU: it is serial in the training
+process, so done on the CPU it would cap the rate however many workers there are; on a GPU it
+now runs on the device after the uint8 copy, so it is reported, not counted against supply.
 
 Demand, computed: FLOPs per training image (forward + backward, counted by
 torch.utils.flop_counter.FlopCounterMode on the preset's model at its input size, batch 2
@@ -71,8 +75,21 @@ def load_arrays(data_dir: Path | None, synthetic: int = 2400):
     return images, masks, f"synthetic noise ({synthetic} images)"
 
 
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers count once they have exited
+    return usage.ru_utime + usage.ru_stime
+
+
 def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
-    """Images/s of train_fold's DataLoader for `cfg` (its augmentation and batch size) at `workers`."""
+    """Images/s of train_fold's DataLoader for `cfg` (its augmentation and batch size) at `workers`.
+
+    Two rates: `img_s` by the wall clock (what this machine gave, under whatever else runs on
+    it) and `img_per_cpu_s` by the CPU time the loader's processes spent (the workers', or the
+    main process's with 0 workers): what one otherwise idle core makes, the figure to scale by
+    cores and the one that survives a shared, loaded VM.
+    """
     import torch
 
     from pipeline.augment import build_train_transform
@@ -81,8 +98,9 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     transform = build_train_transform(cfg.augment, seed=cfg.seed)
     dataset = SaltDataset(images, masks, transform)
     batch = cfg.train.batch_size
-    count, epochs, first_batch_s = 0, 0, []
+    count, produced, epochs, first_batch_s = 0, 0, 0, []
     started = time.perf_counter()
+    cpu_started, children_started = time.process_time(), _children_cpu_s()
     timed_from = None
     while True:
         seed = cfg.seed + epochs
@@ -91,8 +109,10 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=functools.partial(seed_loader_worker, seed) if workers else None)
         epoch_started = time.perf_counter()
-        for index, (image_batch, _) in enumerate(loader):
+        batches = iter(loader)
+        for index, (image_batch, _) in enumerate(batches):
             now = time.perf_counter()
+            produced += len(image_batch)
             if index == 0:
                 first_batch_s.append(now - epoch_started)
                 if timed_from is None:  # the first epoch's start-up is not throughput
@@ -101,33 +121,37 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
             count += len(image_batch)
             if now - timed_from >= seconds:
                 break
+        del batches, loader  # joins the workers, so their CPU time is counted
         epochs += 1
         if timed_from is not None and time.perf_counter() - timed_from >= seconds:
             break
     elapsed = time.perf_counter() - timed_from
+    loader_cpu_s = (_children_cpu_s() - children_started) if workers else (time.process_time() - cpu_started)
     return {"workers": workers, "img_s": round(count / elapsed, 1), "images": count, "epochs_started": epochs,
+            "img_per_cpu_s": round(produced / loader_cpu_s, 1) if loader_cpu_s > 0 else None,
+            "loader_cpu_s": round(loader_cpu_s, 2),
             "first_batch_s": round(min(first_batch_s), 3), "total_s": round(time.perf_counter() - started, 1)}
 
 
 def to_batch_cost(cfg, images, masks, repeats: int = 30) -> dict:
-    """Seconds per image of the main process's to_batch on the CPU (float, pad, target)."""
+    """CPU seconds per image of the main process's to_batch on the CPU (float, pad, target)."""
     import torch
 
     from pipeline.predict import to_batch
-    from pipeline.runtime import resolve_runtime
+    from pipeline.runtime import Runtime
 
-    rt = resolve_runtime("off", "off", "cpu")
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)  # keeps 1 thread
     batch = cfg.train.batch_size
     image_batch = torch.from_numpy(images[:batch])
     mask_batch = torch.from_numpy(masks[:batch].astype("uint8"))
     to_batch(image_batch, mask_batch, cfg, rt)
     timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+    for _ in range(repeats):  # CPU time of this (single-thread) process: the VM may be shared
+        started = time.process_time()
         to_batch(image_batch, mask_batch, cfg, rt)
-        timings.append(time.perf_counter() - started)
-    per_image = sorted(timings)[len(timings) // 2] / batch
-    return {"s_per_image": per_image, "img_s": round(1 / per_image, 1)}
+        timings.append(time.process_time() - started)
+    per_image = max(sorted(timings)[len(timings) // 2], 1e-6) / batch
+    return {"cpu_s_per_image": per_image, "img_per_cpu_s": round(1 / per_image, 1)}
 
 
 def flops_per_image(cfg) -> dict:
@@ -162,8 +186,8 @@ def flops_per_image(cfg) -> dict:
             "params_m": round(params / 1e6, 2)}
 
 
-def verdicts(per_core_img_s: float, main_img_s: float, train_gflop: float, num_workers: int,
-             tflops: float, utils: list[float]) -> dict:
+def verdicts(per_core_img_s: float, train_gflop: float, num_workers: int, tflops: float,
+             utils: list[float]) -> dict:
     """For each machine: loader supply (img/s) vs GPU demand (img/s) at each assumed utilisation."""
     out = {}
     for name, (cores, gpus, gpu_tflops, processes) in MACHINES.items():
@@ -174,7 +198,6 @@ def verdicts(per_core_img_s: float, main_img_s: float, train_gflop: float, num_w
             supply = workers * per_core_img_s
         else:  # num_workers 0: the training process augments between its own steps
             supply = processes * per_core_img_s
-        supply = min(supply, processes * main_img_s)  # to_batch is serial in each process
         demand = {f"{u:.2f}": round(gpus * u * peak * 1e12 / (train_gflop * 1e9), 1) for u in utils}
         worst = max(demand.values())
         out[name] = {
@@ -202,18 +225,19 @@ def run(presets: list[str], data_dir: Path | None, workers: list[int], seconds: 
         rates = []
         for count in workers:
             rate = loader_rate(cfg, images, masks, count, seconds)
-            print(f"   loader, {count} workers: {rate['img_s']} img/s (first batch {rate['first_batch_s']} s)",
-                  flush=True)
+            print(f"   loader, {count} workers: {rate['img_s']} img/s by the clock, {rate['img_per_cpu_s']} per "
+                  f"CPU-second of the loader's processes (first batch {rate['first_batch_s']} s)", flush=True)
             rates.append(rate)
         main_cost = to_batch_cost(cfg, images, masks)
         flops = flops_per_image(cfg)
-        print(f"   to_batch in the main process: {main_cost['img_s']} img/s; model: {flops['params_m']} M params, "
+        print(f"   to_batch on the CPU: {main_cost['img_per_cpu_s']} img per CPU-second; model: {flops['params_m']} M params, "
               f"{flops['forward_gflop']} GFLOP forward, {flops['train_gflop']} GFLOP forward+backward per image",
               flush=True)
         by_workers = {r["workers"]: r for r in rates}
-        # one worker = one core's worth of augmentation; without a 1-worker figure, the in-process one
-        per_core = by_workers.get(1, by_workers.get(0, rates[0]))["img_s"]
-        machines = verdicts(per_core, main_cost["img_s"], flops["train_gflop"], cfg.train.num_workers, tflops, utils)
+        # one worker = one core's worth of augmentation (by CPU time: the machine may be shared);
+        # without a 1-worker figure, the in-process one
+        per_core = by_workers.get(1, by_workers.get(0, rates[0]))["img_per_cpu_s"]
+        machines = verdicts(per_core, flops["train_gflop"], cfg.train.num_workers, tflops, utils)
         for name, v in machines.items():
             print(f"   {name}: {v['loader_workers_on_cores']} worker cores supply ~{v['supply_img_s']:.0f} img/s; "
                   f"GPU(s) would take {', '.join(f'{d:.0f}' for d in v['gpu_demand_img_s'].values())} img/s "
@@ -222,7 +246,7 @@ def run(presets: list[str], data_dir: Path | None, workers: list[int], seconds: 
         result["presets"][preset] = {
             "batch_size": cfg.train.batch_size, "num_workers": cfg.train.num_workers,
             "input": f"{cfg.input.mode} {cfg.input.size}", "augment": vars(cfg.augment).copy(),
-            "loader": rates, "per_core_img_s": per_core, "to_batch": main_cost, "flops": flops, "machines": machines,
+            "loader": rates, "per_core_img_s": per_core, "to_batch_cpu": main_cost, "flops": flops, "machines": machines,
         }
     return result
 
