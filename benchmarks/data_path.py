@@ -3,9 +3,9 @@
     python -m benchmarks.data_path [--data DIR] [--presets resnet34_lovasz,gpu_best] [--workers 0,1,2]
                                    [--seconds 6] [--tflops 400] [--util 0.3,0.4]
 
-Supply, measured here: for each GPU preset, the very DataLoader `train_fold` builds (SaltDataset
-over the real train images, the preset's augmentation, batch size, shuffling, seeded workers,
-a fresh loader per epoch) is iterated for `--seconds` at each worker count; images/s counts
+Supply, measured here: for each GPU preset, the very DataLoader `train_fold` builds
+(`pipeline.train.epoch_loader` over the real train images: the preset's augmentation, batch
+size, shuffling, seeded workers, a fresh loader per epoch) is iterated for `--seconds` at each worker count; images/s counts
 from the first batch on, and the time to that first batch (worker start-up, paid every epoch
 since the loader is rebuilt per epoch) is recorded apart. Besides the wall-clock rate, each
 run divides the images by the CPU time the loader's processes used (the workers', read with
@@ -90,24 +90,25 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     main process's with 0 workers): what one otherwise idle core makes, the figure to scale by
     cores and the one that survives a shared, loaded VM.
     """
+    import copy
+
     import torch
 
     from pipeline.augment import build_train_transform
-    from pipeline.train import SaltDataset, seed_loader_worker
+    from pipeline.distributed import DistContext
+    from pipeline.runtime import Runtime
+    from pipeline.train import SaltDataset, epoch_loader
 
-    transform = build_train_transform(cfg.augment, seed=cfg.seed)
-    dataset = SaltDataset(images, masks, transform)
-    batch = cfg.train.batch_size
+    cfg = copy.deepcopy(cfg)
+    cfg.run.num_workers = workers
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    dataset = SaltDataset(images, masks, build_train_transform(cfg.augment, seed=cfg.seed))
     count, produced, epochs, first_batch_s = 0, 0, 0, []
     started = time.perf_counter()
     cpu_started, children_started = time.process_time(), _children_cpu_s()
     timed_from = None
     while True:
-        seed = cfg.seed + epochs
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-            generator=torch.Generator().manual_seed(seed),
-            worker_init_fn=functools.partial(seed_loader_worker, seed) if workers else None)
+        loader = epoch_loader(dataset, cfg, fold=0, epoch=epochs, rt=rt, dist=DistContext())
         epoch_started = time.perf_counter()
         batches = iter(loader)
         for index, (image_batch, _) in enumerate(batches):
@@ -137,7 +138,7 @@ def to_batch_cost(cfg, images, masks, repeats: int = 30) -> dict:
     """CPU seconds per image of the main process's to_batch on the CPU (float, pad, target)."""
     import torch
 
-    from pipeline.predict import to_batch
+    from pipeline.geometry import to_batch
     from pipeline.runtime import Runtime
 
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)  # keeps 1 thread
@@ -220,7 +221,7 @@ def run(presets: list[str], data_dir: Path | None, workers: list[int], seconds: 
     result = {"data": source, "seconds": seconds, "tflops_h100_class": tflops, "util": utils, "presets": {}}
     for preset in presets:
         cfg = load_config(REPO / "configs" / f"{preset}.yaml")
-        print(f"== {preset}: batch {cfg.train.batch_size}, num_workers {cfg.train.num_workers}, "
+        print(f"== {preset}: batch {cfg.train.batch_size}, num_workers {cfg.run.num_workers}, "
               f"input {cfg.input.mode} {cfg.input.size}", flush=True)
         rates = []
         for count in workers:
@@ -237,14 +238,14 @@ def run(presets: list[str], data_dir: Path | None, workers: list[int], seconds: 
         # one worker = one core's worth of augmentation (by CPU time: the machine may be shared);
         # without a 1-worker figure, the in-process one
         per_core = by_workers.get(1, by_workers.get(0, rates[0]))["img_per_cpu_s"]
-        machines = verdicts(per_core, flops["train_gflop"], cfg.train.num_workers, tflops, utils)
+        machines = verdicts(per_core, flops["train_gflop"], cfg.run.num_workers, tflops, utils)
         for name, v in machines.items():
             print(f"   {name}: {v['loader_workers_on_cores']} worker cores supply ~{v['supply_img_s']:.0f} img/s; "
                   f"GPU(s) would take {', '.join(f'{d:.0f}' for d in v['gpu_demand_img_s'].values())} img/s "
                   f"at util {', '.join(v['gpu_demand_img_s'])} -> {'STARVES' if v['starves'] else 'keeps up'}",
                   flush=True)
         result["presets"][preset] = {
-            "batch_size": cfg.train.batch_size, "num_workers": cfg.train.num_workers,
+            "batch_size": cfg.train.batch_size, "num_workers": cfg.run.num_workers,
             "input": f"{cfg.input.mode} {cfg.input.size}", "augment": vars(cfg.augment).copy(),
             "loader": rates, "per_core_img_s": per_core, "to_batch_cpu": main_cost, "flops": flops, "machines": machines,
         }

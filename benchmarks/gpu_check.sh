@@ -83,7 +83,7 @@ if [ "$SMOKE" = 1 ]; then
   "$PY" -m pipeline synth --out "$WORK/data" --n-train 60 --n-test 10 --seed 0 >/dev/null
   DATA="$WORK/data"
   RUN_ARGS=(--set train.epochs=2 --set loss.stage2_from_epoch=1 --set train.cycle_epochs=1
-            --set train.num_workers=1 --set predict.batch_size=16)
+            --set run.num_workers=1 --set predict.batch_size=16)
   LIMITS=(300 600 120 600)
 else
   DEVICE=cuda

@@ -23,31 +23,11 @@ from pipeline.runtime import Runtime, resolve_runtime
 FLIP_DIMS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 
 
-def to_batch(images: torch.Tensor, masks: torch.Tensor | None, cfg: Config, rt: Runtime):
-    """uint8 [B,101,101] -> model input [B,C,S,S] (and a binary target [B,1,S,S])."""
-    from pipeline.geometry import pad_or_resize, to_model_input
-
-    # The raw uint8 batch goes to the device first and is converted and padded there: on a GPU
-    # that moves 6x fewer bytes (101x101 uint8 vs 128x128 float) and takes the conversion and
-    # reflect pad off the training process's one core, where they cost ~0.13 ms per image
-    # (image + target): a ~7,600 img/s ceiling under an H100-class GPU's ~10,000+
-    # (benchmarks/README.md). On the CPU nothing changes.
-    images = torch.as_tensor(images).to(rt.device, non_blocking=True)
-    x = rt.to_input(to_model_input(images, cfg.input.mode, cfg.input.size))
-    if cfg.model.in_chans > 1:
-        x = x.expand(-1, cfg.model.in_chans, -1, -1).contiguous(memory_format=rt.memory_format())
-    if masks is None:
-        return x, None
-    masks = torch.as_tensor(masks).to(rt.device, non_blocking=True)
-    target = pad_or_resize(masks[:, None].float(), cfg.input.mode, cfg.input.size)
-    return x, (target > 0.5).float()
-
-
 @torch.no_grad()
 def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_size: int,
                   tta: tuple[str, ...] | list[str] = ("none",), bar=None) -> np.ndarray:
     """Probabilities at 101x101 (float32 [N,101,101]); TTA flips are undone before averaging."""
-    from pipeline.geometry import restore
+    from pipeline.geometry import restore, to_batch
 
     model.eval()
     out = np.empty(images.shape, dtype=np.float32)
@@ -67,23 +47,10 @@ def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_siz
     return out
 
 
-def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
-    """The checkpoints whose average is the fold's prediction: its cycle snapshots, or best.pt."""
-    from pipeline.train import snapshot_paths
-
-    fold_dir = cfg.run_dir / f"fold{fold}"
-    if cfg.train.snapshots and snapshot_paths(fold_dir):
-        return snapshot_paths(fold_dir)
-    path = fold_dir / "best.pt"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
-    return [path]
-
-
 def load_fold_models(cfg: Config, fold: int, rt: Runtime) -> list[torch.nn.Module]:
     """The fold's model(s), built from the run's own config, in eval mode."""
+    from pipeline.checkpoints import fold_checkpoints, load_checkpoint
     from pipeline.models import create_model
-    from pipeline.train import load_checkpoint
 
     models = []
     for path in fold_checkpoints(cfg, fold):
@@ -133,7 +100,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     test = load_test(data_dir or cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(data_dir or cfg.data) / 'test' / 'images'}: no test images")
-    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.train.threads)
+    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.run.threads)
     started = time.perf_counter()
     total = np.zeros(test.images.shape, dtype=np.float32)
     with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",

@@ -30,9 +30,10 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     from pipeline.fileio import read_json
     from pipeline.leaderboard import WALL_FILE, format_leaderboard, record_run, save_wall_minutes
     from pipeline.predict import predict_run
+    from pipeline.rundir import FoldDir
     from pipeline.show import show_run
     from pipeline.submit import submit_run
-    from pipeline.train import train_folds
+    from pipeline.folds_runner import train_folds
     from pipeline.tune import tune_run
 
     started = time.perf_counter()
@@ -52,7 +53,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
 
     # 2. train (skips complete folds, resumes interrupted ones). Only a run made from nothing
     # in this call has an end-to-end wall time; one finished piecemeal loses the one it had.
-    fold_files = [run / f"fold{k}" / "done.json" for k in cfg.fold_list()]
+    fold_files = [FoldDir.of(run, k).done for k in cfg.fold_list()]
     from_nothing = force or not any(done.parent.exists() for done in fold_files)
     if not from_nothing and not all(done.exists() for done in fold_files):
         (run / WALL_FILE).unlink(missing_ok=True)
@@ -67,7 +68,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
         print(f"== tune: {run / 'tune.json'} is up to date")
 
     # 4. predict the test set with TTA, averaged over folds
-    best_files = [run / f"fold{k}" / "best.pt" for k in cfg.fold_list()]
+    best_files = [FoldDir.of(run, k).best for k in cfg.fold_list()]
     if force or not _is_fresh(run / "test_probs.npy", best_files + [run / "config.yaml"]) \
             or not _same_test_set(run, cfg.data):
         print("== predict")

@@ -1,4 +1,5 @@
-"""Submission: tuned binarisation of the test probabilities -> RLE CSV, checked before it leaves.
+"""Submission: the tuned post-processing (pipeline/postprocess.py) of the test probabilities ->
+RLE CSV, checked before it leaves.
 
 `submit_run` reads what `tune` decided (`tune.json`) and what `predict` produced
 (`test_probs.npy` + `test_ids.txt`), writes `submissions/<run>.csv` atomically, and runs
@@ -15,39 +16,6 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 SUBMISSIONS_DIR = Path("submissions")
-BINARIZE_BLOCK = 1024  # images per block
-
-
-def binarize(probs: np.ndarray, threshold: float, min_area: int,
-             empty_mask: np.ndarray | None = None, empty_threshold: float | None = None) -> np.ndarray:
-    """Probabilities [N,H,W] -> bool masks: > threshold; a mask is emptied when fewer than
-    min_area pixels are > empty_threshold (None: the threshold itself, the plain min-area rule);
-    and the images flagged in empty_mask [N] (e.g. blank images) are forced empty.
-
-    The same rule, compared in the same precision, as metric.threshold_scores scored it while tuning.
-    """
-    from pipeline import metric
-
-    probs = np.asarray(probs)
-    if empty_mask is not None:
-        empty_mask = np.asarray(empty_mask, dtype=bool)
-        if empty_mask.shape != (len(probs),):
-            raise ValueError(f"empty_mask has shape {empty_mask.shape}, expected ({len(probs)},)")
-    same_cut = empty_threshold is None or float(empty_threshold) == float(threshold)
-    masks = np.empty(probs.shape, dtype=bool)
-    # In blocks: 18000 float16 test images would need 700 MB more as one float32 copy.
-    for first in range(0, len(probs), BINARIZE_BLOCK):
-        block = probs[first:first + BINARIZE_BLOCK]
-        # probs > threshold with the threshold taken exactly, as metric.threshold_scores decided
-        # it while tuning, never rounded to the array's float16 precision
-        block_masks = metric.binarize(block, float(threshold))
-        if min_area > 0:
-            decides = block_masks if same_cut else metric.binarize(block, float(empty_threshold))
-            block_masks &= (metric.mask_areas(decides) >= int(min_area))[:, None, None]
-        masks[first:first + len(block)] = block_masks
-    if empty_mask is not None:
-        masks[empty_mask] = False
-    return masks
 
 
 def _require(path: Path, command: str) -> Path:
@@ -89,7 +57,7 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     from pipeline.data import list_image_ids
     from pipeline.rle import encode_many, write_rle_csv
     from pipeline.config import load_run_config
-    from pipeline.tune import read_tuned
+    from pipeline.postprocess import read_tuned
 
     run = Path(run_dir)
     cfg = load_run_config(run)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, save_config
+from pipeline.rundir import FoldDir
 
 
 def fake_probs(masks: np.ndarray, rng: np.random.Generator, salt: float = 0.3, blobs: bool = True) -> np.ndarray:
@@ -32,15 +33,15 @@ def fake_probs(masks: np.ndarray, rng: np.random.Generator, salt: float = 0.3, b
 
 def write_fold(run: Path, fold: int, ids: list[str], probs: np.ndarray, seconds: float = 60.0,
                epochs: int = 3) -> None:
-    fold_dir = run / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    np.save(fold_dir / "oof.npy", probs.astype(np.float16))
-    (fold_dir / "oof_ids.txt").write_text("\n".join(ids) + "\n")
+    folder = FoldDir.of(run, fold)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    np.save(folder.oof, probs.astype(np.float16))
+    folder.oof_ids.write_text("\n".join(ids) + "\n")
     rows = ["epoch,lr,train_loss,val_loss,val_score,seconds"]
     rows += [f"{e},0.001,{0.6 / e:.5f},{0.7 / e:.5f},{0.5 + 0.1 * e:.5f},{seconds / epochs:.1f}"
              for e in range(1, epochs + 1)]
-    (fold_dir / "log.csv").write_text("\n".join(rows) + "\n")
-    (fold_dir / "done.json").write_text(json.dumps(
+    folder.log.write_text("\n".join(rows) + "\n")
+    folder.done.write_text(json.dumps(
         {"fold": fold, "best_epoch": epochs, "best_score": 0.7, "epochs_run": epochs, "seconds": seconds}))
 
 

@@ -35,7 +35,7 @@ def gpu_config(data, tmp_path, *overrides):
         "name=cuda", "n_folds=3", "folds=[0]", "model.name=unet_resnet18", "model.scse=true",
         "model.deep_supervision=true", "input.size=128", "train.batch_size=16", "train.epochs=3",
         "train.optimizer=adamw", "train.lr=0.001", "train.scheduler=none", "train.early_stop_patience=0",
-        "train.channels_last=on", "train.num_workers=2", "loss.stage2_from_epoch=1",
+        "train.channels_last=on", "run.num_workers=2", "loss.stage2_from_epoch=1",
         "loss.stage2_name=bce_lovasz", *overrides,
     ])
 
@@ -45,7 +45,7 @@ def test_amp_training_steps_on_cuda_in_channels_last_lower_the_loss(precision, s
     from pipeline.data import load_train
     from pipeline.losses import SegLoss
     from pipeline.models import create_model
-    from pipeline.predict import to_batch
+    from pipeline.geometry import to_batch
     from pipeline.runtime import resolve_runtime
     from pipeline.train import _to_float, build_optimizer
 
@@ -82,7 +82,9 @@ def test_amp_training_steps_on_cuda_in_channels_last_lower_the_loss(precision, s
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_resume_on_cuda_matches_the_straight_run_within_tolerance(precision, synth_data, tmp_path):
-    from pipeline.train import load_checkpoint, read_log, train_folds
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.folds_runner import train_folds
+    from pipeline.rundir import read_log
     from tests.test_train import _train_epochs_then_kill
 
     straight = gpu_config(synth_data, tmp_path / "a", f"train.precision={precision}")

@@ -1,0 +1,162 @@
+"""The run folder: what `runs/<name>/` holds, and when a run or a fold in it may be reused.
+
+    runs/<name>/config.yaml   the resolved config (every fold asked for so far)
+    runs/<name>/fold<k>/      one fold, named by `FoldDir`:
+        best.pt       weights of the epoch with the best validation competition score
+        last.pt       model + optimizer + scheduler + loop state: enough to resume
+        prev.pt       the last.pt before it (fallback when last.pt is found damaged)
+        stage1.pt     the resume state at the switch to the stage-2 loss (run.keep_stage1)
+        snapshot<c>.pt  the best epoch of lr cycle c (train.snapshots)
+        log.csv       LOG_COLUMNS, one row per epoch
+        oof.npy       float16 validation probabilities (101x101) of the fold's final model(s)
+        oof_ids.txt   their ids, one per line, in the same order
+        done.json     written last: the fold is complete (with its training digest)
+
+A fold is reused only if it was trained with the same `training_digest`: the hash of every
+config key that decides the trained weights. No torch here: tune, show and the leaderboard
+read run folders without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import fileio
+from pipeline.config import Config, dump_yaml, flatten, load_config, save_config
+from pipeline.errors import PipelineError
+
+# val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
+# the raw weights' when they differ (empty otherwise).
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
+# Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
+# not the weights it trains.
+NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "run")
+
+
+def is_training_key(key: str) -> bool:
+    return key not in NON_TRAINING_KEYS and key.split(".")[0] not in NON_TRAINING_KEYS
+
+
+# Keys added after runs were made, at the value that reproduces what those runs did: left out
+# of the digest at that value, so the older runs stay reusable.
+NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
+                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
+                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu"}
+
+
+def training_digest(cfg: Config) -> str:
+    """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
+    relevant = {k: v for k, v in flatten(cfg).items()
+                if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- one fold's files
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    """`runs/<name>/fold<k>/` and the names of what a fold writes there."""
+
+    path: Path
+    fold: int
+
+    @classmethod
+    def of(cls, run: Config | str | Path, fold: int) -> "FoldDir":
+        """Fold `fold` of a run: a Config (its run_dir) or the run folder itself."""
+        run_dir = run.run_dir if isinstance(run, Config) else Path(run)
+        return cls(run_dir / f"fold{fold}", fold)
+
+    best = property(lambda self: self.path / "best.pt")
+    last = property(lambda self: self.path / "last.pt")
+    prev = property(lambda self: self.path / "prev.pt")
+    stage1 = property(lambda self: self.path / "stage1.pt")
+    oof = property(lambda self: self.path / "oof.npy")
+    oof_ids = property(lambda self: self.path / "oof_ids.txt")
+    done = property(lambda self: self.path / "done.json")
+    log = property(lambda self: self.path / "log.csv")
+    lock = property(lambda self: self.path / "train.lock")
+    train_out = property(lambda self: self.path / "train.out")  # a --parallel-folds worker's output
+    pseudo = property(lambda self: self.path / "pseudo.npz")  # pipeline/pseudo.py's label cache
+    branched_from = property(lambda self: self.path / "branched_from.json")
+
+    def snapshot(self, cycle: int) -> Path:
+        return self.path / f"snapshot{cycle}.pt"
+
+    def snapshots(self) -> list[Path]:
+        """The cycle snapshots kept so far, in cycle order."""
+        return sorted(self.path.glob("snapshot*.pt"), key=lambda p: int(p.stem.removeprefix("snapshot")))
+
+    def training_files(self) -> list[Path]:
+        """What a fold started afresh must not find from an earlier training."""
+        return [self.best, self.last, self.prev, self.stage1, self.oof, self.oof_ids, self.done, self.log,
+                *self.snapshots()]
+
+
+def fold_is_done(cfg: Config, fold: int) -> bool:
+    folder = FoldDir.of(cfg, fold)
+    if not folder.done.exists():
+        return False
+    try:
+        return fileio.read_json(folder.done).get("config_digest") == training_digest(cfg) and folder.oof.exists()
+    except PipelineError:
+        return False
+
+
+def read_done(cfg: Config, fold: int) -> dict:
+    return fileio.read_json(FoldDir.of(cfg, fold).done)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def prepare_run_dir(cfg: Config, *, force: bool) -> None:
+    """Create runs/<name>/ with config.yaml; refuse to reuse a run made with another config.
+
+    A run trained fold by fold (`train --folds 0`, later `train --folds 1`) is one experiment:
+    the saved config lists every fold asked for so far, so `tune` and `predict` see them all."""
+    path = cfg.run_dir / "config.yaml"
+    saved = cfg
+    if path.exists() and not force:
+        previous = load_config(path)
+        if training_digest(previous) != training_digest(cfg):
+            old, new = flatten(previous), flatten(cfg)
+            changed = [k for k in new if old.get(k) != new[k] and is_training_key(k)]
+            raise PipelineError(
+                f"{path}: this run was made with a different config (differs in {', '.join(changed[:5])}); "
+                "use another name, or --force to retrain"
+            )
+        saved = dataclasses.replace(cfg, folds=merged_folds(previous, cfg))
+        if dump_yaml(previous) == dump_yaml(saved):
+            return
+    save_config(saved, path)
+
+
+def merged_folds(previous: Config, requested: Config) -> list[int]:
+    """The folds of a run asked for before and now ([] = all of them)."""
+    folds = sorted(set(previous.fold_list()) | set(requested.fold_list()))
+    return [] if folds == list(range(requested.n_folds)) else folds
+
+
+# ---------------------------------------------------------------- log.csv
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_text(path, buffer.getvalue())
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
