@@ -43,7 +43,7 @@ def test_data_path_times_the_training_loader_and_counts_the_models_flops():
     from benchmarks import data_path
     from pipeline.config import load_config
 
-    cfg = load_config(None, ["train.batch_size=4", "model.n_filters=4", "input.size=64"])
+    cfg = load_config(None, ["train.batch_size=4", "model.n_filters=4", "input.size=112"])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 101, 101), dtype=np.uint8)
     rate = data_path.loader_rate(cfg, images, images > 128, workers=0, seconds=0.2)
