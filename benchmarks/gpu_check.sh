@@ -3,12 +3,14 @@
 #   1. the CUDA tests (tests/test_cuda.py, marker `cuda`: AMP fp16/bf16 steps in channels_last,
 #      resume vs a straight run, predict on the GPU vs the CPU);
 #   2. python -m benchmarks.speed on CUDA, our ResNet34 UNet vs the smp peer (fp32, bf16+cl);
-#   3. python -m benchmarks.data_path with that box's cores (1..15 loader workers);
+#   3. python -m benchmarks.data_path with that box's cores (1, 4, 15 loader workers);
 #   4. a short gpu_best run (fold 0, 30 epochs, from scratch) on the real sample: its OOF score
 #      (best val, tuned CV) and images/s.
 # Each step has its own time limit, so one that hangs cannot eat the others' time.
 #
-# Prepare here, once, from the repository root (both folders are git-ignored):
+# The device tool sends the checkout the session was started in (a helper's worktree does not
+# travel), so prepare and call from that checkout, once this script is on its branch.
+# Prepare there, once, from the repository root (both folders are git-ignored):
 #   bash benchmarks/gpu_wheels.sh                  # .whl/: albumentations & co. + smp for Python 3.12 (~8 MB)
 #   bash benchmarks/gpu_check.sh --stage-sample    # .tgs_sample/: train images, masks, csvs of ../shared/tgs (~30 MB)
 # Then ONE device call (the device tool's `run`):
@@ -88,7 +90,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   DEVICE=cuda
   SPEED_ARGS=(--device cuda --models unet_resnet34 --paths fp32,bf16_cl --batch 32 --size 128 --steps 10 --repeats 6)
-  DATA_PATH_ARGS=(--presets gpu_best --workers 1,4,8,15 --seconds 3)
+  DATA_PATH_ARGS=(--presets gpu_best --workers 1,4,15 --seconds 4)
   DATA="${GPU_CHECK_DATA:-.tgs_sample}"
   RUN_ARGS=(--set train.epochs=30 --set loss.stage2_from_epoch=15 --set train.cycle_epochs=15)
   LIMITS=(120 150 60 210)
