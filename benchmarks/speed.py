@@ -127,11 +127,9 @@ def build(model_name: str, peer: bool, in_chans: int = 1):
 
 
 def native_bf16(device: str) -> bool:
-    import torch
+    from pipeline.runtime import cpu_has_bf16, cuda_has_native_bf16
 
-    from pipeline.runtime import cpu_has_bf16
-
-    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+    return cuda_has_native_bf16() if device.startswith("cuda") else cpu_has_bf16()
 
 
 PROCS_SUFFIX = "_procs"  # e.g. cl_procs: the cl path in one single-thread process per core

@@ -1,8 +1,10 @@
-"""Command line: `python -m pipeline <command> ...`. It only parses and calls.
+"""Command line: `tgs <command> ...` (the same as `python -m pipeline <command> ...`). It only
+parses and calls.
 
 Heavy imports (torch, timm, kaggle) happen inside the command functions, so `--help`,
 `score` and `rle` start fast. Every `PipelineError` becomes one line on stderr and exit
-code 2; argparse's own errors are one line too.
+code 2; argparse's own errors are one line too. A command acting on a run (train, all, branch,
+tune, predict, submit, show) appends what it prints to the run's log.txt (pipeline/runlog.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,24 @@ def _positive_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return value
+
+
+def _seed(text: str) -> int:
+    # numpy's and sklearn's seeds: outside this range they raise a ValueError traceback
+    value = _positive_int(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _image_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SYNTH_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SYNTH_IMAGES} images (TGS has 22000), got {text!r}")
+    return value
+
+
+MAX_SYNTH_IMAGES = 100_000  # synth holds every image in memory while it draws them (~0.1 MB each)
 
 
 # ---------------------------------------------------------------- commands
@@ -93,9 +113,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
     from pipeline.folds_runner import train_folds
 
-    cfg = load_config(args.config, args.overrides)
     if args.folds is not None:
         cfg.folds = args.folds
     train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds,
@@ -122,6 +143,15 @@ def cmd_all(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_all(cfg, args.data, force=args.force, submission=args.submission)
+    return 0
+
+
+def cmd_blend(args: argparse.Namespace) -> int:
+    from pipeline.blend import blend_runs
+
+    path = blend_runs(args.runs, args.name, weights=args.weights, runs_dir=args.runs_dir, data_dir=args.data,
+                      force=args.force, submission=args.submission)
+    print(f"wrote {path}")
     return 0
 
 
@@ -173,30 +203,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kaggle(args: argparse.Namespace) -> int:
-    from pipeline import kaggle_cli
-
-    return kaggle_cli.dispatch(args)
-
-
 # ---------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
+    parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
 
     p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
     p.add_argument("--out", required=True, help="output folder (train/, test/, train.csv, depths.csv)")
-    p.add_argument("--n-train", type=_positive_int, default=800)
-    p.add_argument("--n-test", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=_image_count, default=800)
+    p.add_argument("--n-test", type=_image_count, default=200)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("folds", help="stratified k-fold split by salt-coverage class")
     p.add_argument("--data", required=True, help="dataset folder (train/masks or train.csv)")
     p.add_argument("--k", type=_positive_int, default=5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=_seed, default=42)
     p.add_argument("--out", default="folds/folds.csv")
     p.set_defaults(func=cmd_folds)
 
@@ -239,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submission", default=None, help="submission path (default: submissions/<name>.csv)")
     p.set_defaults(func=cmd_all)
 
+    p = sub.add_parser("blend", help="weighted mean of runs' OOF and test probabilities, tuned and submitted as a run")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders on the same folds, e.g. runs/a runs/b")
+    p.add_argument("--name", required=True, help="the blend's run name: writes <runs-dir>/NAME and submissions/NAME.csv")
+    p.add_argument("--weights", default="auto", help="'auto' (searched on the OOF, nested; default) or e.g. 1,2")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--data", default=None, help="dataset folder with test/images (default: the first run's)")
+    p.add_argument("--force", action="store_true", help="remake the blend (also one of other runs under NAME)")
+    p.add_argument("--submission", default=None, help="submission path (default: submissions/NAME.csv)")
+    p.set_defaults(func=cmd_blend)
+
     p = sub.add_parser("tune", help="search threshold and min area on the out-of-fold predictions")
     p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_quick")
     p.set_defaults(func=cmd_tune)
@@ -274,43 +308,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("kaggle", help="download, submit, and build/push the Kaggle kernel")
-    _add_kaggle_commands(p)
-    p.set_defaults(func=cmd_kaggle)
+    _add_kaggle_commands(p)  # each sub-command sets its own func
     return parser
 
 
 def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="kaggle_command", required=True, parser_class=_Parser, metavar="command")
-    p = sub.add_parser("download", help="download and unpack the competition data, then verify it")
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("submit", help="check a submission CSV, then submit it to the competition")
-    p.add_argument("--csv", required=True)
-    p.add_argument("-m", "--message", required=True)
-    p.add_argument("--test", default=None, help="test folder to check against (default: skip id check)")
-    p = sub.add_parser("kernel", help="render, push and follow the training kernel")
-    ksub = p.add_subparsers(dest="kernel_command", required=True, parser_class=_Parser, metavar="command")
-    q = ksub.add_parser("build", help="render kernels/<purpose>/ with the pipeline bundled")
-    _config_args(q)
-    q.add_argument("--user", required=True, help="your Kaggle user name")
-    q.add_argument("--slug", default="tgs-salt-pipeline-train")
-    q.add_argument("--out", default="kernels/train")
-    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (default) or NvidiaL4; P100 is retired")
-    q.add_argument("--pseudo-round", action="store_true",
-                   help="after the run, train it again on its confident test labels (pseudo.teacher); "
-                        "that second run writes submission.csv")
-    q = ksub.add_parser("push", help="kaggle kernels push -p on the rendered folder")
-    q.add_argument("--dir", default="kernels/train")
-    q = ksub.add_parser("status", help="kaggle kernels status of the rendered kernel")
-    q.add_argument("--dir", default="kernels/train")
-    q = ksub.add_parser("output", help="fetch the kernel's output (its submission.csv)")
-    q.add_argument("--dir", default="kernels/train")
-    q.add_argument("--out", default="kernels/output")
+    from pipeline.kaggle.commands import add_commands  # argparse only: --help stays fast
+
+    add_commands(parser, parser_class=_Parser, config_args=_config_args)
+
+
+RUN_COMMANDS_BY_CONFIG = ("train", "all", "branch")
+
+
+def run_dir_of(args: argparse.Namespace) -> Path | None:
+    """The run folder a command acts on (for its log.txt), or None."""
+    if getattr(args, "fold_worker", False):  # its parent logs the lines it echoes
+        return None
+    if args.command in RUN_COMMANDS_BY_CONFIG:
+        from pipeline.config import load_config
+
+        try:
+            return load_config(args.config, args.overrides).run_dir
+        except PipelineError:
+            return None  # the command itself reports the bad config
+    run = getattr(args, "run", None)
+    return Path(run) if run else None
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     parser = build_parser()
     args = parser.parse_args(argv)
+    run_dir = run_dir_of(args)
+    if run_dir is None:
+        return _call(args)
+    from pipeline.runlog import run_log
+
+    with run_log(run_dir, sys.argv[1:] if argv is None else argv) as log:
+        code = _call(args)
+        if log is not None:
+            log.exit_code = code
+    return code
+
+
+def _call(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except PipelineError as exc:

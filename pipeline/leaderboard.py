@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.errors import PipelineError
 
 COLUMNS = [
     "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "empty_threshold", "min_area", "tta",
-    "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes",
+    "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes", "members",
 ]
 WALL_FILE = "wall.json"  # {"minutes": .., "config_digest": ..}: written by `pipeline all`
 DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
@@ -31,7 +32,7 @@ TABLE_COLUMNS = [
     ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
     ("empty_threshold", "empty_thr", True), ("min_area", "min_area", True), ("tta", "tta", False),
     ("train_minutes", "train_min", True), ("wall_minutes", "wall_min", True), ("date", "date (UTC)", False),
-    ("git_commit", "commit", False),
+    ("git_commit", "commit", False), ("members", "members", False),
 ]
 
 
@@ -121,10 +122,12 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
     cfg = load_run_config(run)
     folds = cfg.fold_list()
     digest = cfg.digest()
+    members = _blend_members(run)
     return {
         "run": cfg.name,
-        "model": cfg.model.name,
-        "loss": _loss_label(cfg),
+        # a blend's config is its first member's, renamed: its model and loss describe no one model
+        "model": "blend" if members else cfg.model.name,
+        "loss": "-" if members else _loss_label(cfg),
         "folds": f"{len(folds)}/{cfg.n_folds}",
         "cv_at_05": f"{float(tune_result['cv_at_05']):.4f}",
         "cv_tuned": f"{float(tune_result['cv_tuned']):.4f}",
@@ -139,29 +142,47 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
         "config_hash": digest,
         "run_dir": str(run),
         "wall_minutes": _wall_minutes(run, digest),
+        "members": members,
     }
+
+
+def _blend_members(run: Path) -> str:
+    """'A:0.50 B:0.50' for a blend (its blend.json), "" for a trained run."""
+    from pipeline.fileio import read_json
+    from pipeline.rundir import BLEND_FILE
+
+    path = run / BLEND_FILE
+    if not path.exists():
+        return ""
+    blend = read_json(path)
+    return describe_members(blend) if isinstance(blend, dict) else ""
+
+
+def describe_members(blend: dict[str, Any]) -> str:
+    """'A:0.50 B:0.50': a blend.json's members and weights, as the members column shows them."""
+    return " ".join(f"{m['name']}:{float(m['weight']):.2f}" for m in blend.get("members", []))
 
 
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
     """The rows of a leaderboard CSV ([] when it does not exist yet). A row from a file written
     before a column existed has "" there, except empty_threshold: the row's threshold (what it was)."""
+    from pipeline.fileio import read_text
+
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
+    text = read_text(path)  # a folder, permissions, not UTF-8, far too large: one line naming it
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                return []
-            if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
-                raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
-            rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
-            if "empty_threshold" not in reader.fieldnames:
-                for row in rows:
-                    row["empty_threshold"] = row.get("threshold", "")
-            return rows
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not UTF-8 text") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None:
+            return []
+        if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
+            raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
+        rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+        if "empty_threshold" not in reader.fieldnames:
+            for row in rows:
+                row["empty_threshold"] = row.get("threshold", "")
+        return rows
     except csv.Error as exc:
         raise PipelineError(f"{path}: malformed CSV ({exc})") from None
 

@@ -109,6 +109,9 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
             total += fold_probs(cfg, fold, test.images, rt, flips, bar)
     probs = (total / len(folds)).astype(np.float16)
     run = Path(run_dir)
+    # predict.json marks a finished prediction: gone first, so a kill between the two writes below
+    # never leaves new probabilities beside old ids under a record that says they match
+    (run / "predict.json").unlink(missing_ok=True)
     fileio.write_npy(run / "test_probs.npy", probs)
     fileio.write_text(run / "test_ids.txt", "\n".join(test.ids) + "\n")
     seconds = time.perf_counter() - started

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from pipeline.errors import PipelineError
 
 # val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
 # the raw weights' when they differ (empty otherwise).
+# A blend's run folder (pipeline/blend.py) holds this file: its members, weights and search;
+# the leaderboard lists the members from it.
+BLEND_FILE = "blend.json"
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
@@ -156,7 +160,17 @@ def write_log(path: Path, rows: list[dict]) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
-    if not path.exists():
+    """log.csv's rows ([] when there is none yet); each row's epoch is checked to be an integer,
+    since resuming and branching keep the rows up to an epoch."""
+    if not os.path.lexists(path):
         return []
-    with open(path, encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    text = fileio.read_text(path)  # a folder, permissions, not UTF-8: one line naming it
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise PipelineError(f"{path}: malformed CSV ({exc})") from None
+    for line, row in enumerate(rows, start=2):
+        if not str(row.get("epoch") or "").strip().isdigit():
+            raise PipelineError(f"{path}: line {line} has epoch {row.get('epoch')!r}, expected a whole number "
+                                "(a damaged training log: delete it, and training resumes without its earlier rows)")
+    return rows

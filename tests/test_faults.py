@@ -32,7 +32,7 @@ def _train_command(config_path: Path) -> list[str]:
 
 
 def _env():
-    # exact resume is the CPU's promise (a GPU's is tests/test_cuda.py's): no GPU for the processes
+    # exact resume is the CPU's promise (a GPU's is tests/test_cuda_repro.py's): no GPU for the processes
     return dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1", CUDA_VISIBLE_DEVICES="")
 
 

@@ -75,7 +75,7 @@ def test_second_call_skips_a_complete_fold(synth_data, tmp_path, capsys):
 def test_resume_continues_to_identical_weights(synth_data, tmp_path, ema_decay):
     straight = tiny_config(synth_data, tmp_path / "a", "train.epochs=3", "augment.shift_scale=0.5",
                            f"train.ema_decay={ema_decay}")
-    train_folds(straight, device="cpu")  # exact on the CPU; CUDA: tests/test_cuda.py
+    train_folds(straight, device="cpu")  # exact on the CPU; CUDA: tests/test_cuda_repro.py
 
     interrupted = tiny_config(synth_data, tmp_path / "b", "train.epochs=3", "augment.shift_scale=0.5",
                               f"train.ema_decay={ema_decay}")
