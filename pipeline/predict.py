@@ -1,7 +1,8 @@
 """Test inference: every fold's best model, each with TTA, averaged at 101x101.
 
 `predict_run` writes `runs/<name>/test_probs.npy` (float16 [N,101,101]), `test_ids.txt`
-and `predict.json`. Probabilities, not masks, are saved so that runs can be blended
+and, last, `predict.json` naming both by digest and the fold results predicted with, so the
+three are one unit (pipeline/runstate.py). Probabilities, not masks, are saved so that runs can be blended
 later and thresholds changed without running the models again.
 """
 
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import fileio
 from pipeline.config import VALID_TTA, Config, load_run_config
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime, resolve_runtime
@@ -118,9 +118,17 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
 
     from pipeline.data import fingerprint_test_images, load_test
 
-    cfg = load_run_config(run_dir)
+    from pipeline.runstate import check_fold_files, finished_folds, write_predictions
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
     flips = parse_tta(tta, cfg.predict.tta)
     folds = cfg.fold_list()
+    # only finished folds, with the checkpoints their done.json recorded: a fold killed in a
+    # `train --force` has a best.pt of one epoch that must never reach a submission
+    inputs = finished_folds(cfg, run)
+    for fold in folds:
+        check_fold_files(run, fold, [path.name for path in fold_checkpoints(cfg, fold)])
     # taken before reading: a test set changed while predicting then looks stale next time
     fingerprint = fingerprint_test_images(data_dir or cfg.data)
     test = load_test(data_dir or cfg.data)
@@ -134,13 +142,15 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
         for fold in folds:  # each fold weighs the same, however many snapshots it averages
             total += fold_probs(cfg, fold, test.images, rt, flips, bar)
     probs = (total / len(folds)).astype(np.float16)
-    run = Path(run_dir)
-    fileio.write_npy(run / "test_probs.npy", probs)
-    fileio.write_text(run / "test_ids.txt", "\n".join(test.ids) + "\n")
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
+                            f"probabilities for {int((~np.isfinite(probs)).any(axis=(1, 2)).sum())} test images")
     seconds = time.perf_counter() - started
-    fileio.write_json(run / "predict.json", {
+    # one unit: predict.json, written last, names the other two by digest (see pipeline/runstate.py)
+    write_predictions(run, test.ids, probs, {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
         "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),
+        "inputs": inputs,
     })
     print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA "
           f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pipeline import fileio
-from pipeline.config import Config, dump_yaml, flatten, load_config, save_config
+from pipeline.config import Config, check_folds, dump_yaml, flatten, load_config, save_config
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
 from pipeline.predict import to_batch
@@ -346,7 +346,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         log_rows = [row for row in read_log(fold_dir / "log.csv") if int(row["epoch"]) <= state.epoch]
         say(f"fold {fold}: resuming at epoch {state.epoch + 1}/{t.epochs} (best {state.best_score:.4f})")
     elif dist.is_main:
-        for stale in ("best.pt", "last.pt", "prev.pt", "stage1.pt", "oof.npy", "oof_ids.txt", "done.json",
+        # done.json first: a kill part-way through must not leave a "finished" fold without its files
+        for stale in ("done.json", "best.pt", "last.pt", "prev.pt", "stage1.pt", "oof.npy", "oof_ids.txt",
                       "log.csv", *(p.name for p in snapshot_paths(fold_dir))):
             (fold_dir / stale).unlink(missing_ok=True)
     dist.barrier()
@@ -470,7 +471,12 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "finished": round(time.time(), 1),
             "config_digest": digest}
     if dist.is_main:
+        from pipeline.predict import fold_checkpoints
+        from pipeline.runstate import fold_file_digests
+
         done.update(write_final_oof(cfg, fold, val_images, val_masks, rt))
+        # the fold's files as finished: tune and predict check them against this (pipeline/runstate.py)
+        done["files"] = fold_file_digests(fold_dir, fold_checkpoints(cfg, fold))
         fileio.write_json(fold_dir / "done.json", done)
     dist.barrier()
     return done
@@ -550,9 +556,11 @@ def fold_is_done(cfg: Config, fold: int) -> bool:
     if not done.exists():
         return False
     try:
-        return fileio.read_json(done).get("config_digest") == training_digest(cfg) and \
-            (done.parent / "oof.npy").exists()
-    except PipelineError:
+        info = fileio.read_json(done)
+        recorded = info.get("files") or {"oof.npy": ""}  # a done.json from before it recorded its files
+        return info.get("config_digest") == training_digest(cfg) and \
+            all((done.parent / name).exists() for name in recorded)
+    except (PipelineError, AttributeError):
         return False
 
 
@@ -584,6 +592,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
     `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
     (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
     """
+    check_folds(cfg.folds, cfg.n_folds, f"{cfg.name}: folds")  # before config.yaml is written
     if (parallel_folds or cfg.train.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         from pipeline.parallel import train_folds_in_parallel
 

@@ -96,6 +96,10 @@ def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) 
         if not (fold_dir / name).exists():
             state = "not trained" if not fold_dir.is_dir() or name != "done.json" else "not finished"
             raise PipelineError(f"{fold_dir / name}: missing (fold {fold} {state})")
+    if require_done:  # the OOF that done.json recorded, not one a later (killed) retrain left
+        from pipeline.runstate import OOF_FILES, check_fold_files
+
+        check_fold_files(Path(run_dir), fold, OOF_FILES)
     try:
         probs = np.load(fold_dir / "oof.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -325,11 +329,14 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     from pipeline.folds import coverage_class
     from pipeline.leaderboard import record_run
     from pipeline.rle import encode_many, write_rle_csv
+    from pipeline.runstate import tune_inputs
     from pipeline.submit import binarize
 
     started = time.perf_counter()
     run = Path(run_dir)
     cfg = load_run_config(run)
+    # every fold finished with the run's config; tune.json records which results it tuned on
+    inputs = tune_inputs(cfg, run)
     ids, probs = assemble_oof(run)
     if not ids:
         raise PipelineError(f"{run}: the config trains no folds, nothing to tune")
@@ -361,6 +368,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
         "grid_size": [len(found["thresholds"]), len(found["empty_thresholds"]), len(found["min_areas"])],
         "n_searched": found["n_searched"],
         "seconds": 0.0,
+        **inputs,
     }
 
     masks = found["post"].apply(probs, blank=blank)
