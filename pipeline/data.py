@@ -212,7 +212,16 @@ def list_image_ids(folder: str | os.PathLike) -> list[str]:
         raise PipelineError(f"{folder}: folder not found") from None
     except NotADirectoryError:
         raise PipelineError(f"{folder}: not a folder") from None
-    return sorted(name[:-4] for name in names if name.endswith(".png") and not name.startswith("."))
+    ids = sorted(name[:-4] for name in names if name.endswith(".png") and not name.startswith("."))
+    spaced = [image_id for image_id in ids if has_whitespace(image_id)]
+    if spaced:  # test_ids.txt and oof_ids.txt hold ids split on whitespace: "a b" would become two
+        raise PipelineError(f"{Path(folder) / (spaced[0] + '.png')}: id {spaced[0]!r} holds whitespace "
+                            f"({len(spaced)} such file(s)); rename them")
+    return ids
+
+
+def has_whitespace(image_id: str) -> bool:
+    return any(char.isspace() for char in image_id)
 
 
 def _read_many(reader: Callable[[Path], np.ndarray], paths: Sequence[Path], dtype) -> np.ndarray:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,26 +144,41 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
 
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
     """The rows of a leaderboard CSV ([] when it does not exist yet). A row from a file written
-    before a column existed has "" there, except empty_threshold: the row's threshold (what it was)."""
+    before a column existed has "" there, except empty_threshold: the row's threshold (what it was).
+
+    Every row is one line (no value holds a line break), so each line is parsed on its own: an
+    unbalanced quote (a hand edit) spoils its own row, never the rows after it, and is warned
+    about. A byte-order mark (a spreadsheet's "CSV UTF-8") is skipped."""
     path = Path(path)
     if not path.exists():
         return []
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:
-                return []
-            if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
-                raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
-            rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
-            if "empty_threshold" not in reader.fieldnames:
-                for row in rows:
-                    row["empty_threshold"] = row.get("threshold", "")
-            return rows
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        return []
+    try:
+        fieldnames = next(csv.reader([lines[0][1]]))
+        if "run" not in fieldnames or "cv_tuned" not in fieldnames:
+            raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
+        rows = []
+        for number, line in lines[1:]:
+            if line.count('"') % 2:
+                print(f"warning: {path}: line {number} has an unbalanced quote; its row is read as it stands",
+                      file=sys.stderr)
+            values = next(csv.reader([line]))
+            row = dict(zip(fieldnames, values + [""] * (len(fieldnames) - len(values))))
+            rows.append({k: (v or "") for k, v in row.items()})
     except csv.Error as exc:
         raise PipelineError(f"{path}: malformed CSV ({exc})") from None
+    if "empty_threshold" not in fieldnames:
+        for row in rows:
+            row["empty_threshold"] = row.get("threshold", "")
+    return rows
 
 
 def _cv(row: dict[str, str]) -> float:

@@ -123,9 +123,14 @@ def check_fold_files(run: Path, fold: int, names, rerun: str = "run `python -m p
 # ---------------------------------------------------------------- tune.json
 
 
+def _tune_digest(cfg: Config) -> str:
+    # the run's name and place are not what it was tuned with: a moved run stays tuned
+    return cfg.digest(ignore=("folds", "runs_dir", "name"))
+
+
 def tune_inputs(cfg: Config, run: Path) -> dict[str, Any]:
     """What tune.json records of its inputs (see `tune_is_current`)."""
-    return {"inputs": finished_folds(cfg, run), "config_digest": cfg.digest()}
+    return {"inputs": finished_folds(cfg, run), "config_digest": _tune_digest(cfg)}
 
 
 def check_tune_current(cfg: Config, run: Path, tuned: dict) -> None:
@@ -139,7 +144,7 @@ def check_tune_current(cfg: Config, run: Path, tuned: dict) -> None:
     if recorded != current:
         changed = sorted(set(recorded) ^ set(current)) or [k for k in current if recorded[k] != current[k]]
         raise PipelineError(f"{path}: tuned on other fold results than the run's ({changed[0]} differs) — {rerun}")
-    if tuned.get("config_digest") != cfg.digest():
+    if tuned.get("config_digest") != _tune_digest(cfg):
         raise PipelineError(f"{path}: tuned with another config than the run's config.yaml — {rerun}")
 
 

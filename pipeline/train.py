@@ -157,7 +157,25 @@ class LoopState:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
+    bad = first_non_finite(payload.get("model", {}))
+    if bad is not None:  # never kept as "good": the loop stops before this; this is the last guard
+        raise PipelineError(f"{path}: not written, weight {bad} is NaN or infinite")
     fileio.write_with(path, lambda handle: torch.save(payload, handle))
+
+
+def first_non_finite(state_dict: dict) -> str | None:
+    """The name of the first floating tensor of `state_dict` holding NaN or inf, else None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def last_good_checkpoint(fold_dir: Path) -> str:
+    """What a diverged fold can resume from: last.pt (only finite weights are ever saved), or none."""
+    if (fold_dir / "last.pt").exists():
+        return f"last good checkpoint kept at {fold_dir / 'last.pt'}"
+    return "no checkpoint kept (it diverged before the end of its first epoch)"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -180,6 +198,11 @@ def load_resume_checkpoint(fold_dir: Path, digest: str) -> dict | None:
             checkpoint = load_checkpoint(path)
         except PipelineError as exc:
             print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        bad = first_non_finite(checkpoint.get("model", {}))
+        if bad is not None:  # kept by a version that saved diverged weights: never resumed from
+            print(f"warning: {path}: weight {bad} is NaN or infinite; trying the previous checkpoint",
+                  file=sys.stderr)
             continue
         if checkpoint.get("config_digest") != digest:
             raise PipelineError(
@@ -361,6 +384,10 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
 
     say(f"fold {fold}: {len(train_set)} train / {len(val_index)} val images on {rt.describe()}"
         + (f" x {dist.world_size} processes" if dist.enabled else ""))
+    def diverged(what: str):
+        raise PipelineError(f"{fold_dir}: fold {fold} epoch {state.epoch + 1}: {what}; training stopped, "
+                            f"{last_good_checkpoint(fold_dir)} (lower train.lr or set train.grad_clip)")
+
     while state.epoch < t.epochs:
         epoch = state.epoch
         started = time.perf_counter()
@@ -384,11 +411,13 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                                          show_progress=dist.is_main,
                                          after_step=(lambda: ema.update_parameters(model)) if ema else None)
         except NonFiniteLoss as exc:
-            raise PipelineError(
-                f"{fold_dir}: fold {fold} epoch {epoch + 1}: {exc}; training stopped, "
-                f"last good checkpoint kept at {fold_dir / 'last.pt'} (lower train.lr or set train.grad_clip)"
-            ) from None
+            diverged(str(exc))
         train_loss = dist.mean(train_loss)
+        # a finite loss does not make finite weights: the last step of the epoch may have overflowed
+        bad = first_non_finite(model.state_dict()) or (first_non_finite(eval_model.state_dict())
+                                                       if eval_model is not model else None)
+        if bad is not None:
+            diverged(f"weight {bad} became NaN or infinite")
 
         # --- validate with the competition metric at threshold 0.5 (shards gathered across ranks)
         validating = epoch + 1 >= t.validate_from
@@ -397,6 +426,8 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
             shard_probs, shard_loss = validate(eval_model, val_images[val_shard], val_masks[val_shard], loss_fn,
                                                cfg, rt, epoch, cfg.predict.batch_size)
             val_probs = dist.gather_concat(shard_probs)
+            if not np.isfinite(val_probs).all():  # NaN > 0.5 is False: it would score as all-empty masks
+                diverged("validation probabilities are NaN or infinite")
             val_score = competition_score(val_masks, val_probs > 0.5)
             val_loss = dist.mean(shard_loss)
             if ema is not None:
