@@ -544,6 +544,9 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
         return {}  # one plain pass of best.pt: the OOF training kept is already that
     n_checkpoints = len(checkpoints)
     probs = fold_probs(cfg, fold, val_images, rt, tta)
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{cfg.run_dir / f'fold{fold}' / 'oof.npy'}: not written, the fold's checkpoints "
+                            "predict NaN or infinite probabilities")
     fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
     print(f"fold {fold}: OOF as predicted for the test set ({n_checkpoints} checkpoint(s) x TTA {tta}): "

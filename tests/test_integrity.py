@@ -385,6 +385,6 @@ def test_soak_train_force_killed_at_every_write_boundary_of_its_first_epochs(run
     assert submitted is None or (run / "fold0" / "done.json").exists()
     train_folds(cfg)
     tune_run(run, leaderboard_csv=tmp_path / "leaderboard.csv")
-    predict_run(run)
+    predict_run(run, tta="none")
     assert submitted_or_refused(run, finished[1], tmp_path / "redone.csv") == "none"
     assert temp_files(run) == []
