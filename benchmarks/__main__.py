@@ -133,7 +133,7 @@ def markdown(result: dict) -> str:
     procs = {row["ours"]["procs"] for row in result["models"] if row["ours"] and "procs" in row["ours"]}
     if procs:
         lines.append(f"\n`*_procs`: {'/'.join(map(str, sorted(procs)))} single-thread processes at once (as "
-                     f"`train.parallel_folds` trains folds), their images/s added up and peak MB summed.")
+                     f"`run.parallel_folds` trains folds), their images/s added up and peak MB summed.")
     for model_name, best in result["fast_path"].items():
         lines.append(f"\nFastest training path of {model_name}: {best['path']}, {best['train_speedup']}x fp32 "
                      f"training and {best['infer_speedup']}x fp32 inference.")

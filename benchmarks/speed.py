@@ -7,7 +7,7 @@ Paths: fp32 (plain), cl (channels_last), bf16 / fp16 (autocast; fp16 only on CUD
 fp16_cl (both), compile (torch.compile on the best eager path: bf16 + channels_last where the
 device has native bf16, else fp32 + channels_last), and on a CPU with more than one core
 cl_procs (or bf16_cl_procs): that eager path in one single-thread process per core, run
-concurrently, their images/s added up (`measure_procs`) -- how `train.parallel_folds` trains
+concurrently, their images/s added up (`measure_procs`) -- how `run.parallel_folds` trains
 k folds, and the only path on which more cores than one help small convolutions much. On a
 CPU without native bf16 (no AVX-512 BF16 / AMX, e.g. an AVX2-only EPYC) autocast to bf16 is
 emulated and slower than fp32 (there the seed UNet's bf16 process had not finished after twice
@@ -344,7 +344,7 @@ def default_paths(device: str) -> list[str]:
     if device.startswith("cuda"):
         return ["fp32", "cl", "bf16", "bf16_cl", "fp16_cl", "compile"]
     # on CPU also the best eager path as one single-thread process per core: how
-    # `train.parallel_folds` trains k folds (small convolutions scale badly across threads)
+    # `run.parallel_folds` trains k folds (small convolutions scale badly across threads)
     procs = [best_eager_path(device) + PROCS_SUFFIX] if (os.cpu_count() or 1) > 1 else []
     if not native_bf16(device):  # emulated bf16: slower than fp32, not a path anyone would take
         return ["fp32", "cl", "compile", *procs]
@@ -461,7 +461,7 @@ def data_throughput(batch: int, size: int, seconds: float = 5.0) -> dict:
 
     from pipeline.augment import build_train_transform
     from pipeline.config import AugmentConfig, Config
-    from pipeline.predict import to_batch
+    from pipeline.geometry import to_batch
     from pipeline.runtime import resolve_runtime
     from pipeline.train import SaltDataset
 

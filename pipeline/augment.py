@@ -46,7 +46,3 @@ def build_train_transform(cfg: AugmentConfig, seed: int):
             )
         )
     return A.Compose(transforms, seed=seed)
-
-
-def is_identity(cfg: AugmentConfig) -> bool:
-    return cfg.hflip <= 0 and cfg.shift_scale <= 0 and cfg.brightness_contrast <= 0

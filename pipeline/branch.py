@@ -2,7 +2,7 @@
 
 cpu_best spends 49 of its 88 epochs on BCE before the Lovasz stage, and most of what is worth
 trying at this budget changes only the Lovasz stage (its hinge, its BCE share, ...). A run
-trained with `train.keep_stage1: true` keeps each fold's resume checkpoint at the switch
+trained with `run.keep_stage1: true` keeps each fold's resume checkpoint at the switch
 (`fold<k>/stage1.pt`); `pipeline branch --from runs/A --config CFG --set ...` starts a new run
 whose folds resume from those checkpoints, so every stage-2 variant costs only its stage 2.
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline import fileio
 from pipeline.config import Config, flatten, load_config
 from pipeline.errors import PipelineError
+from pipeline.rundir import FoldDir, is_training_key, prepare_run_dir, read_log, training_digest, write_log
 
 # Keys that shape only the stage-2 loss when stage 1 is plain BCE.
 STAGE2_LOSS_KEYS = ("loss.stage2_name", "loss.lovasz_hinge", "loss.symmetric_lovasz", "loss.bce_weight",
@@ -39,8 +40,6 @@ def stage2_only_keys(source: Config, branch: Config) -> set[str]:
 
 def stage1_differences(source: Config, branch: Config) -> list[str]:
     """Training keys on which the two configs differ before the switch (must be none)."""
-    from pipeline.train import is_training_key
-
     old, new = flatten(source), flatten(branch)
     free = stage2_only_keys(source, branch)
     return [k for k in new if is_training_key(k) and k not in free and old.get(k) != new[k]]
@@ -52,8 +51,7 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
     Writes cfg's run dir (config.yaml) and, per fold, last.pt (the source's stage1.pt under
     cfg's config digest) and log.csv (the source's rows up to the switch). Training the run
     (`pipeline train` / `all` with the same config) then resumes from there."""
-    from pipeline.train import load_checkpoint, prepare_run_dir, read_log, save_checkpoint, training_digest, \
-        write_log
+    from pipeline.checkpoints import load_checkpoint, save_checkpoint
 
     source_dir = Path(source_dir)
     source = load_config(source_dir / "config.yaml")
@@ -65,14 +63,15 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
                             "a branch may change only what acts after loss.stage2_from_epoch")
     if cfg.run_dir.resolve() == source_dir.resolve():
         raise PipelineError(f"{source_dir}: a branch needs a run name of its own (--set name=...)")
-    fold_dirs = [cfg.run_dir / f"fold{k}" for k in cfg.fold_list()]
-    started = [d for d in fold_dirs if (d / "last.pt").exists() or (d / "done.json").exists()]
+    folders = [FoldDir.of(cfg, k) for k in cfg.fold_list()]
+    started = [d.path for d in folders if d.last.exists() or d.done.exists()]
     if started:
         raise PipelineError(f"{started[0]}: already has training state; branch into a new run name")
-    stage1 = [source_dir / f"fold{k}" / "stage1.pt" for k in cfg.fold_list()]
+    sources = [FoldDir.of(source_dir, k) for k in cfg.fold_list()]
+    stage1 = [d.stage1 for d in sources]
     missing = [p for p in stage1 if not p.exists()]
     if missing:
-        raise PipelineError(f"{missing[0]}: not found; train the source run with train.keep_stage1: true")
+        raise PipelineError(f"{missing[0]}: not found; train the source run with run.keep_stage1: true")
 
     # every checkpoint is checked before anything is written: a refused branch leaves no run behind
     checkpoints = [load_checkpoint(src) for src in stage1]
@@ -90,12 +89,12 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
     digest = training_digest(cfg)
     written = []
     switch = source.loss.stage2_from_epoch  # the epoch every checkpoint holds (checked above)
-    for src, dst_dir, checkpoint in zip(stage1, fold_dirs, checkpoints):
-        dst_dir.mkdir(parents=True, exist_ok=True)
+    for src, dst, checkpoint in zip(sources, folders, checkpoints):
+        dst.path.mkdir(parents=True, exist_ok=True)
         checkpoint["config_digest"] = digest
-        save_checkpoint(dst_dir / "last.pt", checkpoint)
-        rows = [row for row in read_log(src.parent / "log.csv") if int(row["epoch"]) <= switch]
-        write_log(dst_dir / "log.csv", rows)
-        fileio.write_json(dst_dir / "branched_from.json", {"source": str(source_dir), "epoch": switch})
-        written.append(dst_dir / "last.pt")
+        save_checkpoint(dst.last, checkpoint)
+        rows = [row for row in read_log(src.log) if int(row["epoch"]) <= switch]
+        write_log(dst.log, rows)
+        fileio.write_json(dst.branched_from, {"source": str(source_dir), "epoch": switch})
+        written.append(dst.last)
     return written

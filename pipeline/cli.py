@@ -93,7 +93,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import check_folds, load_config
-    from pipeline.train import train_folds
+    from pipeline.folds_runner import train_folds
 
     cfg = load_config(args.config, args.overrides)
     if args.folds is not None:
@@ -223,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=_folds_arg, default=None, help="e.g. 0,1 (default: the config's)")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the folds afresh")
     p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
-    p.add_argument("--resume", action="store_true", help="(default) continue from last.pt")
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
     p.add_argument("--fold-worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel-folds
     p.set_defaults(func=cmd_train)
@@ -231,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("branch", help="start a run from another run's end of stage 1 (stage-2 variants)")
     _config_args(p)
     p.add_argument("--from", dest="source", required=True, help="the source run folder, trained with "
-                   "train.keep_stage1: true")
+                   "run.keep_stage1: true")
     p.add_argument("--data", default=None, help="dataset folder, as given to `all` (default: the config's)")
     p.set_defaults(func=cmd_branch)
 

@@ -105,17 +105,9 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: str = "auto"  # "auto" | "on" | "off"
     compile: bool = False
-    num_workers: int = 0
-    threads: int = 0  # torch CPU threads; 0 = all cores
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
     grad_clip: float = 0.0
     sync_bn: bool = False  # DDP only: SyncBatchNorm across processes
-    # Train the folds as concurrent processes (pipeline/parallel.py), as --parallel-folds does:
-    # one per GPU, or on CPU `fold_workers` processes sharing the cores (0 = one per core).
-    # Small convolutions scale badly across threads: on 2 cores, 2 or 3 single-thread
-    # processes train 1.4-1.6x the images/s of one 2-thread process (docs/experiments.md).
-    parallel_folds: bool = False
-    fold_workers: int = 0
     # Validate (and keep checkpoints by the metric) only from this epoch on (1-based; 0 = every
     # epoch): early epochs are never the best ones, and validation is ~13% of an epoch's time.
     validate_from: int = 0
@@ -127,10 +119,30 @@ class TrainConfig:
     # best.pt and so the OOF and the test predictions use the average; log.csv keeps the raw
     # weights' score beside it (val_score_raw), so every run is its own A/B.
     ema_decay: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """Where and how fast a run goes, apart from the hyper-parameters: none of these keys
+    changes the trained weights, so none enters the training digest (pipeline/rundir.py).
+    Older configs have them under `train:`; they load as run.* (LEGACY_RUN_KEYS)."""
+
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    num_workers: int = 0  # DataLoader worker processes
+    # Train the folds as concurrent processes (pipeline/folds_runner.py), as --parallel-folds
+    # does: one per GPU, or on CPU `fold_workers` processes sharing the cores (0 = one per core);
+    # small convolutions scale badly across threads, so on few cores this trains faster.
+    parallel_folds: bool = False
+    fold_workers: int = 0
     # Keep each fold's resume checkpoint at the switch to the stage-2 loss (fold<k>/stage1.pt),
     # so `pipeline branch` can start stage-2 variants of this run without repeating stage 1.
     # Without a stage 1 (loss.stage2_from_epoch <= 0, as in smoke tests) nothing is kept.
     keep_stage1: bool = False
+
+
+# The keys that moved from train: to run: (`train.threads` in an old config.yaml or a --set
+# is run.threads).
+LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1")
 
 
 @dataclass
@@ -181,6 +193,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -200,6 +213,8 @@ class Config:
     def digest(self, *, ignore: tuple[str, ...] = ("folds", "runs_dir")) -> str:
         """A short hash of what determines the trained weights (for stale-state checks)."""
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        # hashed where they were before the run: section existed, so older runs keep their digest
+        payload["train"] = {**payload.get("train", {}), **payload.pop("run", {})}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -315,8 +330,8 @@ def _validate(cfg: Config, source: str) -> Config:
     if cfg.train.validate_from > 1 and cfg.train.scheduler == "plateau":
         raise PipelineError(f"{source}: 'train.validate_from' needs a scheduler that does not follow the "
                             "val metric (plateau does): use cosine, cosine_restarts or none")
-    if cfg.train.fold_workers < 0:
-        raise PipelineError(f"{source}: 'train.fold_workers' must be >= 0, got {cfg.train.fold_workers}")
+    if cfg.run.fold_workers < 0:
+        raise PipelineError(f"{source}: 'run.fold_workers' must be >= 0, got {cfg.run.fold_workers}")
     if cfg.train.snapshots and cfg.train.scheduler != "cosine_restarts":
         raise PipelineError(f"{source}: 'train.snapshots' needs train.scheduler: cosine_restarts")
     for key in ("hflip", "shift_scale", "brightness_contrast"):
@@ -355,6 +370,7 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise PipelineError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=3")
     key, raw = assignment.split("=", 1)
+    key = _legacy_run_key(key.strip())
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -369,7 +385,32 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _legacy_run_key(key: str) -> str:
+    """`train.threads` (before the run: section) -> `run.threads`; other keys unchanged."""
+    section, _, name = key.partition(".")
+    return f"run.{name}" if section == "train" and name in LEGACY_RUN_KEYS else key
+
+
+def _move_legacy_run_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A config written before the run: section, with its speed keys under train:, as run.*."""
+    train = values.get("train")
+    if not isinstance(train, dict) or not any(k in train for k in LEGACY_RUN_KEYS):
+        return values
+    run = values.get("run") or {}
+    if not isinstance(run, dict):
+        return values  # _build says run: must be a mapping
+    run = dict(run)
+    for key in LEGACY_RUN_KEYS:
+        if key in train:
+            if key in run:
+                raise PipelineError(f"{source}: both 'train.{key}' and 'run.{key}' given; keep 'run.{key}'")
+            run[key] = train[key]
+    moved = {k: v for k, v in train.items() if k not in LEGACY_RUN_KEYS}
+    return {**values, "train": moved, "run": run}
+
+
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    values = _move_legacy_run_keys(values, source)
     return _validate(_build(Config, values, source), source)
 
 
@@ -397,7 +438,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             loaded = {}
         if not isinstance(loaded, dict):
             raise PipelineError(f"{path}: a config must be a mapping of keys to values")
-        values = loaded
+        values = _move_legacy_run_keys(loaded, source)  # before the overrides, which may spell either
     for assignment in overrides:
         _apply_override(values, assignment)
     return from_dict(values, source)

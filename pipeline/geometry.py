@@ -5,6 +5,9 @@
   so restore(pad_or_resize(x)) == x bit for bit and predictions are never interpolated.
 - "resize": bilinear (align_corners=False) to size and bilinear back to 101.
 
+`to_batch` is the one way a batch of images (and masks) becomes what a model sees, in
+training, validation and prediction alike.
+
 Reflection is done by gathering indices, which is the same as F.pad(mode="reflect")
 (the edge pixel is not repeated) but also works for any dtype and for pads wider than
 the image (the reflection repeats, e.g. 101 -> 320), where F.pad refuses.
@@ -20,6 +23,9 @@ from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     import torch
+
+    from pipeline.config import Config
+    from pipeline.runtime import Runtime
 
 ORIGINAL_SIZE = 101
 MODES = ("pad", "resize")
@@ -97,3 +103,14 @@ def to_model_input(images, mode: str, size: int) -> "torch.Tensor":
     else:
         raise PipelineError(f"to_model_input: images must be uint8 or float, got {tensor.dtype}")
     return pad_or_resize(tensor[:, None], mode, size).contiguous()
+
+
+def to_batch(images: "torch.Tensor", masks: "torch.Tensor | None", cfg: "Config", rt: "Runtime"):
+    """uint8 [B,101,101] -> model input [B,C,S,S] on rt's device (and a binary target [B,1,S,S])."""
+    x = rt.to_input(to_model_input(images, cfg.input.mode, cfg.input.size))
+    if cfg.model.in_chans > 1:
+        x = x.expand(-1, cfg.model.in_chans, -1, -1).contiguous(memory_format=rt.memory_format())
+    if masks is None:
+        return x, None
+    target = pad_or_resize(masks[:, None].float(), cfg.input.mode, cfg.input.size)
+    return x, (target > 0.5).float().to(rt.device, non_blocking=True)

@@ -59,10 +59,11 @@ def _train_minutes(run: Path, folds: list[int]) -> float:
     time (--parallel-folds), the span from the first start to the last finish (done.json's
     `finished` minus `seconds` is a fold's start), whichever is shorter."""
     from pipeline.fileio import read_json
+    from pipeline.rundir import FoldDir
 
     spans: list[tuple[float, float | None]] = []  # (seconds, finished)
     for fold in folds:
-        done = run / f"fold{fold}" / "done.json"
+        done = FoldDir.of(run, fold).done
         if done.exists():
             try:
                 info = read_json(done)

@@ -81,11 +81,6 @@ def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = T
     return lovasz_hinge_flat(logits.flatten(), labels.flatten(), symmetric, kind)
 
 
-def symmetric_lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor, per_image: bool = True) -> torch.Tensor:
-    """(L(x, y) + L(-x, 1 - y)) / 2: salt and background both scored as Jaccard classes."""
-    return lovasz_hinge(logits, labels, per_image, symmetric=True)
-
-
 # ---------------------------------------------------------------- the training loss
 
 

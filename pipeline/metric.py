@@ -11,7 +11,7 @@ images.
 IoU > t is tested in integers, 100 * intersection > percent * union, so a ratio
 that lands exactly on a threshold (11/20 vs 0.55) is never decided by float
 rounding. A probability map is binarised as `probs > threshold`, compared in the
-probabilities' own precision without rounding the threshold (see `binarize`).
+probabilities' own precision without rounding the threshold (see `above_threshold`).
 
 Post-processing: the mask `probs > threshold` is kept only when at least `min_area`
 pixels have `probs > empty_threshold`, else the image is predicted empty. The empty
@@ -74,21 +74,12 @@ def _tenths_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarr
 # ---------------------------------------------------------------- post-processing
 
 
-def apply_min_area(pred: np.ndarray, min_area: int) -> np.ndarray:
-    """A new array where every predicted mask with fewer than `min_area` pixels is emptied."""
-    pred = _as_masks(pred, "pred")
-    if min_area < 0:
-        raise ValueError(f"min_area must be >= 0, got {min_area}")
-    keep = mask_areas(pred) >= min_area
-    return pred & keep[:, None, None]
-
-
 def mask_areas(masks: np.ndarray) -> np.ndarray:
     """Pixels per mask, int64 [N], of bool masks [N, H, W]."""
     return _count_per_row(_rows(_as_masks(masks, "masks")))
 
 
-def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
+def above_threshold(probs: np.ndarray, threshold: float) -> np.ndarray:
     """`probs > threshold` as threshold_scores decides it (the threshold taken exactly as float64).
 
     Comparing a float16 array with a Python float lets numpy pick the precision;

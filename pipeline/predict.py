@@ -2,8 +2,8 @@
 
 `predict_run` writes `runs/<name>/test_probs.npy` (float16 [N,101,101]), `test_ids.txt`
 and, last, `predict.json` naming both by digest and the fold results predicted with, so the
-three are one unit (pipeline/runstate.py). Probabilities, not masks, are saved so that runs can be blended
-later and thresholds changed without running the models again.
+three are one unit (pipeline/rundir.py). Probabilities, not masks, are saved so that runs can
+be blended later and thresholds changed without running the models again.
 """
 
 from __future__ import annotations
@@ -23,24 +23,11 @@ from pipeline.runtime import Runtime, resolve_runtime
 FLIP_DIMS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 
 
-def to_batch(images: torch.Tensor, masks: torch.Tensor | None, cfg: Config, rt: Runtime):
-    """uint8 [B,101,101] -> model input [B,C,S,S] (and a binary target [B,1,S,S])."""
-    from pipeline.geometry import pad_or_resize, to_model_input
-
-    x = rt.to_input(to_model_input(images, cfg.input.mode, cfg.input.size))
-    if cfg.model.in_chans > 1:
-        x = x.expand(-1, cfg.model.in_chans, -1, -1).contiguous(memory_format=rt.memory_format())
-    if masks is None:
-        return x, None
-    target = pad_or_resize(masks[:, None].float(), cfg.input.mode, cfg.input.size)
-    return x, (target > 0.5).float().to(rt.device, non_blocking=True)
-
-
 @torch.no_grad()
 def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_size: int,
                   tta: tuple[str, ...] | list[str] = ("none",), bar=None) -> np.ndarray:
     """Probabilities at 101x101 (float32 [N,101,101]); TTA flips are undone before averaging."""
-    from pipeline.geometry import restore
+    from pipeline.geometry import restore, to_batch
 
     model.eval()
     out = np.empty(images.shape, dtype=np.float32)
@@ -60,23 +47,10 @@ def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_siz
     return out
 
 
-def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
-    """The checkpoints whose average is the fold's prediction: its cycle snapshots, or best.pt."""
-    from pipeline.train import snapshot_paths
-
-    fold_dir = cfg.run_dir / f"fold{fold}"
-    if cfg.train.snapshots and snapshot_paths(fold_dir):
-        return snapshot_paths(fold_dir)
-    path = fold_dir / "best.pt"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing (fold {fold} not trained) — run `python -m pipeline train`")
-    return [path]
-
-
 def load_fold_models(cfg: Config, fold: int, rt: Runtime) -> list[torch.nn.Module]:
     """The fold's model(s), built from the run's own config, in eval mode."""
+    from pipeline.checkpoints import fold_checkpoints, load_checkpoint
     from pipeline.models import create_model
-    from pipeline.train import load_checkpoint
 
     models = []
     for path in fold_checkpoints(cfg, fold):
@@ -116,9 +90,9 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path."""
     from tqdm import tqdm
 
+    from pipeline.checkpoints import fold_checkpoints
     from pipeline.data import fingerprint_test_images, load_test
-
-    from pipeline.runstate import check_fold_files, finished_folds, write_predictions
+    from pipeline.rundir import check_fold_files, finished_folds, write_predictions
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -134,7 +108,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     test = load_test(data_dir or cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(data_dir or cfg.data) / 'test' / 'images'}: no test images")
-    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.train.threads)
+    rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.run.threads)
     started = time.perf_counter()
     total = np.zeros(test.images.shape, dtype=np.float32)
     with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",
@@ -146,7 +120,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
         raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
                             f"probabilities for {int((~np.isfinite(probs)).any(axis=(1, 2)).sum())} test images")
     seconds = time.perf_counter() - started
-    # one unit: predict.json, written last, names the other two by digest (see pipeline/runstate.py)
+    # one unit: predict.json, written last, names the other two by digest (see pipeline/rundir.py)
     write_predictions(run, test.ids, probs, {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
         "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),

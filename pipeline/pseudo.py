@@ -13,7 +13,7 @@ any of this fold's validation images (another split).
 The labels are what the teacher would submit (its tuned threshold, empty threshold, min area and
 blank rule); an image is kept only when at most `pseudo.max_uncertain_share` of its pixels
 have a teacher probability inside UNCERTAIN_BAND. Empty and salt images are kept alike. The
-labels are cached per fold (`fold<k>/pseudo.npz`, keyed by the training digest), so a resumed
+labels are cached per fold (`fold<k>/pseudo.npz`, FoldDir.pseudo, keyed by the training digest), so a resumed
 fold does not predict again; a fold started afresh labels again and overwrites the cache.
 """
 
@@ -27,10 +27,10 @@ import numpy as np
 from pipeline import fileio
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
-from pipeline.tune import PostProcess, read_tuned
+from pipeline.postprocess import PostProcess, read_tuned
+from pipeline.rundir import FoldDir
 
 UNCERTAIN_BAND = (0.2, 0.8)  # a teacher probability strictly inside it is not a confident label
-CACHE_NAME = "pseudo.npz"
 
 
 def uncertain_share(probs: np.ndarray, band: tuple[float, float] = UNCERTAIN_BAND) -> np.ndarray:
@@ -53,7 +53,7 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
     if not (run / "config.yaml").is_file():
         raise PipelineError(f"{where}: not a run dir (no config.yaml); train and tune the teacher first")
     teacher = load_run_config(run)
-    ids_path = run / f"fold{fold}" / "oof_ids.txt"
+    ids_path = FoldDir.of(run, fold).oof_ids
     if not ids_path.is_file():
         raise PipelineError(f"{ids_path}: missing — the teacher has no trained fold {fold} to label this fold's "
                             f"pseudo-labels (train it with the same n_folds and folds file)")
@@ -64,10 +64,10 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
                             f"images (e.g. {leaked[0]}): the runs use different folds, and its labels would "
                             f"leak them into training")
     # the teacher's labels are the masks it would submit: its fold finished, its checkpoints those
-    # its done.json recorded, its tune.json made from its folds as they are now (pipeline/runstate.py)
+    # its done.json recorded, its tune.json made from its folds as they are now (pipeline/rundir.py)
     from pipeline.fileio import read_json
-    from pipeline.predict import fold_checkpoints
-    from pipeline.runstate import check_fold_files, check_tune_current
+    from pipeline.checkpoints import fold_checkpoints
+    from pipeline.rundir import check_fold_files, check_tune_current
 
     post = read_tuned(run)
     check_tune_current(teacher, run, read_json(run / "tune.json"))
@@ -89,7 +89,7 @@ def pseudo_labels(cfg: Config, fold: int, val_ids: Sequence[str], rt, digest: st
     training digest."""
     from pipeline.data import is_blank, load_test
 
-    cache = cfg.run_dir / f"fold{fold}" / CACHE_NAME
+    cache = FoldDir.of(cfg, fold).pseudo
     test = load_test(cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(cfg.data) / 'test' / 'images'}: no test images to pseudo-label")

@@ -85,13 +85,3 @@ def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device
 
     use_channels_last = channels_last == "on" or (channels_last == "auto")
     return Runtime(device=dev, amp_dtype=amp_dtype, channels_last=use_channels_last)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.tune import PostProcess
+from pipeline.postprocess import PostProcess, read_tuned_or_default
+from pipeline.rundir import FoldDir
 
 DPI = 100
 TILE_INCHES = 2.0  # one 101x101 image
@@ -89,13 +90,6 @@ def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
 # ---------------------------------------------------------------- what to draw
 
 
-def read_tuned_postprocessing(run: Path) -> PostProcess:
-    """The post-processing in tune.json, or the untuned one (threshold 0.5, min area 0)."""
-    from pipeline.tune import read_tuned
-
-    return read_tuned(run) if (run / "tune.json").exists() else PostProcess()
-
-
 def _available_oof(run: Path, folds: list[int]) -> tuple[list[str], np.ndarray]:
     """OOF of every fold that has one so far (a fold still training shows its best epoch)."""
     from pipeline.tune import read_fold_oof
@@ -103,7 +97,7 @@ def _available_oof(run: Path, folds: list[int]) -> tuple[list[str], np.ndarray]:
     ids: list[str] = []
     parts: list[np.ndarray] = []
     for fold in folds:
-        if (run / f"fold{fold}" / "oof.npy").exists():
+        if FoldDir.of(run, fold).oof.exists():
             fold_ids, probs = read_fold_oof(run, fold, require_done=False)
             ids += fold_ids
             parts.append(probs)
@@ -193,7 +187,7 @@ def _read_log(path: Path) -> dict[str, np.ndarray]:
 
 
 def draw_curves(run: Path, out_dir: Path, folds: list[int]) -> list[Path]:
-    logs = {k: _read_log(run / f"fold{k}" / "log.csv") for k in folds if (run / f"fold{k}" / "log.csv").exists()}
+    logs = {k: _read_log(FoldDir.of(run, k).log) for k in folds if FoldDir.of(run, k).log.exists()}
     logs = {k: v for k, v in logs.items() if len(v["epoch"])}
     if not logs:
         return []
@@ -223,7 +217,7 @@ def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Pa
     run = Path(run_dir)
     cfg = load_run_config(run)
     data = Path(data_dir if data_dir is not None else cfg.data)
-    post = read_tuned_postprocessing(run)
+    post = read_tuned_or_default(run)
     out_dir = run / "show"
     folds = cfg.fold_list()
     paths = draw_oof(run, data, out_dir, post, folds)

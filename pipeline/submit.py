@@ -1,8 +1,9 @@
-"""Submission: tuned binarisation of the test probabilities -> RLE CSV, checked before it leaves.
+"""Submission: the tuned post-processing (pipeline/postprocess.py) of the test probabilities ->
+RLE CSV, checked before it leaves.
 
 `submit_run` reads what `tune` decided (`tune.json`) and what `predict` produced
 (`test_probs.npy` + `test_ids.txt`, named by `predict.json`), both checked to be whole and made
-from the run's finished folds as they are now (pipeline/runstate.py); it writes
+from the run's finished folds as they are now (pipeline/rundir.py); it writes
 `submissions/<run>.csv` atomically and runs `check_submission` on the written file, so a file
 that Kaggle would reject (missing ids, bad RLE, wrong header) never sits in submissions/
 looking finished.
@@ -17,39 +18,6 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 SUBMISSIONS_DIR = Path("submissions")
-BINARIZE_BLOCK = 1024  # images per block
-
-
-def binarize(probs: np.ndarray, threshold: float, min_area: int,
-             empty_mask: np.ndarray | None = None, empty_threshold: float | None = None) -> np.ndarray:
-    """Probabilities [N,H,W] -> bool masks: > threshold; a mask is emptied when fewer than
-    min_area pixels are > empty_threshold (None: the threshold itself, the plain min-area rule);
-    and the images flagged in empty_mask [N] (e.g. blank images) are forced empty.
-
-    The same rule, compared in the same precision, as metric.threshold_scores scored it while tuning.
-    """
-    from pipeline import metric
-
-    probs = np.asarray(probs)
-    if empty_mask is not None:
-        empty_mask = np.asarray(empty_mask, dtype=bool)
-        if empty_mask.shape != (len(probs),):
-            raise ValueError(f"empty_mask has shape {empty_mask.shape}, expected ({len(probs)},)")
-    same_cut = empty_threshold is None or float(empty_threshold) == float(threshold)
-    masks = np.empty(probs.shape, dtype=bool)
-    # In blocks: 18000 float16 test images would need 700 MB more as one float32 copy.
-    for first in range(0, len(probs), BINARIZE_BLOCK):
-        block = probs[first:first + BINARIZE_BLOCK]
-        # probs > threshold with the threshold taken exactly, as metric.threshold_scores decided
-        # it while tuning, never rounded to the array's float16 precision
-        block_masks = metric.binarize(block, float(threshold))
-        if min_area > 0:
-            decides = block_masks if same_cut else metric.binarize(block, float(empty_threshold))
-            block_masks &= (metric.mask_areas(decides) >= int(min_area))[:, None, None]
-        masks[first:first + len(block)] = block_masks
-    if empty_mask is not None:
-        masks[empty_mask] = False
-    return masks
 
 
 def _require(path: Path, command: str) -> Path:
@@ -62,7 +30,7 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
     """predict's output: test ids and [N,101,101] probabilities as stored (float16), checked to agree
     with each other and to be the files predict.json names (one unit: a kill between predict's
     writes leaves files that predict.json does not name)."""
-    from pipeline.runstate import read_predict_meta
+    from pipeline.rundir import read_predict_meta
 
     predict = f"python -m pipeline predict --run {run}"
     probs_path = _require(run / "test_probs.npy", predict)
@@ -96,10 +64,9 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     from pipeline.data import list_image_ids
     from pipeline.rle import encode_many, write_rle_csv
     from pipeline.config import load_run_config
-    from pipeline.tune import read_tuned
-
     from pipeline.fileio import read_json
-    from pipeline.runstate import check_predictions_current, check_tune_current, read_predict_meta
+    from pipeline.postprocess import read_tuned
+    from pipeline.rundir import check_predictions_current, check_tune_current, read_predict_meta
 
     run = Path(run_dir)
     cfg = load_run_config(run)

@@ -1,17 +1,10 @@
 """K-fold training: one model per fold, reproducible, resumable, selected by the competition metric.
 
 Read `train_fold` top to bottom: set-up, data, model, optimizer, loop (train, validate,
-schedule, checkpoint, early stop), OOF. Everything a fold writes lives in
-`runs/<name>/fold<k>/`:
-
-    best.pt    weights of the epoch with the best validation competition score
-    last.pt    model + optimizer + scheduler + loop state: enough to resume
-    prev.pt    the last.pt before it (fallback when last.pt is found damaged)
-    log.csv    epoch, lr, train_loss, val_loss, val_score, seconds
-    oof.npy    float16 validation probabilities (101x101) of the best epoch; at the end of the
-               fold, those of the fold's final model(s) with the config's TTA (as the test set)
-    oof_ids.txt  their ids, one per line, in the same order
-    done.json  written last: the fold is complete
+schedule, checkpoint, early stop), OOF. What a fold writes into `runs/<name>/fold<k>/` is
+named in pipeline/rundir.py; its checkpoints are written by pipeline/checkpoints.py. The
+fold's oof.npy holds the best epoch's validation probabilities while it trains and, at its
+end, those of its final model(s) with the config's TTA (as the test set is predicted).
 
 Every epoch is seeded from (seed, fold, epoch), so a run resumed from last.pt ends with
 the same weights as one never interrupted.
@@ -19,55 +12,23 @@ the same weights as one never interrupted.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
 import functools
-import hashlib
-import json
-import io
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import fileio
-from pipeline.config import Config, check_folds, dump_yaml, flatten, load_config, save_config
-from pipeline.distributed import DistContext, init_from_env, shutdown
+from pipeline.checkpoints import CheckpointSaver, first_non_finite, fold_checkpoints, load_resume_checkpoint
+from pipeline.config import Config
+from pipeline.distributed import DistContext
 from pipeline.errors import PipelineError
-from pipeline.predict import to_batch
-from pipeline.runtime import Runtime, resolve_runtime
-
-# val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
-# the raw weights' when they differ (empty otherwise).
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
-# Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
-# not the weights it trains.
-NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "train.threads", "train.num_workers",
-                     "train.parallel_folds", "train.fold_workers", "train.keep_stage1")
-
-
-def is_training_key(key: str) -> bool:
-    return key not in NON_TRAINING_KEYS and key.split(".")[0] not in NON_TRAINING_KEYS
-
-
-# Keys added after runs were made, at the value that reproduces what those runs did: left out
-# of the digest at that value, so the older runs stay reusable.
-NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
-                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
-                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu"}
-
-
-def training_digest(cfg: Config) -> str:
-    """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
-    relevant = {k: v for k, v in flatten(cfg).items()
-                if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+from pipeline.geometry import restore, to_batch
+from pipeline.rundir import FoldDir, fold_file_digests, read_log, training_digest, write_log
+from pipeline.runtime import Runtime
 
 
 def epoch_seed(seed: int, fold: int, epoch: int) -> int:
@@ -143,7 +104,7 @@ def step_scheduler(scheduler, val_score: float) -> None:
         scheduler.step()
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- loop state
 
 
 @dataclass
@@ -155,76 +116,26 @@ class LoopState:
     seconds: float = 0.0
     cycle_best_score: float = -1.0  # snapshot ensembling: the best score within the current lr cycle
 
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    bad = first_non_finite(payload.get("model", {}))
-    if bad is not None:  # never kept as "good": the loop stops before this; this is the last guard
-        raise PipelineError(f"{path}: not written, weight {bad} is NaN or infinite")
-    fileio.write_with(path, lambda handle: torch.save(payload, handle))
-
-
-def first_non_finite(state_dict: dict) -> str | None:
-    """The name of the first floating tensor of `state_dict` holding NaN or inf, else None."""
-    for name, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return name
-    return None
-
-
-def last_good_checkpoint(fold_dir: Path) -> str:
-    """What a diverged fold can resume from: last.pt (only finite weights are ever saved), or none."""
-    if (fold_dir / "last.pt").exists():
-        return f"last good checkpoint kept at {fold_dir / 'last.pt'}"
-    return "no checkpoint kept (it diverged before the end of its first epoch)"
-
-
-def load_checkpoint(path: Path) -> dict:
-    """torch.load with a one-line error; weights_only=True (plain tensors and Python values)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: checkpoint not found") from None
-    except Exception as exc:  # a truncated/corrupt file surfaces as many exception types
-        raise PipelineError(f"{path}: damaged checkpoint ({type(exc).__name__})") from None
-
-
-def load_resume_checkpoint(fold_dir: Path, digest: str) -> dict | None:
-    """The newest good of last.pt / prev.pt, or None; a damaged one is reported and skipped."""
-    for name in ("last.pt", "prev.pt"):
-        path = fold_dir / name
-        if not path.exists():
-            continue
-        try:
-            checkpoint = load_checkpoint(path)
-        except PipelineError as exc:
-            print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
-            continue
-        bad = first_non_finite(checkpoint.get("model", {}))
-        if bad is not None:  # kept by a version that saved diverged weights: never resumed from
-            print(f"warning: {path}: weight {bad} is NaN or infinite; trying the previous checkpoint",
-                  file=sys.stderr)
-            continue
-        if checkpoint.get("config_digest") != digest:
-            raise PipelineError(
-                f"{path}: was trained with a different config; pass --restart to start this fold afresh"
-            )
-        return checkpoint
-    return None
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    fileio.write_text(path, buffer.getvalue())
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    def record(self, epoch: int, scores: "EpochScores", seconds: float, t) -> tuple[bool, int | None]:
+        """Account for a finished epoch; returns (a new best score?, the lr cycle whose best
+        epoch this is so far, or None): what the epoch's checkpoints will keep."""
+        improved = scores.validated and scores.score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = scores.score, epoch
+            self.epochs_without_improvement = 0
+        elif scores.validated:
+            self.epochs_without_improvement += 1
+        snapshot = None
+        if t.snapshots:
+            # one snapshot per cosine cycle: the best epoch of that cycle (1st place's recipe)
+            if epoch % t.cycle_epochs == 0:
+                self.cycle_best_score = -1.0
+            if scores.validated and scores.score > self.cycle_best_score:
+                self.cycle_best_score = scores.score
+                snapshot = epoch // t.cycle_epochs
+        self.seconds += seconds
+        self.epoch = epoch + 1
+        return improved, snapshot
 
 
 # ---------------------------------------------------------------- one epoch
@@ -284,8 +195,6 @@ class NonFiniteLoss(Exception):
 def validate(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: Config, rt: Runtime, epoch: int,
              batch_size: int) -> tuple[np.ndarray, float]:
     """Validation probabilities at 101x101 and the mean loss, from one forward pass per batch."""
-    from pipeline.geometry import restore
-
     model.eval()
     probs = np.empty(images.shape, dtype=np.float32)
     total = 0.0
@@ -307,208 +216,291 @@ def validate(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: Config,
 def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, *, resume: bool = True,
                dist: DistContext = DistContext()) -> dict:
     """Train fold `fold` (its validation ids are those with fold_ids == fold); returns done.json."""
-    from pipeline.augment import build_train_transform
-    from pipeline.losses import SegLoss
-    from pipeline.metric import competition_score
-    from pipeline.models import create_model
-
-    fold_dir = cfg.run_dir / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        fileio.remove_stale_temp_files(fold_dir)  # this process holds the fold's lock: no live writer
-    digest = training_digest(cfg)
     t = cfg.train
-    say = print if dist.is_main else (lambda *a, **k: None)
+    folder = FoldDir.of(cfg, fold)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        fileio.remove_stale_temp_files(folder.path)  # this process holds the fold's lock: no live writer
+    digest = training_digest(cfg)
+    say = print if dist.is_main else _silent
 
-    # --- data: in-memory arrays, validation = this fold's ids (in id order)
+    split = fold_data(cfg, fold, data, fold_ids, rt, dist, digest, use_cache=resume, say=say)
+    parts = build_training(cfg, fold, rt, dist)
+    state, log_rows = resume_or_start_afresh(folder, parts, digest, resume=resume, dist=dist, say=say,
+                                             epochs=t.epochs)
+    step_model = wrap_for_steps(parts.model, cfg, rt, dist)
+    saver = CheckpointSaver(folder, digest)
+
+    say(f"fold {fold}: {len(split.train_set)} train / {len(split.val_index)} val images on {rt.describe()}"
+        + (f" x {dist.world_size} processes" if dist.enabled else ""))
+    while state.epoch < t.epochs:
+        epoch, started = state.epoch, time.perf_counter()
+        loader = epoch_loader(split.train_set, cfg, fold, epoch, rt, dist)
+        train_loss = train_epoch(step_model, loader, parts, cfg, rt, epoch, folder, dist)
+        scores = validate_epoch(parts, split, cfg, rt, epoch, folder, dist)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        step_scheduler(parts.scheduler, scores.score)
+        seconds = time.perf_counter() - started
+        improved, snapshot = state.record(epoch, scores, seconds, t)
+
+        if dist.is_main:
+            if improved:
+                keep_best_oof(folder, split, data.ids, scores.probs)
+            saver.save(weights=parts.eval_model.state_dict(), resume=parts.resume_state(state), epoch=epoch,
+                       val_score=scores.score, best=improved, snapshot=snapshot,
+                       stage1=cfg.run.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch)
+            log_rows.append(log_row(epoch, lr, train_loss, scores, seconds, with_raw=parts.ema is not None))
+            write_log(folder.log, log_rows)
+        say(epoch_line(fold, epoch, t, lr, train_loss, scores, improved, seconds), flush=True)
+        dist.barrier()
+
+        if t.early_stop_patience and state.epochs_without_improvement >= t.early_stop_patience:
+            say(f"fold {fold}: early stop, no improvement for {t.early_stop_patience} epochs")
+            break
+    return finish_fold(cfg, fold, folder, split, rt, state, digest, dist)
+
+
+def _silent(*args, **kwargs) -> None:
+    """`say` on every process but the main one."""
+
+
+# ---------------------------------------------------------------- the steps of train_fold
+
+
+@dataclass
+class FoldData:
+    """One fold's training set (with its pseudo-labels) and its validation images (in id order)."""
+
+    train_set: SaltDataset
+    val_index: np.ndarray  # rows of the train data validated on
+    val_images: np.ndarray
+    val_masks: np.ndarray
+    val_shard: slice  # this process's share of the validation images (all of them without DDP)
+
+
+def fold_data(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, dist: DistContext, digest: str,
+              *, use_cache: bool, say) -> FoldData:
+    """In-memory arrays: validation = this fold's ids; training = the others (train.limit_train
+    of them in smoke runs), plus the test images the teacher labels (pseudo.teacher)."""
+    from pipeline.augment import build_train_transform
+
     val_index = np.flatnonzero(fold_ids == fold)
     train_index = np.flatnonzero(fold_ids != fold)
-    if t.limit_train:
-        train_index = train_index[: t.limit_train]
-    val_images, val_masks = data.images[val_index], data.masks[val_index]
-    val_shard = dist.shard(len(val_index))  # each rank predicts one shard, then they are gathered
+    if cfg.train.limit_train:
+        train_index = train_index[: cfg.train.limit_train]
     train_images, train_masks = data.images[train_index], data.masks[train_index]
     if cfg.pseudo.teacher:  # test images labelled by the teacher's fold-k model (pipeline/pseudo.py)
         from pipeline.pseudo import pseudo_labels
 
         # a fold started afresh (--restart, --force) labels afresh
         pseudo_images, pseudo_masks = pseudo_labels(cfg, fold, [data.ids[i] for i in val_index], rt, digest,
-                                                    use_cache=resume, write_cache=dist.is_main, say=say)
+                                                    use_cache=use_cache, write_cache=dist.is_main, say=say)
         train_images = np.concatenate([train_images, pseudo_images])
         train_masks = np.concatenate([train_masks, pseudo_masks])
     transform = build_train_transform(cfg.augment, seed=cfg.seed)
-    train_set = SaltDataset(train_images, train_masks, transform)
-    batch_size = max(1, t.batch_size // dist.world_size)  # train.batch_size is the global batch
+    return FoldData(train_set=SaltDataset(train_images, train_masks, transform), val_index=val_index,
+                    val_images=data.images[val_index], val_masks=data.masks[val_index],
+                    val_shard=dist.shard(len(val_index)))  # each rank predicts one shard, then they are gathered
 
-    # --- model, optimizer, schedule, loss: identical init for identical (seed, fold)
+
+@dataclass
+class Training:
+    """What a fold trains and carries from epoch to epoch: all of it is in last.pt."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # an lr scheduler, or None
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    ema: nn.Module | None  # train.ema_decay's AveragedModel, or None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validated and kept in best.pt: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def resume_state(self, state: LoopState) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "state": vars(state).copy(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+
+    def load_resume_state(self, checkpoint: dict) -> LoopState:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None and checkpoint.get("scheduler") is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+        return LoopState(**checkpoint["state"])
+
+
+def build_training(cfg: Config, fold: int, rt: Runtime, dist: DistContext) -> Training:
+    """Model, optimizer, schedule, loss scaler, loss and EMA: identical init for identical (seed, fold)."""
+    from pipeline.losses import SegLoss
+    from pipeline.models import create_model
+
     torch.manual_seed(epoch_seed(cfg.seed, fold, -1))
     model = create_model(cfg.model)
-    if dist.enabled and t.sync_bn:
+    if dist.enabled and cfg.train.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rt.device, memory_format=rt.memory_format())
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    scaler = rt.grad_scaler()
-    loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
-    ema = build_ema(model, t.ema_decay)
-    eval_model = ema.module if ema is not None else model  # the weights validated and kept
+    return Training(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
+                    scaler=rt.grad_scaler(), loss_fn=SegLoss(cfg.loss, cfg.model.deep_supervision),
+                    ema=build_ema(model, cfg.train.ema_decay))
 
-    state = LoopState()
-    log_rows: list[dict] = []
-    checkpoint = load_resume_checkpoint(fold_dir, digest) if resume else None
+
+def resume_or_start_afresh(folder: FoldDir, parts: Training, digest: str, *, resume: bool, dist: DistContext,
+                           say, epochs: int) -> tuple[LoopState, list[dict]]:
+    """(loop state, log rows so far): from the newest good resume checkpoint, or, starting
+    afresh, with every file of an earlier training of the fold removed."""
+    checkpoint = load_resume_checkpoint(folder, digest) if resume else None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler") is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        state = LoopState(**checkpoint["state"])
+        state = parts.load_resume_state(checkpoint)
         # the log may be one epoch ahead of the checkpoint if the kill fell between the two writes
-        log_rows = [row for row in read_log(fold_dir / "log.csv") if int(row["epoch"]) <= state.epoch]
-        say(f"fold {fold}: resuming at epoch {state.epoch + 1}/{t.epochs} (best {state.best_score:.4f})")
-    elif dist.is_main:
-        # done.json first: a kill part-way through must not leave a "finished" fold without its files
-        for stale in ("done.json", "best.pt", "last.pt", "prev.pt", "stage1.pt", "oof.npy", "oof_ids.txt",
-                      "log.csv", *(p.name for p in snapshot_paths(fold_dir))):
-            (fold_dir / stale).unlink(missing_ok=True)
-    dist.barrier()
-
-    step_model = model
-    if dist.enabled:
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.is_cuda else None)
-    if t.compile:
-        step_model = torch.compile(step_model)
-
-    say(f"fold {fold}: {len(train_set)} train / {len(val_index)} val images on {rt.describe()}"
-        + (f" x {dist.world_size} processes" if dist.enabled else ""))
-    def diverged(what: str):
-        raise PipelineError(f"{fold_dir}: fold {fold} epoch {state.epoch + 1}: {what}; training stopped, "
-                            f"{last_good_checkpoint(fold_dir)} (lower train.lr or set train.grad_clip)")
-
-    while state.epoch < t.epochs:
-        epoch = state.epoch
-        started = time.perf_counter()
-        # --- seed this epoch: shuffling, augmentation and dropout do not depend on history
-        seed = epoch_seed(cfg.seed, fold, epoch)
-        torch.manual_seed(seed + dist.rank)
-        transform.set_random_seed(seed + dist.rank)
-        sampler = None
-        if dist.enabled:
-            sampler = torch.utils.data.DistributedSampler(
-                train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-            drop_last=len(train_set) > t.batch_size, num_workers=t.num_workers,
-            generator=torch.Generator().manual_seed(seed), pin_memory=rt.is_cuda,
-            worker_init_fn=functools.partial(seed_loader_worker, seed + 1000 * dist.rank) if t.num_workers else None,
-        )
-        desc = f"fold {fold} epoch {epoch + 1}/{t.epochs}"
-        try:
-            train_loss = train_one_epoch(step_model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, desc,
-                                         show_progress=dist.is_main,
-                                         after_step=(lambda: ema.update_parameters(model)) if ema else None)
-        except NonFiniteLoss as exc:
-            diverged(str(exc))
-        train_loss = dist.mean(train_loss)
-        # a finite loss does not make finite weights: the last step of the epoch may have overflowed
-        bad = first_non_finite(model.state_dict()) or (first_non_finite(eval_model.state_dict())
-                                                       if eval_model is not model else None)
-        if bad is not None:
-            diverged(f"weight {bad} became NaN or infinite")
-
-        # --- validate with the competition metric at threshold 0.5 (shards gathered across ranks)
-        validating = epoch + 1 >= t.validate_from
-        val_score = val_loss = val_score_raw = float("nan")
-        if validating:
-            shard_probs, shard_loss = validate(eval_model, val_images[val_shard], val_masks[val_shard], loss_fn,
-                                               cfg, rt, epoch, cfg.predict.batch_size)
-            val_probs = dist.gather_concat(shard_probs)
-            if not np.isfinite(val_probs).all():  # NaN > 0.5 is False: it would score as all-empty masks
-                diverged("validation probabilities are NaN or infinite")
-            val_score = competition_score(val_masks, val_probs > 0.5)
-            val_loss = dist.mean(shard_loss)
-            if ema is not None:
-                raw_probs, _ = validate(model, val_images[val_shard], val_masks[val_shard], loss_fn, cfg, rt,
-                                        epoch, cfg.predict.batch_size)
-                val_score_raw = competition_score(val_masks, dist.gather_concat(raw_probs) > 0.5)
-        lr = optimizer.param_groups[0]["lr"]
-        step_scheduler(scheduler, val_score)
-
-        improved = validating and val_score > state.best_score
-        if improved:
-            state.best_score, state.best_epoch = val_score, epoch
-            state.epochs_without_improvement = 0
-        elif validating:
-            state.epochs_without_improvement += 1
-        snapshot_improved = False
-        if t.snapshots:
-            # one snapshot per cosine cycle: the best epoch of that cycle (1st place's recipe)
-            if epoch % t.cycle_epochs == 0:
-                state.cycle_best_score = -1.0
-            snapshot_improved = validating and val_score > state.cycle_best_score
-            if snapshot_improved:
-                state.cycle_best_score = val_score
-        seconds = time.perf_counter() - started
-        state.seconds += seconds
-        state.epoch = epoch + 1
-
+        rows = [row for row in read_log(folder.log) if int(row["epoch"]) <= state.epoch]
+        say(f"fold {folder.fold}: resuming at epoch {state.epoch + 1}/{epochs} (best {state.best_score:.4f})")
+    else:
+        state, rows = LoopState(), []
         if dist.is_main:
-            if improved:
-                # the fold's OOF with its best weights; ids beside them, in the same order
-                fileio.write_npy(fold_dir / "oof.npy", val_probs.astype(np.float16))
-                fileio.write_text(fold_dir / "oof_ids.txt", "\n".join(data.ids[i] for i in val_index) + "\n")
-                save_checkpoint(fold_dir / "best.pt", {
-                    "model": eval_model.state_dict(), "epoch": epoch, "val_score": val_score,
-                    "config_digest": digest, "fold": fold,
-                })
-            if snapshot_improved:
-                save_checkpoint(fold_dir / f"snapshot{epoch // t.cycle_epochs}.pt", {
-                    "model": eval_model.state_dict(), "epoch": epoch, "val_score": val_score,
-                    "config_digest": digest, "fold": fold,
-                })
-            # --- checkpoint everything needed to continue; the previous one stays as prev.pt
-            if (fold_dir / "last.pt").exists():
-                os.replace(fold_dir / "last.pt", fold_dir / "prev.pt")
-            resume_state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "state": vars(state).copy(), "config_digest": digest,
-                "fold": fold, **({"ema": ema.state_dict()} if ema is not None else {}),
-            }
-            save_checkpoint(fold_dir / "last.pt", resume_state)
-            if t.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch:
-                # the switch to the stage-2 loss: `pipeline branch` starts variants from here
-                save_checkpoint(fold_dir / "stage1.pt", resume_state)
-            log_rows.append({"epoch": epoch + 1, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
-                             "val_loss": f"{val_loss:.5f}", "val_score": f"{val_score:.5f}",
-                             "val_score_raw": f"{val_score_raw:.5f}" if ema is not None else "",
-                             "seconds": f"{seconds:.1f}"})
-            write_log(fold_dir / "log.csv", log_rows)
-        validated = (f"val_loss {val_loss:.4f}  val_score {val_score:.4f}{' *' if improved else '  '}"
-                     + (f"  (raw weights {val_score_raw:.4f})" if ema is not None else "")
-                     if validating else f"(validation from epoch {t.validate_from})")
-        say(f"fold {fold} epoch {epoch + 1:3d}/{t.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
-            f"{validated}  {seconds:5.1f}s", flush=True)
-        dist.barrier()
+            for stale in folder.training_files():
+                stale.unlink(missing_ok=True)
+    dist.barrier()
+    return state, rows
 
-        if t.early_stop_patience and state.epochs_without_improvement >= t.early_stop_patience:
-            say(f"fold {fold}: early stop, no improvement for {t.early_stop_patience} epochs")
-            break
 
+def wrap_for_steps(model: nn.Module, cfg: Config, rt: Runtime, dist: DistContext) -> nn.Module:
+    """The module the optimizer steps through: DDP across processes, compiled when asked."""
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.is_cuda else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return model
+
+
+def epoch_loader(train_set: SaltDataset, cfg: Config, fold: int, epoch: int, rt: Runtime,
+                 dist: DistContext) -> torch.utils.data.DataLoader:
+    """The epoch's batches, seeded from (seed, fold, epoch): shuffling, augmentation and dropout
+    do not depend on history, so a resumed fold ends with the weights of an uninterrupted one."""
+    t = cfg.train
+    seed = epoch_seed(cfg.seed, fold, epoch)
+    torch.manual_seed(seed + dist.rank)
+    train_set.transform.set_random_seed(seed + dist.rank)
+    sampler = None
+    if dist.enabled:
+        sampler = torch.utils.data.DistributedSampler(
+            train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=max(1, t.batch_size // dist.world_size),  # train.batch_size is the global batch
+        shuffle=sampler is None, sampler=sampler,
+        drop_last=len(train_set) > t.batch_size, num_workers=cfg.run.num_workers,
+        generator=torch.Generator().manual_seed(seed), pin_memory=rt.is_cuda,
+        worker_init_fn=functools.partial(seed_loader_worker, seed + 1000 * dist.rank) if cfg.run.num_workers else None,
+    )
+
+
+def train_epoch(step_model: nn.Module, loader, parts: Training, cfg: Config, rt: Runtime, epoch: int,
+                folder: FoldDir, dist: DistContext) -> float:
+    """One epoch of optimizer steps; the mean train loss over every process. A non-finite loss or
+    weight stops training with one line (last.pt, if any, still holds the last good epoch)."""
+    ema, model = parts.ema, parts.model
+    try:
+        loss = train_one_epoch(step_model, loader, parts.optimizer, parts.scaler, parts.loss_fn, cfg, rt, epoch,
+                               f"fold {folder.fold} epoch {epoch + 1}/{cfg.train.epochs}",
+                               show_progress=dist.is_main,
+                               after_step=(lambda: ema.update_parameters(model)) if ema else None)
+    except NonFiniteLoss as exc:
+        diverged(folder, epoch, str(exc))
+    # a finite loss does not make finite weights: the epoch's last step may have overflowed
+    bad = first_non_finite(model.state_dict())
+    if bad is None and parts.eval_model is not model:
+        bad = first_non_finite(parts.eval_model.state_dict())
+    if bad is not None:
+        diverged(folder, epoch, f"weight {bad} became NaN or infinite")
+    return dist.mean(loss)
+
+
+def diverged(folder: FoldDir, epoch: int, what: str):
+    """Stop the fold in one line naming what it can resume from: last.pt holds finite weights
+    (CheckpointSaver never writes others), or there is none yet."""
+    kept = (f"last good checkpoint kept at {folder.last}" if folder.last.exists()
+            else "no checkpoint kept (it diverged in its first epoch)")
+    raise PipelineError(f"{folder.path}: fold {folder.fold} epoch {epoch + 1}: {what}; training stopped, {kept} "
+                        "(lower train.lr or set train.grad_clip)")
+
+
+@dataclass
+class EpochScores:
+    """An epoch's validation (NaN before train.validate_from): the competition metric at threshold 0.5."""
+
+    validated: bool
+    score: float = float("nan")
+    loss: float = float("nan")
+    score_raw: float = float("nan")  # the raw weights' score when an EMA is validated
+    probs: np.ndarray | None = None  # every validation image's probabilities, gathered
+
+
+def validate_epoch(parts: Training, split: FoldData, cfg: Config, rt: Runtime, epoch: int, folder: FoldDir,
+                   dist: DistContext) -> EpochScores:
+    """The validated weights' scores (shards gathered across processes, so every process takes
+    the same decisions), and the raw weights' score beside an EMA's."""
+    from pipeline.metric import competition_score
+
+    if epoch + 1 < cfg.train.validate_from:
+        return EpochScores(validated=False)
+    images, masks, shard = split.val_images, split.val_masks, split.val_shard
+    shard_probs, shard_loss = validate(parts.eval_model, images[shard], masks[shard], parts.loss_fn, cfg, rt,
+                                       epoch, cfg.predict.batch_size)
+    probs = dist.gather_concat(shard_probs)
+    if not np.isfinite(probs).all():  # NaN > 0.5 is False: it would score as all-empty masks (0.4)
+        diverged(folder, epoch, "validation probabilities are NaN or infinite")
+    scores = EpochScores(validated=True, score=competition_score(masks, probs > 0.5), loss=dist.mean(shard_loss),
+                         probs=probs)
+    if parts.ema is not None:
+        raw_probs, _ = validate(parts.model, images[shard], masks[shard], parts.loss_fn, cfg, rt, epoch,
+                                cfg.predict.batch_size)
+        scores.score_raw = competition_score(masks, dist.gather_concat(raw_probs) > 0.5)
+    return scores
+
+
+def keep_best_oof(folder: FoldDir, split: FoldData, ids, probs: np.ndarray) -> None:
+    """The fold's OOF with its best weights; ids beside them, in the same order."""
+    fileio.write_npy(folder.oof, probs.astype(np.float16))
+    fileio.write_text(folder.oof_ids, "\n".join(ids[i] for i in split.val_index) + "\n")
+
+
+def log_row(epoch: int, lr: float, train_loss: float, scores: EpochScores, seconds: float, *,
+            with_raw: bool) -> dict:
+    return {"epoch": epoch + 1, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
+            "val_loss": f"{scores.loss:.5f}", "val_score": f"{scores.score:.5f}",
+            "val_score_raw": f"{scores.score_raw:.5f}" if with_raw else "", "seconds": f"{seconds:.1f}"}
+
+
+def epoch_line(fold: int, epoch: int, t, lr: float, train_loss: float, scores: EpochScores, improved: bool,
+               seconds: float) -> str:
+    """The epoch's one printed line (the parallel runner echoes these: ' epoch ' and 'train_loss')."""
+    if scores.validated:
+        validated = (f"val_loss {scores.loss:.4f}  val_score {scores.score:.4f}{' *' if improved else '  '}"
+                     + (f"  (raw weights {scores.score_raw:.4f})" if t.ema_decay else ""))
+    else:
+        validated = f"(validation from epoch {t.validate_from})"
+    return (f"fold {fold} epoch {epoch + 1:3d}/{t.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
+            f"{validated}  {seconds:5.1f}s")
+
+
+def finish_fold(cfg: Config, fold: int, folder: FoldDir, split: FoldData, rt: Runtime, state: LoopState,
+                digest: str, dist: DistContext) -> dict:
+    """The fold's final OOF (as the test set will be predicted), then done.json, written last."""
     done = {"fold": fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "finished": round(time.time(), 1),
             "config_digest": digest}
     if dist.is_main:
-        from pipeline.predict import fold_checkpoints
-        from pipeline.runstate import fold_file_digests
-
-        done.update(write_final_oof(cfg, fold, val_images, val_masks, rt))
-        # the fold's files as finished: tune and predict check them against this (pipeline/runstate.py)
-        done["files"] = fold_file_digests(fold_dir, fold_checkpoints(cfg, fold))
-        fileio.write_json(fold_dir / "done.json", done)
+        done.update(write_final_oof(cfg, fold, split.val_images, split.val_masks, rt))
+        # the fold's files as finished: tune and predict check them against this (rundir.py)
+        done["files"] = fold_file_digests(folder.path, fold_checkpoints(cfg, fold))
+        fileio.write_json(folder.done, done)
     dist.barrier()
     return done
 
@@ -524,10 +516,6 @@ def build_ema(model: nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def snapshot_paths(fold_dir: Path) -> list[Path]:
-    return sorted(fold_dir.glob("snapshot*.pt"), key=lambda p: int(p.stem.removeprefix("snapshot")))
-
-
 def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: np.ndarray,
                     rt: Runtime) -> dict:
     """Predict the fold's validation images exactly as `predict` will predict the test set (its
@@ -536,129 +524,20 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
     Training kept the single-pass OOF of the best epoch; this replaces it only when it differs
     (TTA or snapshots), and done.json records both scores."""
     from pipeline.metric import competition_score
-    from pipeline.predict import fold_checkpoints, fold_probs
+    from pipeline.predict import fold_probs
 
     tta = list(cfg.predict.tta)
     checkpoints = fold_checkpoints(cfg, fold)
-    if tta == ["none"] and checkpoints == [cfg.run_dir / f"fold{fold}" / "best.pt"]:
+    folder = FoldDir.of(cfg, fold)
+    if tta == ["none"] and checkpoints == [folder.best]:
         return {}  # one plain pass of best.pt: the OOF training kept is already that
     n_checkpoints = len(checkpoints)
     probs = fold_probs(cfg, fold, val_images, rt, tta)
     if not np.isfinite(probs).all():
-        raise PipelineError(f"{cfg.run_dir / f'fold{fold}' / 'oof.npy'}: not written, the fold's checkpoints "
-                            "predict NaN or infinite probabilities")
-    fileio.write_npy(cfg.run_dir / f"fold{fold}" / "oof.npy", probs.astype(np.float16))
+        raise PipelineError(f"{folder.oof}: not written, the fold's checkpoints predict NaN or infinite probabilities")
+    fileio.write_npy(folder.oof, probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
     print(f"fold {fold}: OOF as predicted for the test set ({n_checkpoints} checkpoint(s) x TTA {tta}): "
           f"val_score {score:.4f}")
     return {"oof_checkpoints": n_checkpoints, "oof_tta": tta, "oof_score": score}
 
-
-# ---------------------------------------------------------------- all folds
-
-
-def prepare_run_dir(cfg: Config, *, force: bool) -> None:
-    """Create runs/<name>/ with config.yaml; refuse to reuse a run made with another config.
-
-    A run trained fold by fold (`train --folds 0`, later `train --folds 1`) is one experiment:
-    the saved config lists every fold asked for so far, so `tune` and `predict` see them all."""
-    path = cfg.run_dir / "config.yaml"
-    saved = cfg
-    if path.exists() and not force:
-        previous = load_config(path)
-        if training_digest(previous) != training_digest(cfg):
-            old, new = flatten(previous), flatten(cfg)
-            changed = [k for k in new if old.get(k) != new[k] and is_training_key(k)]
-            raise PipelineError(
-                f"{path}: this run was made with a different config (differs in {', '.join(changed[:5])}); "
-                "use another name, or --force to retrain"
-            )
-        saved = dataclasses.replace(cfg, folds=merged_folds(previous, cfg))
-        if dump_yaml(previous) == dump_yaml(saved):
-            return
-    save_config(saved, path)
-
-
-def merged_folds(previous: Config, requested: Config) -> list[int]:
-    """The folds of a run asked for before and now ([] = all of them)."""
-    folds = sorted(set(previous.fold_list()) | set(requested.fold_list()))
-    return [] if folds == list(range(requested.n_folds)) else folds
-
-
-def fold_is_done(cfg: Config, fold: int) -> bool:
-    done = cfg.run_dir / f"fold{fold}" / "done.json"
-    if not done.exists():
-        return False
-    try:
-        info = fileio.read_json(done)
-        recorded = info.get("files") or {"oof.npy": ""}  # a done.json from before it recorded its files
-        return info.get("config_digest") == training_digest(cfg) and \
-            all((done.parent / name).exists() for name in recorded)
-    except (PipelineError, AttributeError):
-        return False
-
-
-def load_training_data(cfg: Config, dist: DistContext = DistContext()):
-    """The train set and, aligned with it, each id's fold (folds file made when missing)."""
-    from pipeline.data import load_train
-    from pipeline.folds import load_folds, make_folds_for_dir
-
-    data = load_train(cfg.data)
-    folds_path = cfg.folds_path()
-    if not folds_path.exists() and dist.is_main:
-        print(f"{folds_path}: not found, making {cfg.n_folds} stratified folds (seed {cfg.seed})")
-        make_folds_for_dir(cfg.data, k=cfg.n_folds, seed=cfg.seed, out=folds_path)
-    dist.barrier()
-    folds = load_folds(folds_path, data.ids).set_index("id").loc[data.ids]
-    fold_ids = folds["fold"].to_numpy()
-    found = int(fold_ids.max()) + 1
-    if found != cfg.n_folds:
-        raise PipelineError(f"{folds_path}: has {found} folds but the config asks for n_folds={cfg.n_folds}")
-    return data, fold_ids
-
-
-def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parallel_folds: bool = False,
-                device: str | None = None, fold_worker: bool = False) -> list[dict]:
-    """Train every requested fold that is not already complete (under a per-fold lock).
-
-    Under torchrun (WORLD_SIZE > 1) every process runs this; the folds are trained one
-    after another, each by all processes together. `fold_worker`: this process is one of
-    `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
-    (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
-    """
-    check_folds(cfg.folds, cfg.n_folds, f"{cfg.name}: folds")  # before config.yaml is written
-    if (parallel_folds or cfg.train.parallel_folds) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from pipeline.parallel import train_folds_in_parallel
-
-        return train_folds_in_parallel(cfg, resume=resume, force=force)
-    dist = init_from_env()
-    try:
-        if dist.is_main and not fold_worker:
-            prepare_run_dir(cfg, force=force)
-        dist.barrier()
-        todo = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
-        results = [fileio.read_json(cfg.run_dir / f"fold{k}" / "done.json")
-                   for k in cfg.fold_list() if k not in todo]
-        for done in results:
-            if dist.is_main:
-                print(f"fold {done['fold']}: already trained (best {done['best_score']:.4f}), skipping")
-        if not todo:
-            return results
-        if dist.enabled and device is None and torch.cuda.is_available():
-            device = f"cuda:{dist.local_rank}"
-        threads = cfg.train.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else 0)
-        rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, threads)
-        data, fold_ids = load_training_data(cfg, dist)
-        for fold in todo:
-            lock = fileio.file_lock(cfg.run_dir / f"fold{fold}" / "train.lock", blocking=False,
-                                    what=f"fold {fold} of run {cfg.name}") if dist.is_main else contextlib.nullcontext()
-            with lock:
-                results.append(train_fold(cfg, fold, data, fold_ids, rt, resume=resume and not force, dist=dist))
-        results.sort(key=lambda d: d["fold"])
-        scores = [d["best_score"] for d in results]
-        if dist.is_main:
-            print(f"{cfg.name}: folds {[d['fold'] for d in results]} best val scores "
-                  f"{', '.join(f'{s:.4f}' for s in scores)} (mean {np.mean(scores):.4f})")
-        return results
-    finally:
-        shutdown(dist)

@@ -1,88 +1,28 @@
-"""Post-processing chosen on the out-of-fold predictions: threshold, empty threshold, min area,
-blank images.
+"""Tuning: the post-processing chosen on the out-of-fold predictions (threshold, empty
+threshold, min area, blank images; the rule itself is pipeline/postprocess.py).
 
 Thresholding is a separate command on saved probabilities (as in lopuhin's imet): training
 saves every fold's validation probabilities (`fold<k>/oof.npy`), `tune_run` puts them
 together into one OOF covering the train set, searches the threshold x empty-threshold x
 min-area grid with the competition metric, and writes `runs/<name>/tune.json` (read by
 `submit`) and `runs/<name>/oof.csv` (the tuned OOF masks, scoreable with `python -m pipeline score`).
-
-The rule (`PostProcess`): the mask is `probs > threshold`, kept only when at least `min_area`
-pixels have `probs > empty_threshold`, else the image is predicted empty; blank images are
-forced empty when `empty_blank`. empty_threshold == threshold is the plain min-area rule.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import fileio
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
+from pipeline.postprocess import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, PostProcess, binarize, write_tuned
+from pipeline.rundir import OOF_FILES, FoldDir, check_fold_files
 
 IMAGE_SHAPE = (101, 101)
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MIN_AREA = 0
-
-
-@dataclass(frozen=True)
-class PostProcess:
-    """How probabilities become the submitted masks: what `tune` chose (tune.json), or the untuned
-    default PostProcess(). empty_threshold None (the default) means the threshold itself."""
-
-    threshold: float = DEFAULT_THRESHOLD
-    min_area: int = DEFAULT_MIN_AREA
-    empty_threshold: float | None = None  # None: the threshold (a float after __post_init__)
-    empty_blank: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "threshold", float(self.threshold))
-        object.__setattr__(self, "min_area", int(self.min_area))
-        empty = self.threshold if self.empty_threshold is None else float(self.empty_threshold)
-        object.__setattr__(self, "empty_threshold", empty)
-        object.__setattr__(self, "empty_blank", bool(self.empty_blank))
-
-    def apply(self, probs: np.ndarray, blank: np.ndarray | None = None) -> np.ndarray:
-        """Bool masks [N,H,W] from probabilities; blank [N] (blank images) is forced empty only
-        when empty_blank."""
-        from pipeline.submit import binarize
-
-        return binarize(probs, self.threshold, self.min_area, empty_mask=blank if self.empty_blank else None,
-                        empty_threshold=self.empty_threshold)
-
-    def describe(self) -> str:
-        """E.g. 'threshold 0.45, empty threshold 0.80, min area 100' (the empty threshold only when it differs)."""
-        empty = f", empty threshold {self.empty_threshold:.2f}" if self.empty_threshold != self.threshold else ""
-        return f"threshold {self.threshold:.2f}{empty}, min area {self.min_area}"
-
-
-def read_tuned(run_dir: str | Path) -> PostProcess:
-    """The post-processing in the run's tune.json, with a hint when it is missing. A tune.json
-    written before the empty threshold existed decides emptiness at the mask threshold."""
-    from pipeline.fileio import read_json
-
-    run = Path(run_dir)
-    path = run / "tune.json"
-    rerun = f"run `python -m pipeline tune --run {run}`"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing — {rerun}")
-    tuned = read_json(path)
-    try:
-        threshold, min_area = float(tuned["threshold"]), int(tuned["min_area"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise PipelineError(f"{path}: lacks threshold/min_area — {rerun}") from None
-    try:
-        empty_threshold = float(tuned.get("empty_threshold", threshold))
-    except (TypeError, ValueError):
-        raise PipelineError(
-            f"{path}: empty_threshold {tuned['empty_threshold']!r} is not a number — {rerun}") from None
-    return PostProcess(threshold, min_area, empty_threshold, bool(tuned.get("empty_blank", False)))
 
 
 # ---------------------------------------------------------------- OOF assembly
@@ -91,31 +31,29 @@ def read_tuned(run_dir: str | Path) -> PostProcess:
 def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) -> tuple[list[str], np.ndarray]:
     """One fold's validation ids and float32 [n,101,101] probabilities (complete folds only,
     unless require_done=False: a fold still training has the OOF of its best epoch so far)."""
-    fold_dir = Path(run_dir) / f"fold{fold}"
-    for name in ("oof.npy", "oof_ids.txt", "done.json")[: 3 if require_done else 2]:
-        if not (fold_dir / name).exists():
-            state = "not trained" if not fold_dir.is_dir() or name != "done.json" else "not finished"
-            raise PipelineError(f"{fold_dir / name}: missing (fold {fold} {state})")
+    folder = FoldDir.of(run_dir, fold)
+    for path in (folder.oof, folder.oof_ids, folder.done)[: 3 if require_done else 2]:
+        if not path.exists():
+            state = "not trained" if not folder.path.is_dir() or path != folder.done else "not finished"
+            raise PipelineError(f"{path}: missing (fold {fold} {state})")
     if require_done:  # the OOF that done.json recorded, not one a later (killed) retrain left
-        from pipeline.runstate import OOF_FILES, check_fold_files
-
         check_fold_files(Path(run_dir), fold, OOF_FILES)
     try:
-        probs = np.load(fold_dir / "oof.npy", allow_pickle=False)
+        probs = np.load(folder.oof, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: not a readable .npy array ({exc})") from None
+        raise PipelineError(f"{folder.oof}: not a readable .npy array ({exc})") from None
     if probs.ndim != 3 or probs.shape[1:] != IMAGE_SHAPE:
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: shape {probs.shape}, expected [n, 101, 101]")
+        raise PipelineError(f"{folder.oof}: shape {probs.shape}, expected [n, 101, 101]")
     try:
-        ids = (fold_dir / "oof_ids.txt").read_text(encoding="utf-8").split()
+        ids = folder.oof_ids.read_text(encoding="utf-8").split()
     except UnicodeDecodeError:
-        raise PipelineError(f"{fold_dir / 'oof_ids.txt'}: not UTF-8 text") from None
+        raise PipelineError(f"{folder.oof_ids}: not UTF-8 text") from None
     if len(ids) != len(probs):
         raise PipelineError(
-            f"{fold_dir / 'oof_ids.txt'}: {len(ids)} ids but oof.npy holds {len(probs)} images"
+            f"{folder.oof_ids}: {len(ids)} ids but oof.npy holds {len(probs)} images"
         )
     if not np.isfinite(probs).all():
-        raise PipelineError(f"{fold_dir / 'oof.npy'}: contains NaN or infinite probabilities")
+        raise PipelineError(f"{folder.oof}: contains NaN or infinite probabilities")
     return ids, probs.astype(np.float32)
 
 
@@ -133,7 +71,7 @@ def _check_against_folds_file(cfg: Config, fold_ids: dict[int, list[str]], run: 
     folds = load_folds(folds_path)
     fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
     for fold, ids in fold_ids.items():
-        where = run / f"fold{fold}" / "oof_ids.txt"
+        where = FoldDir.of(run, fold).oof_ids
         unknown = [i for i in ids if i not in fold_of]
         if unknown:
             raise PipelineError(f"{where}: {len(unknown)} ids not in {folds_path} (e.g. {unknown[0]})")
@@ -170,7 +108,7 @@ def assemble_oof(run_dir: str | Path) -> tuple[list[str], np.ndarray]:
                 where = f"fold {other} and fold {fold}" if other != fold else f"fold {fold} twice"
                 duplicates = len(all_ids) - len(set(all_ids))
                 raise PipelineError(
-                    f"{run / f'fold{fold}' / 'oof_ids.txt'}: id {image_id} appears in {where} "
+                    f"{FoldDir.of(run, fold).oof_ids}: id {image_id} appears in {where} "
                     f"({duplicates} duplicate ids in all)"
                 )
             seen[image_id] = fold
@@ -185,7 +123,7 @@ def oof_fold_of(run_dir: str | Path) -> dict[str, int]:
     run = Path(run_dir)
     out: dict[str, int] = {}
     for fold in load_run_config(run).fold_list():
-        path = run / f"fold{fold}" / "oof_ids.txt"
+        path = FoldDir.of(run, fold).oof_ids
         if path.exists():
             out.update((i, fold) for i in path.read_text(encoding="utf-8").split())
     return out
@@ -279,7 +217,6 @@ def empty_decision_report(truth: np.ndarray, masks: np.ndarray, image_scores: np
 def tune_oof(truth: np.ndarray, probs: np.ndarray, blank: np.ndarray, cfg: Config) -> dict[str, Any]:
     """Search the grid and decide on blank images; the scores come from the final masks themselves."""
     from pipeline.metric import image_scores, threshold_scores
-    from pipeline.submit import binarize
 
     thresholds, configured_empty, min_areas = search_grid(cfg)
     empty_thresholds, searched = search_space(thresholds, configured_empty)
@@ -329,8 +266,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     from pipeline.folds import coverage_class
     from pipeline.leaderboard import record_run
     from pipeline.rle import encode_many, write_rle_csv
-    from pipeline.runstate import tune_inputs
-    from pipeline.submit import binarize
+    from pipeline.rundir import tune_inputs
 
     started = time.perf_counter()
     run = Path(run_dir)
@@ -380,7 +316,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     record_run(run, result, leaderboard_csv=leaderboard_csv)
     # tune.json last: it tells `all` that tuning is done, so it must not exist when the
     # leaderboard row could not be written (a full disk), or the run would never be recorded
-    fileio.write_json(run / "tune.json", result)
+    write_tuned(run, found["post"], result)
     return result
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, load_config, save_config
-from pipeline.runstate import fold_file_digests
-from pipeline.train import training_digest
+from pipeline.rundir import FoldDir, fold_file_digests, training_digest
 
 
 def fake_probs(masks: np.ndarray, rng: np.random.Generator, salt: float = 0.3, blobs: bool = True) -> np.ndarray:
@@ -34,19 +33,19 @@ def fake_probs(masks: np.ndarray, rng: np.random.Generator, salt: float = 0.3, b
 
 def write_fold(run: Path, fold: int, ids: list[str], probs: np.ndarray, seconds: float = 60.0,
                epochs: int = 3) -> None:
-    fold_dir = run / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    np.save(fold_dir / "oof.npy", probs.astype(np.float16))
-    (fold_dir / "oof_ids.txt").write_text("\n".join(ids) + "\n")
+    folder = FoldDir.of(run, fold)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    np.save(folder.oof, probs.astype(np.float16))
+    folder.oof_ids.write_text("\n".join(ids) + "\n")
     rows = ["epoch,lr,train_loss,val_loss,val_score,seconds"]
     rows += [f"{e},0.001,{0.6 / e:.5f},{0.7 / e:.5f},{0.5 + 0.1 * e:.5f},{seconds / epochs:.1f}"
              for e in range(1, epochs + 1)]
-    (fold_dir / "log.csv").write_text("\n".join(rows) + "\n")
+    folder.log.write_text("\n".join(rows) + "\n")
     # done.json as training writes it: the run's training digest and its files' digests
     config_digest = training_digest(load_config(run / "config.yaml")) if (run / "config.yaml").exists() else ""
-    (fold_dir / "done.json").write_text(json.dumps(
+    folder.done.write_text(json.dumps(
         {"fold": fold, "best_epoch": epochs, "best_score": 0.7, "epochs_run": epochs, "seconds": seconds,
-         "config_digest": config_digest, "files": fold_file_digests(fold_dir, [])}))
+         "config_digest": config_digest, "files": fold_file_digests(folder.path, [])}))
 
 
 def refinish_fold(fold_dir: Path) -> None:
@@ -61,7 +60,7 @@ def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta)
     """test_probs.npy, test_ids.txt and predict.json as `predict` writes them, made from the
     run's folds as they are now."""
     from pipeline.config import load_run_config
-    from pipeline.runstate import finished_folds, write_predictions
+    from pipeline.rundir import finished_folds, write_predictions
 
     cfg = load_run_config(run)
     write_predictions(run, list(ids), probs.astype(np.float16),
@@ -72,7 +71,7 @@ def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta)
 def fake_tune(run: Path, rule: dict) -> None:
     """tune.json holding `rule` (threshold, min_area, ...), recorded as tuned on the run's folds."""
     from pipeline.config import load_run_config
-    from pipeline.runstate import tune_inputs
+    from pipeline.rundir import tune_inputs
 
     (run / "tune.json").write_text(json.dumps({**rule, **tune_inputs(load_run_config(run), run)}))
 

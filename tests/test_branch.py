@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from pipeline.branch import branch_run, stage1_differences
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.train import load_checkpoint, read_log, train_folds
+from pipeline.folds_runner import train_folds
+from pipeline.rundir import read_log
 
 # 3 epochs: BCE for 2, then the stage-2 loss; no validation before the switch
 STAGED = ("train.epochs=3", "loss.stage2_from_epoch=2", "loss.stage2_name=bce_lovasz", "loss.bce_weight=0.5",
@@ -74,7 +76,7 @@ def test_only_keys_acting_after_the_switch_may_differ(synth_data, tmp_path):
 def test_branch_refuses_a_source_without_stage1_checkpoints_or_with_another_stage1(synth_data, tmp_path):
     source = staged_config(synth_data, tmp_path, "plain")  # keep_stage1 off
     train_folds(source)
-    with pytest.raises(PipelineError, match=r"stage1.pt: not found; train the source run with train.keep_stage1"):
+    with pytest.raises(PipelineError, match=r"stage1.pt: not found; train the source run with run.keep_stage1"):
         branch_run(staged_config(synth_data, tmp_path, "x", "loss.stage2_name=lovasz"), source.run_dir)
     with pytest.raises(PipelineError, match="stage 1 differs from this config in train.lr"):
         branch_run(staged_config(synth_data, tmp_path, "y", "train.lr=0.01"), source.run_dir)

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import save_config
-from pipeline.train import load_checkpoint, train_folds
+from pipeline.folds_runner import train_folds
 from tests.test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

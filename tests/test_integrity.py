@@ -27,9 +27,10 @@ from pipeline.cli import main
 from pipeline.config import load_run_config, save_config
 from pipeline.errors import PipelineError
 from pipeline.predict import predict_run
-from pipeline.runstate import predictions_are_current, tune_is_current
+from pipeline.rundir import predictions_are_current, tune_is_current
 from pipeline.submit import check_submission, submit_run
-from pipeline.train import load_checkpoint, train_folds
+from pipeline.checkpoints import load_checkpoint
+from pipeline.folds_runner import train_folds
 from pipeline.tune import tune_run
 from tests.test_train import tiny_config
 
@@ -58,7 +59,7 @@ def finished(synth_data, tmp_path_factory):
     """A tiny run trained (fold 0 of 3, 2 epochs), tuned and predicted without TTA, with the
     reference predictions and submissions of both TTAs the tests predict with."""
     root = tmp_path_factory.mktemp("integrity")
-    cfg = tiny_config(synth_data, root, "train.threads=1")
+    cfg = tiny_config(synth_data, root, "run.threads=1")
     train_folds(cfg)
     run = cfg.run_dir
     tune_run(run, leaderboard_csv=root / "leaderboard.csv")
@@ -233,7 +234,7 @@ def _all_finite(path: Path) -> bool:
 
 def test_divergence_after_an_epoch_points_at_a_finite_last_checkpoint(synth_data, tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.train.build_scheduler", lambda cfg, optimizer: DivergeAfterFirstEpoch(optimizer))
-    cfg = tiny_config(synth_data, tmp_path, "train.threads=1")
+    cfg = tiny_config(synth_data, tmp_path, "run.threads=1")
     with pytest.raises(PipelineError) as exc:
         train_folds(cfg)
     fold = cfg.run_dir / "fold0"
@@ -247,7 +248,7 @@ def test_divergence_after_an_epoch_points_at_a_finite_last_checkpoint(synth_data
 def test_divergence_in_the_first_epoch_keeps_no_checkpoint_and_reports_no_score(synth_data, tmp_path, monkeypatch,
                                                                                capsys, where):
     # one batch an epoch: the loss is finite, the step makes the weights inf (train.lr=inf)
-    cfg = tiny_config(synth_data, tmp_path, "train.threads=1", "train.limit_train=16")
+    cfg = tiny_config(synth_data, tmp_path, "run.threads=1", "train.limit_train=16")
     cfg.train.lr = float("inf")  # past load-time validation, as a diverging run gets there anyway
     if where == "validation":  # finite weights, non-finite probabilities
         cfg.train.lr = 1e-3
@@ -264,7 +265,7 @@ def test_divergence_in_the_first_epoch_keeps_no_checkpoint_and_reports_no_score(
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
-    from pipeline.train import save_checkpoint
+    from pipeline.checkpoints import save_checkpoint
 
     with pytest.raises(PipelineError, match="weight w is NaN or infinite"):
         save_checkpoint(tmp_path / "best.pt", {"model": {"w": torch.tensor([1.0, float("nan")])}})
@@ -284,7 +285,7 @@ def test_all_finds_bad_test_images_before_training(synth_data, tmp_path, monkeyp
         shutil.rmtree(data / "test")
     else:
         next((data / "test" / "images").glob("*.png")).write_bytes(b"not a png")
-    monkeypatch.setattr("pipeline.train.train_folds", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr("pipeline.folds_runner.train_folds", lambda *a, **k: pytest.fail("trained before checking"))
     cfg = tiny_config(data, tmp_path)
     with pytest.raises(PipelineError) as exc:
         run_all(cfg)

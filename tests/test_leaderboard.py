@@ -14,6 +14,7 @@ from pipeline.config import Config, save_config
 from pipeline.errors import PipelineError
 from pipeline.leaderboard import (COLUMNS, diff_runs, format_leaderboard, read_leaderboard, record_run,
                                   save_wall_minutes)
+from pipeline.rundir import FoldDir
 from tests.fake_run import write_fold
 
 
@@ -183,7 +184,7 @@ def test_folds_trained_concurrently_count_their_wall_span_not_their_sum(tmp_path
     cfg = make_run(tmp_path, "parallel")
     # fold 0: 90 s ending at t=1000; fold 1: 150 s ending at t=1020: both ran from t=870 on
     for fold, finished in ((0, 1000.0), (1, 1020.0)):
-        done = cfg.run_dir / f"fold{fold}" / "done.json"
+        done = FoldDir.of(cfg, fold).done
         done.write_text(json.dumps({**json.loads(done.read_text()), "finished": finished}))
     record_run(cfg.run_dir, tune_result(0.8), leaderboard_csv=board)
     (row,) = read_leaderboard(board)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from pipeline.config import LossConfig, load_config
 from pipeline.errors import PipelineError
-from pipeline.losses import SegLoss, lovasz_grad, lovasz_hinge, lovasz_hinge_flat, symmetric_lovasz_hinge
+from pipeline.losses import SegLoss, lovasz_grad, lovasz_hinge, lovasz_hinge_flat
 
 
 def jaccard_loss_of_mistakes(gt: np.ndarray, wrong: np.ndarray) -> float:
@@ -105,7 +105,7 @@ def test_lovasz_hinge_is_differentiable_gradcheck():
     logits = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[[1, 0, 1], [1, 1, 0], [0, 0, 1]], [[0] * 3] * 3], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: lovasz_hinge(x, labels), (logits,))
-    assert torch.autograd.gradcheck(lambda x: symmetric_lovasz_hinge(x, labels), (logits,))
+    assert torch.autograd.gradcheck(lambda x: lovasz_hinge(x, labels, symmetric=True), (logits,))
 
 
 def test_perfect_prediction_has_zero_lovasz_loss():
@@ -113,7 +113,7 @@ def test_perfect_prediction_has_zero_lovasz_loss():
     labels[0] = 0
     logits = 10.0 * (2 * labels - 1)
     assert float(lovasz_hinge(logits, labels)) == 0.0
-    assert float(symmetric_lovasz_hinge(logits, labels)) == 0.0
+    assert float(lovasz_hinge(logits, labels, symmetric=True)) == 0.0
 
 
 def test_empty_mask_lovasz_penalises_only_the_worst_pixel():
@@ -124,7 +124,7 @@ def test_empty_mask_lovasz_penalises_only_the_worst_pixel():
 def test_symmetric_lovasz_averages_salt_and_background_terms():
     logits, labels = torch.randn(2, 5, 5), (torch.rand(2, 5, 5) > 0.5).float()
     expected = (lovasz_hinge(logits, labels) + lovasz_hinge(-logits, 1 - labels)) / 2
-    assert torch.allclose(symmetric_lovasz_hinge(logits, labels), expected)
+    assert torch.allclose(lovasz_hinge(logits, labels, symmetric=True), expected)
 
 
 @pytest.mark.parametrize("per_image", [True, False])
@@ -136,7 +136,7 @@ def test_one_sort_symmetric_lovasz_matches_the_two_sort_definition_and_its_gradi
     logits = torch.randn(4, 112, 112, generator=generator, dtype=torch.float64)
     one_sort = logits.clone().requires_grad_()
     two_sorts = logits.clone().requires_grad_()
-    loss = symmetric_lovasz_hinge(one_sort, labels, per_image)
+    loss = lovasz_hinge(one_sort, labels, per_image, symmetric=True)
     expected = (lovasz_hinge(two_sorts, labels, per_image) + lovasz_hinge(-two_sorts, 1 - labels, per_image)) / 2
     loss.backward()
     expected.backward()
@@ -170,7 +170,7 @@ def test_bce_lovasz_is_the_weighted_sum_of_its_parts():
 def test_symmetric_lovasz_flag_switches_the_lovasz_term():
     logits, target = batch()
     loss, _ = SegLoss(LossConfig(name="lovasz", symmetric_lovasz=True))({"mask": logits}, target, 0)
-    assert torch.allclose(loss, symmetric_lovasz_hinge(logits[:, 0], target[:, 0]))
+    assert torch.allclose(loss, lovasz_hinge(logits[:, 0], target[:, 0], symmetric=True))
 
 
 def test_image_only_loss_scores_the_101_pixel_image_and_ignores_the_reflect_padding():
@@ -183,7 +183,7 @@ def test_image_only_loss_scores_the_101_pixel_image_and_ignores_the_reflect_padd
     cfg = LossConfig(name="bce_lovasz", bce_weight=0.5, symmetric_lovasz=True, image_only=True)
     padded_logits, padded_target = pad_or_resize(logits, "pad", 112), pad_or_resize(target, "pad", 112)
     loss, _ = SegLoss(cfg)({"mask": padded_logits}, padded_target, epoch=0)
-    expected = 0.5 * F.binary_cross_entropy_with_logits(logits, target) + symmetric_lovasz_hinge(logits[:, 0], target[:, 0])
+    expected = 0.5 * F.binary_cross_entropy_with_logits(logits, target) + lovasz_hinge(logits[:, 0], target[:, 0], symmetric=True)
     assert torch.allclose(loss, expected)
     # whatever the model says in the padding costs nothing...
     before, _ = pad_amounts(101, 112)

@@ -91,7 +91,7 @@ def test_metric_never_modifies_its_inputs():
     truth, pred = truth[None], pred[None]
     before = truth.copy(), pred.copy()
     metric.image_scores(truth, pred)
-    metric.apply_min_area(pred, 50)
+    metric.mask_areas(pred)
     assert np.array_equal(truth, before[0]) and np.array_equal(pred, before[1])
 
 
@@ -103,16 +103,18 @@ def test_probabilities_are_refused_where_masks_are_expected():
 # ---------------------------------------------------------------- min area
 
 
-def test_apply_min_area_empties_only_masks_below_the_area():
-    pred = np.zeros((4, 5, 5), bool)
-    pred[1].flat[:3] = True   # area 3
-    pred[2].flat[:4] = True   # area 4
-    pred[3].flat[:10] = True  # area 10
-    kept = metric.apply_min_area(pred, 4)
+def test_min_area_empties_only_masks_below_the_area():
+    from pipeline.postprocess import binarize
+
+    pred = np.zeros((4, 5, 5), np.float32)
+    pred[1].flat[:3] = 1.0   # area 3
+    pred[2].flat[:4] = 1.0   # area 4
+    pred[3].flat[:10] = 1.0  # area 10
+    kept = binarize(pred, 0.5, 4)
     assert kept.sum(axis=(1, 2)).tolist() == [0, 0, 4, 10]
     assert pred.sum() == 17  # input untouched
-    assert np.array_equal(metric.apply_min_area(pred, 0), pred)
-    assert metric.apply_min_area(pred, 0) is not pred
+    assert np.array_equal(binarize(pred, 0.5, 0), pred > 0.5)
+    assert binarize(pred, 0.5, 0) is not pred
 
 
 # ---------------------------------------------------------------- threshold search vs a naive loop
@@ -167,7 +169,7 @@ def test_threshold_scores_keep_the_callers_threshold_order():
     thresholds = [0.7, 0.2, 0.5, 0.2]
     scores = metric.threshold_scores(truth, probs, thresholds)
     for row, threshold in enumerate(thresholds):
-        expected = metric.competition_score(truth, metric.binarize(probs, threshold))
+        expected = metric.competition_score(truth, metric.above_threshold(probs, threshold))
         assert scores[row, 0] == pytest.approx(expected, abs=1e-12)
 
 
@@ -175,7 +177,7 @@ def test_threshold_scores_handle_a_fine_grid_of_many_thresholds():
     truth, probs = random_case(np.float32, seed=2)
     thresholds = np.linspace(0.01, 0.99, 130)  # more bins than a uint8 histogram key holds
     scores = metric.threshold_scores(truth, probs, thresholds)
-    expected = [metric.competition_score(truth, metric.binarize(probs, t)) for t in thresholds]
+    expected = [metric.competition_score(truth, metric.above_threshold(probs, t)) for t in thresholds]
     np.testing.assert_allclose(scores[:, 0], expected, atol=1e-12)
     with pytest.raises(ValueError, match="at most 254 thresholds"):
         metric.threshold_scores(truth, probs, np.linspace(0, 1, 300))
@@ -230,14 +232,14 @@ def test_bad_empty_thresholds_are_a_clear_value_error(empty_thresholds, message)
         metric.threshold_scores(truth, probs, [0.3, 0.4, 0.5, 0.55, 0.6], [0, 5], empty_thresholds=empty_thresholds)
 
 
-def test_binarize_matches_an_exact_float64_comparison():
+def test_above_threshold_matches_an_exact_float64_comparison():
     every_float16 = np.arange(2**16, dtype=np.uint16).view(np.float16)
     every_float16 = every_float16[np.isfinite(every_float16)]
     for threshold in (0.3, 0.45, 0.7, 1 / 3):
         exact = every_float16.astype(np.float64) > threshold
-        assert np.array_equal(metric.binarize(every_float16, threshold), exact)
+        assert np.array_equal(metric.above_threshold(every_float16, threshold), exact)
         as_float32 = every_float16.astype(np.float32)
-        assert np.array_equal(metric.binarize(as_float32, threshold), exact)
+        assert np.array_equal(metric.above_threshold(as_float32, threshold), exact)
 
 
 # ---------------------------------------------------------------- the real sample
@@ -263,7 +265,7 @@ def test_threshold_scores_on_real_sample_perfect_and_emptied(real_truth):
 
 
 def test_empty_threshold_grid_on_real_sample_scores_what_submit_writes(real_truth):
-    from pipeline.submit import binarize
+    from pipeline.postprocess import binarize
 
     rng = np.random.default_rng(0)
     probs = np.clip(0.6 * real_truth + 0.5 * rng.random(real_truth.shape), 0, 1).astype(np.float16)

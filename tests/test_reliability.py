@@ -28,14 +28,16 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.fileio import read_json
+from pipeline.folds_runner import train_folds
 from pipeline.leaderboard import COLUMNS, read_leaderboard
 from pipeline.rle import write_rle_csv
+from pipeline.rundir import read_log
 from pipeline.stages import run_all
-from pipeline.train import load_checkpoint, read_log, save_checkpoint, train_folds
 from tests.fake_run import make_fake_run, private_copy
 from tests.test_train import tiny_config
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config, save_config
 from pipeline.fileio import read_json
-from pipeline.parallel import plan_workers
-from pipeline.train import load_checkpoint, train_folds
+from pipeline.folds_runner import plan_workers, train_folds
+from pipeline.rundir import FoldDir
 from tests.test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +61,8 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys):
     # each fold's per-epoch line is echoed by the parent, not only written to its train.out
     assert "fold 0 epoch   1/1" in out and "fold 1 epoch   1/1" in out
     for fold in (0, 1):
-        a = load_checkpoint(sequential.run_dir / f"fold{fold}" / "best.pt")["model"]
-        b = load_checkpoint(parallel.run_dir / f"fold{fold}" / "best.pt")["model"]
+        a = load_checkpoint(FoldDir.of(sequential, fold).best)["model"]
+        b = load_checkpoint(FoldDir.of(parallel, fold).best)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), f"fold {fold} differs"
     # the run's config is the parent's, not that of whichever fold process wrote last (which
     # had folds: [k], threads: 1, parallel_folds: false, and left tune/predict seeing one fold)

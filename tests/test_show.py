@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.show import grid_pixels, read_tuned_postprocessing, show_run
-from pipeline.tune import PostProcess
+from pipeline.postprocess import PostProcess, read_tuned_or_default
+from pipeline.show import grid_pixels, show_run
 from tests.fake_run import make_fake_run
 
 
@@ -60,12 +60,12 @@ def test_worst_grid_is_not_a_blank_canvas(shown):
 
 
 def test_threshold_comes_from_tune_json_else_05(tmp_path):
-    assert read_tuned_postprocessing(tmp_path) == PostProcess(0.5, 0, 0.5, False)
+    assert read_tuned_or_default(tmp_path) == PostProcess(0.5, 0, 0.5, False)
     # a tune.json from before the empty threshold: emptiness decided at the threshold
     (tmp_path / "tune.json").write_text(json.dumps({"threshold": 0.3, "min_area": 20, "empty_blank": True}))
-    assert read_tuned_postprocessing(tmp_path) == PostProcess(0.3, 20, 0.3, True)
+    assert read_tuned_or_default(tmp_path) == PostProcess(0.3, 20, 0.3, True)
     (tmp_path / "tune.json").write_text(json.dumps({"threshold": 0.3, "empty_threshold": 0.8, "min_area": 20}))
-    assert read_tuned_postprocessing(tmp_path) == PostProcess(0.3, 20, 0.8, False)
+    assert read_tuned_or_default(tmp_path) == PostProcess(0.3, 20, 0.8, False)
 
 
 def test_show_on_an_empty_run_is_one_line_error(shown, tmp_path):

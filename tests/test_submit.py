@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.submit import binarize, check_submission, submit_run
+from pipeline.postprocess import binarize
+from pipeline.submit import check_submission, submit_run
 from tests.fake_run import fake_tune, make_fake_run, private_copy
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.train import load_checkpoint, read_log, train_folds
+from pipeline.folds_runner import train_folds
+from pipeline.rundir import read_log
 
 
 def tiny_config(data, tmp_path, *overrides):
@@ -240,7 +242,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     import json
 
     from pipeline.config import flatten
-    from pipeline.train import NEUTRAL_DEFAULTS, is_training_key, training_digest
+    from pipeline.rundir import NEUTRAL_DEFAULTS, is_training_key, training_digest
 
     assert set(NEUTRAL_DEFAULTS) == {"train.ema_decay", "model.residual", "loss.image_only", "model.global_context",
                                      "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit",
@@ -258,7 +260,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
 
 def test_run_trained_fold_by_fold_records_every_fold_for_tune_and_predict(synth_data, tmp_path):
     from pipeline.config import load_config as load_saved
-    from pipeline.train import prepare_run_dir
+    from pipeline.rundir import prepare_run_dir
 
     saved = tmp_path / "runs" / "tiny" / "config.yaml"
     for folds, expected in (("[0]", [0]), ("[1]", [0, 1]), ("[1]", [0, 1]), ("[2]", [])):  # [] = all 3

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.tune import PostProcess, assemble_oof, read_tuned, search_grid, tune_oof, tune_run
+from pipeline.postprocess import PostProcess, binarize, read_tuned
+from pipeline.tune import assemble_oof, search_grid, tune_oof, tune_run
 from tests.fake_run import fake_probs, make_fake_run, private_copy, refinish_fold
 
 TUNE_KEYS = {"threshold", "empty_threshold", "min_area", "cv_at_05", "cv_tuned", "cv_plain_rule", "per_class",
@@ -167,7 +168,6 @@ def stricter_empty_probs(truth: np.ndarray) -> np.ndarray:
 def test_a_stricter_empty_threshold_is_chosen_where_it_helps(synth_data):
     from pipeline.data import load_train
     from pipeline.metric import competition_score
-    from pipeline.submit import binarize
 
     truth = np.asarray(load_train(synth_data).masks, bool)
     probs = stricter_empty_probs(truth)

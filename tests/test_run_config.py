@@ -1,0 +1,75 @@
+"""The run: section (threads, workers, parallel folds, keep_stage1) apart from the
+hyper-parameters: every shipped config keeps the digests it had before the section existed,
+and a config.yaml written with those keys under train: loads as before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.rundir import is_training_key, training_digest
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# (training_digest, Config.digest) of every shipped config, computed on main before the
+# run: section existed (the speed keys were under train:).
+PINNED = {
+    "cpu_best.yaml": ("0eb579a8353a3b9a", "88f946b06e0485fb"),
+    "cpu_quick.yaml": ("dbf5b67965ee440c", "82fa47cd5251c7d8"),
+    "gpu_best.yaml": ("025387b3ddba87e2", "d44704505814a7ce"),
+    "resnet34_lovasz.yaml": ("cef23a9a7af7b912", "3ab7eb9fd92b5918"),
+    "seed_unet.yaml": ("3f3bdbb76fe73cf4", "ee91ee790a373ba9"),
+}
+SPEED_KEYS = ("train.threads=1", "train.num_workers=2", "train.parallel_folds=true", "train.fold_workers=3",
+              "train.keep_stage1=true")
+
+
+def test_every_shipped_config_is_pinned():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(PINNED)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_shipped_configs_keep_their_digests(name):
+    cfg = load_config(CONFIGS / name)
+    assert (training_digest(cfg), cfg.digest()) == PINNED[name]
+
+
+def test_the_defaults_keep_their_digests():
+    cfg = load_config(None)
+    assert (training_digest(cfg), cfg.digest()) == ("0ab099ec671bee84", "da0626f373f026c8")
+
+
+def test_speed_keys_set_the_old_way_land_in_run_and_leave_the_training_digest_alone():
+    cfg = load_config(CONFIGS / "cpu_best.yaml", SPEED_KEYS)
+    assert (cfg.run.threads, cfg.run.num_workers, cfg.run.parallel_folds, cfg.run.fold_workers,
+            cfg.run.keep_stage1) == (1, 2, True, 3, True)
+    # both digests as on main with the same overrides
+    assert (training_digest(cfg), cfg.digest()) == ("0eb579a8353a3b9a", "4c93753f5ff9b31f")
+    assert not any(is_training_key(f"run.{key}") for key in ("threads", "num_workers", "keep_stage1"))
+
+
+def test_an_old_config_yaml_with_speed_keys_under_train_loads_with_the_same_digest(tmp_path):
+    new = load_config(CONFIGS / "cpu_best.yaml")
+    # the config.yaml a run made before the run: section held: the speed keys under train:
+    values = new.to_dict()
+    values["train"].update(values.pop("run"))
+    text = yaml.safe_dump(values, sort_keys=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    old = load_config(path)
+    assert old == new
+    assert training_digest(old) == training_digest(new) == PINNED["cpu_best.yaml"][0]
+    assert old.digest() == PINNED["cpu_best.yaml"][1]
+    # and --set may spell the key either way, the last one given winning
+    assert load_config(path, ["run.threads=3"]).run.threads == 3
+    assert load_config(path, ["train.threads=4"]).run.threads == 4
+
+
+def test_a_config_giving_a_speed_key_in_both_places_is_refused(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("train:\n  threads: 1\nrun:\n  threads: 2\n")
+    with pytest.raises(PipelineError, match=r"both 'train.threads' and 'run.threads' given"):
+        load_config(path)
