@@ -10,7 +10,7 @@
         log.csv       LOG_COLUMNS, one row per epoch
         oof.npy       float16 validation probabilities (101x101) of the fold's final model(s)
         oof_ids.txt   their ids, one per line, in the same order
-        done.json     written last: the fold is complete (with its training digest)
+        done.json     written last: the fold is complete (its training digest, its files' sha256)
 
 A fold is reused only if it was trained with the same `training_digest`: the hash of every
 config key that decides the trained weights. No torch here: tune, show and the leaderboard
@@ -226,12 +226,15 @@ def check_files(folder: Path, recorded: Any, manifest: Path, rerun: str) -> None
 def read_done_token(run: Path, fold: int) -> tuple[dict, str]:
     """(fold<k>/done.json, its token: the sha256 of its bytes); PipelineError when it is missing
     or unreadable."""
-    path = run / f"fold{fold}" / "done.json"
+    path = FoldDir.of(run, fold).done
     if not path.is_file():
         state = "not trained" if not path.parent.is_dir() else "not finished"
         raise PipelineError(f"{path}: missing (fold {fold} {state}) — run `python -m pipeline train`")
-    raw = path.read_bytes()
-    done = fileio.read_json(path)
+    raw = path.read_bytes()  # parsed from these very bytes: the token names what was read
+    try:
+        done = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc}) — run `python -m pipeline train`") from None
     if not isinstance(done, dict):
         raise PipelineError(f"{path}: not a done marker (a JSON object expected) — run `python -m pipeline train`")
     return done, hashlib.sha256(raw).hexdigest()
@@ -246,7 +249,7 @@ def finished_folds(cfg: Config, run: Path | None = None) -> dict[str, str]:
     for fold in cfg.fold_list():
         done, token = read_done_token(run, fold)
         if done.get("config_digest") != digest:
-            raise PipelineError(f"{run / f'fold{fold}' / 'done.json'}: fold {fold} was trained with another "
+            raise PipelineError(f"{FoldDir.of(run, fold).done}: fold {fold} was trained with another "
                                 "config than the run's config.yaml — run `python -m pipeline train`")
         tokens[f"fold{fold}"] = token
     return tokens
@@ -260,17 +263,17 @@ def fold_file_digests(fold_dir: Path, checkpoints: list[Path]) -> dict[str, str]
 def check_fold_files(run: Path, fold: int, names, rerun: str = "run `python -m pipeline train --force`") -> None:
     """The files `names` of the fold are those its done.json recorded (a done.json from before the
     manifests recorded nothing: accepted as it is)."""
+    folder = FoldDir.of(run, fold)
     done, _ = read_done_token(run, fold)
     recorded = done.get("files")
     if recorded is None:
         return
     if not isinstance(recorded, dict):
-        raise PipelineError(f"{run / f'fold{fold}' / 'done.json'}: 'files' is not a mapping — {rerun}")
-    named = {name: recorded[name] for name in names if name in recorded}
+        raise PipelineError(f"{folder.done}: 'files' is not a mapping — {rerun}")
     unnamed = [name for name in names if name not in recorded]
     if unnamed:
-        raise PipelineError(f"{run / f'fold{fold}' / unnamed[0]}: not recorded in done.json as the fold's — {rerun}")
-    check_files(run / f"fold{fold}", named, run / f"fold{fold}" / "done.json", rerun)
+        raise PipelineError(f"{folder.path / unnamed[0]}: not recorded in done.json as the fold's — {rerun}")
+    check_files(folder.path, {name: recorded[name] for name in names}, folder.done, rerun)
 
 
 # ---------------------------------------------------------------- tune.json
