@@ -47,6 +47,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    # numpy's and sklearn's seeds: outside this range they raise a ValueError traceback
+    value = _positive_int(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _image_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SYNTH_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SYNTH_IMAGES} images (TGS has 22000), got {text!r}")
+    return value
+
+
+MAX_SYNTH_IMAGES = 100_000  # synth holds every image in memory while it draws them (~0.1 MB each)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -93,9 +111,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import check_folds, load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
     from pipeline.folds_runner import train_folds
 
-    cfg = load_config(args.config, args.overrides)
     if args.folds is not None:
         # before anything is written: a fold outside n_folds would land in the run's config.yaml
         check_folds(args.folds, cfg.n_folds, "--folds")
@@ -190,15 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
     p.add_argument("--out", required=True, help="output folder (train/, test/, train.csv, depths.csv)")
-    p.add_argument("--n-train", type=_positive_int, default=800)
-    p.add_argument("--n-test", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=_image_count, default=800)
+    p.add_argument("--n-test", type=_image_count, default=200)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("folds", help="stratified k-fold split by salt-coverage class")
     p.add_argument("--data", required=True, help="dataset folder (train/masks or train.csv)")
     p.add_argument("--k", type=_positive_int, default=5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=_seed, default=42)
     p.add_argument("--out", default="folds/folds.csv")
     p.set_defaults(func=cmd_folds)
 

@@ -8,13 +8,15 @@ is enough to reproduce or resume the run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.errors import PipelineError
 
@@ -264,7 +266,7 @@ def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
             raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}")
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}") from None
     if annotation is str:
         if isinstance(value, bool):
@@ -279,7 +281,7 @@ def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
 def _build(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(key) for key in set(values) - names)  # YAML keys may be numbers too
     if unknown:
         raise PipelineError(
             f"{source}: unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})"
@@ -344,9 +346,151 @@ def _validate(cfg: Config, source: str) -> Config:
     if not 0.0 <= cfg.pseudo.max_uncertain_share <= 1.0:
         raise PipelineError(f"{source}: 'pseudo.max_uncertain_share' must be in [0, 1], "
                             f"got {cfg.pseudo.max_uncertain_share}")
-    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
-        raise PipelineError(f"{source}: 'name' must be a plain folder name, got {cfg.name!r}")
+    _check_numbers(cfg, source)
+    _check_strings(cfg, source)
     return cfg
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The values a numeric config key may take, and how the message says so."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {_show_number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{_show_number(self.low)}, "
+                f"{_show_number(self.high)}{')' if self.high_open else ']'}")
+
+
+def _show_number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+_PROBABILITY = _Range(0.0, 1.0)
+_COUNT = _Range(0, 1_000_000)  # e.g. patience in epochs: any larger is a typo, and overflows C ints
+_CORES = _Range(0, 1024)  # threads, workers: 0 = automatic
+# Every numeric key (list items as "key[]"): the range its meaning allows. A value outside it
+# would raise deep inside torch or numpy, or, worse, train to the end uselessly (lr 0 or inf).
+NUMBER_RANGES: dict[str, _Range] = {
+    "n_folds": _Range(2, 1000),
+    "folds[]": _Range(0, 999),  # and below n_folds (checked above)
+    "seed": _Range(0, 2**32 - 1),  # numpy's and sklearn's seeds
+    "model.n_filters": _Range(1, 1024),
+    "model.dropout": _Range(0.0, 1.0, high_open=True),
+    "model.in_chans": _Range(1, 16),
+    "model.decoder_channels[]": _Range(1, 4096),
+    "input.size": _Range(16, 1024),
+    "augment.hflip": _PROBABILITY,
+    "augment.shift_scale": _PROBABILITY,
+    "augment.shift_limit": _Range(0.0, 1.0),  # a share of the image size
+    "augment.scale_limit": _Range(0.0, 1.0, high_open=True),  # the scale 1 - limit stays positive
+    "augment.rotate_limit": _Range(0.0, 45.0),
+    "augment.brightness_contrast": _PROBABILITY,
+    "augment.brightness_limit": _Range(0.0, 1.0),
+    "augment.contrast_limit": _Range(0.0, 1.0),
+    "loss.bce_weight": _Range(0.0, 1e6),
+    "loss.lovasz_weight": _Range(0.0, 1e6),
+    "loss.stage2_from_epoch": _Range(-1, 1_000_000),
+    "loss.empty_head_weight": _Range(0.0, 1e6),
+    "loss.stage_heads_weight": _Range(0.0, 1e6),
+    "train.epochs": _Range(1, 1_000_000),
+    "train.batch_size": _Range(1, 65536),
+    "train.lr": _Range(0.0, 10.0, low_open=True),
+    "train.weight_decay": _Range(0.0, 1.0),
+    "train.momentum": _Range(0.0, 1.0, high_open=True),
+    "train.cycle_epochs": _Range(1, 1_000_000),
+    "train.min_lr": _Range(0.0, 10.0),
+    "train.plateau_patience": _COUNT,
+    "train.plateau_factor": _Range(0.0, 1.0, low_open=True, high_open=True),
+    "train.early_stop_patience": _COUNT,
+    "run.num_workers": _CORES,
+    "run.threads": _CORES,
+    "train.limit_train": _Range(0, 10**9),
+    "train.grad_clip": _Range(0.0, 1e6),
+    "run.fold_workers": _CORES,
+    "train.validate_from": _COUNT,
+    "train.ema_decay": _Range(0.0, 1.0, high_open=True),
+    "predict.batch_size": _Range(1, 65536),
+    "pseudo.max_uncertain_share": _PROBABILITY,
+    "tune.thresholds[]": _Range(0.0, 1.0, high_open=True),
+    "tune.min_areas[]": _Range(0, 101 * 101),
+    "tune.empty_thresholds[]": _Range(0.0, 1.0, high_open=True),
+}
+
+
+def _numbers(cfg: Config) -> Iterator[tuple[str, str, float]]:
+    """(range key, shown key, value) of every number in the config, list items one by one."""
+    for key, value in flatten(cfg).items():
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    yield f"{key}[]", f"{key}[{index}]", item
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, key, value
+
+
+def _check_numbers(cfg: Config, source: str) -> None:
+    for range_key, key, value in _numbers(cfg):
+        allowed = NUMBER_RANGES.get(range_key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PipelineError(f"{source}: '{key}' must be a finite number, got {value}")
+        if allowed is not None and not allowed.holds(value):
+            raise PipelineError(f"{source}: '{key}' must be {allowed}, got {_show_number(value)}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise PipelineError(f"{source}: 'train.min_lr' ({_show_number(cfg.train.min_lr)}) must be <= train.lr "
+                            f"({_show_number(cfg.train.lr)}): the schedule only lowers the rate")
+    if cfg.loss.stage2_from_epoch >= cfg.train.epochs:
+        raise PipelineError(f"{source}: 'loss.stage2_from_epoch' ({cfg.loss.stage2_from_epoch}) must be below "
+                            f"train.epochs ({cfg.train.epochs}), or -1 for no stage 2")
+    losses = {cfg.loss.name} | ({cfg.loss.stage2_name} if cfg.loss.stage2_from_epoch >= 0 else set())
+    if "bce_lovasz" in losses and cfg.loss.bce_weight == 0 and cfg.loss.lovasz_weight == 0:
+        raise PipelineError(f"{source}: 'loss.bce_weight' and 'loss.lovasz_weight' are both 0, "
+                            "so bce_lovasz trains nothing")
+    if len(set(cfg.folds)) != len(cfg.folds):
+        repeated = next(k for k in cfg.folds if cfg.folds.count(k) > 1)
+        raise PipelineError(f"{source}: 'folds' lists fold {repeated} twice")
+    if not cfg.predict.tta:
+        raise PipelineError(f"{source}: 'predict.tta' is empty; give at least [none]")
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """`name` if it is one plain folder or file name (it becomes runs/<name>/, submissions/<name>.csv),
+    else a PipelineError: a separator, a leading dot ("..") or a control character could make a run
+    write outside its folder or a name no shell shows as it is."""
+    problem = ""
+    if not name or not name.strip():
+        problem = "is empty"
+    elif "/" in name or "\\" in name:
+        problem = "has a path separator"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif not name.isprintable():
+        problem = "has a control character"
+    elif name != name.strip():
+        problem = "starts or ends with a space"
+    elif len(name.encode("utf-8", "surrogatepass")) > 200:
+        problem = "is longer than 200 bytes"
+    if problem:
+        raise PipelineError(f"{what} {name!r} {problem}; it must be a plain folder name (e.g. v8_lovasz)")
+    return name
+
+
+def _check_strings(cfg: Config, source: str) -> None:
+    check_plain_name(cfg.name, f"{source}: 'name'")
+    for key, value in flatten(cfg).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and "\0" in item:
+                raise PipelineError(f"{source}: '{key}' has a NUL character, which no path or name may hold")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -422,26 +566,78 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source = "config"
     if path is not None:
         source = str(path)
+        text = _read_config_text(Path(path))
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"{path}: cannot read config ({exc})") from None
-        try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_unique_key_loader())
+        except _DuplicateKey as exc:
+            raise PipelineError(f"{path}: key {exc.key!r} appears twice in one section (lines {exc.first} "
+                                f"and {exc.again}); YAML would silently keep the last") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" at line {line + 1}" if line is not None else ""
             raise PipelineError(f"{path}: invalid YAML{where}") from None
         if loaded is None:
-            loaded = {}
+            raise PipelineError(f"{path}: empty config (no keys); a config is a mapping such as 'name: v1'")
         if not isinstance(loaded, dict):
             raise PipelineError(f"{path}: a config must be a mapping of keys to values")
         values = _move_legacy_run_keys(loaded, source)  # before the overrides, which may spell either
     for assignment in overrides:
         _apply_override(values, assignment)
     return from_dict(values, source)
+
+
+MAX_CONFIG_BYTES = 1 << 20  # the shipped configs are ~2 KB; a bigger file is not a config
+
+
+def _read_config_text(path: Path) -> str:
+    from pipeline.fileio import read_at_most
+
+    try:
+        with open(path, "rb") as handle:
+            raw = read_at_most(handle, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a folder, expected a YAML config file") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise PipelineError(f"{path}: over {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}), not a YAML config") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader that refuses a key repeated in one mapping (SafeLoader keeps the last
+    silently, so `lr: 0.01` further down a long file would quietly undo an earlier `lr: 0.001`)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        line = first_line.setdefault(key, key_node.start_mark.line + 1)
+                    except TypeError:  # an unhashable key: the base class refuses it
+                        continue
+                    if line != key_node.start_mark.line + 1:
+                        raise _DuplicateKey(key, line, key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -36,6 +36,9 @@ IMAGE_SIZE = 101
 # sample: ~0.75 s serial, ~0.6 s with 4 threads for images + masks on 2 busy cores.
 _READ_THREADS = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A 101x101 PNG is at most ~82 KB even as 16-bit RGBA stored uncompressed; a few MB leaves room for
+# metadata while a huge or endless file (a device, a wrongly named video) is refused unread.
+MAX_PNG_BYTES = 4 << 20
 
 
 @dataclass
@@ -91,13 +94,16 @@ def png_damage(raw: bytes) -> str:
 def _open_png(path: str | os.PathLike) -> Image.Image:
     """The decoded PNG at `path`, checked to be whole (chunk CRCs) and 101x101."""
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            raw = fileio.read_at_most(handle, MAX_PNG_BYTES)
     except FileNotFoundError:
         raise PipelineError(f"{path}: not a readable PNG (file not found)") from None
     except IsADirectoryError:
         raise PipelineError(f"{path}: not a readable PNG (it is a folder)") from None
     except OSError as exc:  # permissions, I/O errors: the strerror says it without repeating the path
         raise PipelineError(f"{path}: not a readable PNG ({exc.strerror or one_line(exc)})") from None
+    if len(raw) > MAX_PNG_BYTES:
+        raise PipelineError(f"{path}: over {MAX_PNG_BYTES >> 20} MiB, far too large for a 101x101 PNG")
     if raw.startswith(PNG_SIGNATURE):
         damage = png_damage(raw)
         if damage:
@@ -207,12 +213,16 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray, *, sixteen_bit: bo
 def list_image_ids(folder: str | os.PathLike) -> list[str]:
     """Sorted stems of the `.png` files in `folder` (hidden files skipped)."""
     try:
-        names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries
+                     if entry.name.endswith(".png") and not entry.name.startswith(".") and _is_png_file(folder, entry)]
     except FileNotFoundError:
         raise PipelineError(f"{folder}: folder not found") from None
     except NotADirectoryError:
         raise PipelineError(f"{folder}: not a folder") from None
-    ids = sorted(name[:-4] for name in names if name.endswith(".png") and not name.startswith("."))
+    except OSError as exc:  # permissions, a symbolic link loop as the folder itself, I/O errors
+        raise PipelineError(f"{folder}: cannot list the folder ({exc.strerror or one_line(exc)})") from None
+    ids = sorted(name[:-4] for name in names)
     spaced = [image_id for image_id in ids if has_whitespace(image_id)]
     if spaced:  # test_ids.txt and oof_ids.txt hold ids split on whitespace: "a b" would become two
         raise PipelineError(f"{Path(folder) / (spaced[0] + '.png')}: id {spaced[0]!r} holds whitespace "
@@ -222,6 +232,20 @@ def list_image_ids(folder: str | os.PathLike) -> list[str]:
 
 def has_whitespace(image_id: str) -> bool:
     return any(char.isspace() for char in image_id)
+
+
+def _is_png_file(folder: str | os.PathLike, entry: os.DirEntry) -> bool:
+    """Whether a `.png` entry is a file to read (sub-folders are skipped); a link that leads
+    nowhere (dangling, or a loop) is refused, naming it, rather than dropped from the data."""
+    path = Path(folder) / entry.name
+    try:
+        if entry.is_file():
+            return True
+        if entry.is_symlink():
+            raise PipelineError(f"{path}: broken symbolic link (its target does not exist)")
+        return False
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
 
 
 def _read_many(reader: Callable[[Path], np.ndarray], paths: Sequence[Path], dtype) -> np.ndarray:
@@ -298,8 +322,8 @@ def load_train(data_dir: str | os.PathLike, ids: Sequence[str] | None = None) ->
     if csv_path.exists():
         _check_train_csv_has_images(csv_path, set(list_image_ids(images_dir)))
     images = read_images([images_dir / f"{i}.png" for i in ids])
-    if masks_dir.is_dir():
-        mask_ids = set(list_image_ids(masks_dir))
+    if masks_dir.is_dir() or _exists_but_not_folder(masks_dir):
+        mask_ids = set(list_image_ids(masks_dir))  # a file there: "not a folder", not a silent fallback
         missing = [i for i in ids if i not in mask_ids]
         if missing:
             raise PipelineError(f"{masks_dir / (missing[0] + '.png')}: missing mask for image {missing[0]}"
@@ -310,6 +334,10 @@ def load_train(data_dir: str | os.PathLike, ids: Sequence[str] | None = None) ->
     else:
         raise PipelineError(f"{masks_dir}: folder not found (and no {csv_path.name} to decode masks from)")
     return TrainSet(ids=ids, images=images, masks=masks, depths=depths_for(data / "depths.csv", ids))
+
+
+def _exists_but_not_folder(path: Path) -> bool:
+    return os.path.lexists(path) and not path.is_dir()
 
 
 def load_test(data_dir: str | os.PathLike) -> TestSet:
@@ -329,7 +357,10 @@ def fingerprint_test_images(data_dir: str | os.PathLike) -> str:
     ids = list_image_ids(images_dir)
     digest = hashlib.sha256()
     for image_id in ids:
-        stat = (images_dir / f"{image_id}.png").stat()
+        try:
+            stat = (images_dir / f"{image_id}.png").stat()
+        except OSError as exc:  # vanished since the listing, or unreadable
+            raise PipelineError(f"{images_dir / f'{image_id}.png'}: cannot read ({exc.strerror or one_line(exc)})") from None
         digest.update(f"{image_id}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return f"{len(ids)}-{digest.hexdigest()[:16]}"
 
@@ -342,7 +373,7 @@ def read_depths(path: str | os.PathLike) -> dict[str, float]:
     import pandas as pd
 
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):  # a link that leads nowhere is an error to show, not "no depths"
         return {}
     table = fileio.read_csv_strings(path, "id,z")
     header = [str(name).strip() for name in table.columns]
@@ -411,7 +442,7 @@ def decode_csv_to_dir(csv: str | os.PathLike, out_dir: str | os.PathLike) -> int
     for image_id in ids:
         _check_id_is_file_name(csv_path, image_id)
     masks = decode_many(table["rle_mask"].tolist(), shape=(IMAGE_SIZE, IMAGE_SIZE), ids=ids, where=str(csv_path))
-    folder.mkdir(parents=True, exist_ok=True)
+    fileio.make_dirs(folder)
 
     def write_one(index: int) -> None:
         write_mask_png(folder / f"{ids[index]}.png", masks[index])

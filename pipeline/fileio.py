@@ -8,6 +8,7 @@ never leaves a half-written file where a reader expects a whole one.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -31,9 +32,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`. The first
     successful write of a process into a folder removes the temps that killed writers left there."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=TEMP_SUFFIX,
-                                    dir=target.parent)
+    make_dirs(target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=TEMP_SUFFIX,
+                                        dir=target.parent)
+    except OSError as exc:  # a read-only or full disk, permissions
+        raise PipelineError(f"{target}: could not write ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             yield handle
@@ -74,6 +78,19 @@ def _process_alive(pid: int) -> bool:
     except OSError:  # e.g. EPERM: a process of another user holds that pid
         return True
     return True
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """mkdir -p, with a one-line PipelineError naming the folder (a file in the way, permissions,
+    a full disk) instead of an OSError traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PipelineError(f"{folder}: cannot make this folder, a file of that name is in the way") from None
+    except OSError as exc:
+        raise PipelineError(f"{folder}: cannot make this folder ({exc.strerror or exc})") from None
+    return folder
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> None:
@@ -168,17 +185,107 @@ class _WriteErrorRecorder:
         return getattr(self._handle, name)
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_at_most(handle: IO[bytes], max_bytes: int) -> bytes:
+    """The rest of a binary file, or its first max_bytes + 1 bytes when it is longer (the caller
+    refuses it): memory stays bounded for a huge file or an endless device, and, unlike
+    handle.read(max_bytes + 1), nothing of max_bytes is allocated up front for a small one."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{path}: file not found") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from exc
+        size = os.fstat(handle.fileno()).st_size
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        size = 0
+    chunks = [handle.read(min(size, max_bytes) + 1)] if size else []
+    total = sum(map(len, chunks))
+    while total <= max_bytes:
+        chunk = handle.read(min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
-def read_csv_strings(path: str | os.PathLike, expected: str):
+MAX_SMALL_FILE_BYTES = 64 << 20  # JSON records and id lists of a run: a few KB to ~1 MB
+
+
+def read_text(path: str | os.PathLike, max_bytes: int = MAX_SMALL_FILE_BYTES) -> str:
+    """A UTF-8 text file (an id list, a log), every failure one PipelineError naming it."""
+    try:
+        with open(path, "rb") as handle:
+            raw = read_at_most(handle, max_bytes)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a folder, expected a file") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > max_bytes:
+        raise PipelineError(f"{path}: over {max_bytes >> 20} MiB, too large for this file; is it the right one?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object (every record this pipeline writes is one), or a one-line PipelineError."""
+    text = read_text(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PipelineError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{path}: expected a JSON object {{...}}, got {type(value).__name__}")
+    return value
+
+
+def read_npy(path: str | os.PathLike, hint: str = ""):
+    """A .npy array, its header checked against the file size before the data is allocated (a
+    damaged header can claim terabytes). hint: what to run when the file is bad ("" = nothing)."""
+    import numpy as np
+
+    fix = f" — {hint}" if hint else ""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            data_start = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+            needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if dtype.hasobject:
+                raise PipelineError(f"{path}: holds Python objects, not numbers{fix}")
+            if data_start + needed != size:
+                raise PipelineError(f"{path}: header says {shape} {dtype} ({needed} bytes) but the file holds "
+                                    f"{size - data_start}: truncated or damaged{fix}")
+            handle.seek(0)
+            return np.load(handle, allow_pickle=False)
+    except PipelineError:
+        raise
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found{fix}") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a folder, expected a .npy file{fix}") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc}){fix}") from None
+    except (ValueError, TypeError, SyntaxError, EOFError) as exc:  # a damaged header
+        raise PipelineError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:120]}){fix}") from None
+
+
+MAX_TABLE_BYTES = 64 << 20  # depths.csv, folds files, log.csv: TGS's 22000-row depths.csv is 0.4 MiB
+
+
+def _check_size(path: str | os.PathLike, max_bytes: int) -> None:
+    """Refuse a file over max_bytes before reading it (pandas would hold all of it, and more)."""
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise PipelineError(f"{path}: {size / 2**20:.0f} MiB, over the {max_bytes >> 20} MiB this file can "
+                            "plausibly be; is it the right file?")
+
+
+def read_csv_strings(path: str | os.PathLike, expected: str, max_bytes: int = MAX_TABLE_BYTES):
     """A CSV as a DataFrame of str columns ("" never becomes NaN); every read failure is one
     PipelineError naming the file. `expected` describes the header for the empty-file message."""
     import pandas as pd
@@ -191,7 +298,9 @@ def read_csv_strings(path: str | os.PathLike, expected: str):
             # column as the index (shifting every value one column) or, with index_col=False,
             # drop the extra fields with a ParserWarning; refuse the file instead.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", index_col=False)
+            _check_size(path, max_bytes)
+            # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
     except pd.errors.ParserWarning:
         raise PipelineError(f"{path}: a row has more fields than the header {expected!r}") from None
     except FileNotFoundError:
@@ -218,11 +327,11 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True, what: str = "")
     import fcntl
 
     lock_path = Path(path)
+    make_dirs(lock_path.parent)
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_path, "a+", encoding="utf-8")
-    except OSError as exc:  # a full disk, a read-only folder: one line, not a traceback
-        raise PipelineError(f"{lock_path}: cannot create the lock file ({exc.strerror or exc})") from None
+    except OSError as exc:
+        raise PipelineError(f"{lock_path}: cannot open the lock file ({exc.strerror or exc})") from None
     try:
         flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
         try:

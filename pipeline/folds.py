@@ -80,6 +80,8 @@ def make_folds(ids: Sequence[str], masks: np.ndarray, k: int = 5, seed: int = 42
         raise PipelineError(f"make_folds: id {_first_duplicate(ids)} appears more than once")
     if k < 2:
         raise PipelineError(f"folds: k must be at least 2, got {k}")
+    if not 0 <= seed <= 2**32 - 1:  # sklearn's own check is a ValueError traceback
+        raise PipelineError(f"folds: seed must be in 0..{2**32 - 1}, got {seed}")
     if len(ids) < k:
         raise PipelineError(f"folds: k={k} folds need at least {k} train images, got {len(ids)}")
     order = np.argsort(np.array(ids, dtype=object), kind="stable")  # input order must not matter
@@ -107,7 +109,7 @@ def _train_ids_and_masks(data_dir: Path) -> tuple[list[str], np.ndarray]:
     from pipeline import data
 
     images_dir, masks_dir, csv_path = data_dir / "train" / "images", data_dir / "train" / "masks", data_dir / "train.csv"
-    if masks_dir.is_dir():
+    if masks_dir.is_dir() or data._exists_but_not_folder(masks_dir):
         # the ids are the images' (what training loads); every one needs its mask
         ids = data.list_image_ids(images_dir) if images_dir.is_dir() else data.list_image_ids(masks_dir)
         if not ids:

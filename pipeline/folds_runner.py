@@ -45,6 +45,10 @@ def load_training_data(cfg: Config, dist: DistContext = DistContext()):
     found = int(fold_ids.max()) + 1
     if found != cfg.n_folds:
         raise PipelineError(f"{folds_path}: has {found} folds but the config asks for n_folds={cfg.n_folds}")
+    empty = sorted(set(range(cfg.n_folds)) - set(fold_ids.tolist()))
+    if empty:  # that fold would train on everything and validate on nothing
+        raise PipelineError(f"{folds_path}: fold {empty[0]} holds none of the {len(data.ids)} train images; "
+                            "delete the file to make the folds again")
     return data, fold_ids
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -150,19 +151,17 @@ def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
     Every row is one line (no value holds a line break), so each line is parsed on its own: an
     unbalanced quote (a hand edit) spoils its own row, never the rows after it, and is warned
     about. A byte-order mark (a spreadsheet's "CSV UTF-8") is skipped."""
+    from pipeline.fileio import read_text
+
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
+    # a folder, permissions, not UTF-8, far too large: one line naming it; a BOM is not the header's
+    text = read_text(path).removeprefix("\ufeff")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not lines:
-        return []
-    try:
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if not lines:
+            return []
         fieldnames = next(csv.reader([lines[0][1]]))
         if "run" not in fieldnames or "cv_tuned" not in fieldnames:
             raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")

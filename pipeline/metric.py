@@ -255,7 +255,7 @@ def _exact_cuts(dtype: np.dtype, thresholds: np.ndarray) -> np.ndarray | None:
 def score_csvs(truth_csv: str | os.PathLike, pred_csv: str | os.PathLike,
                shape: tuple[int, int] = (101, 101)) -> tuple[float, int]:
     """(competition score, image count) of a prediction CSV against a truth CSV, both id,rle_mask."""
-    from pipeline.rle import decode_many, read_rle_csv
+    from pipeline.rle import check_many, decode_chunks, read_rle_csv
 
     truth_df, pred_df = read_rle_csv(truth_csv), read_rle_csv(pred_csv)
     truth_ids, pred_ids = truth_df["id"].tolist(), pred_df["id"].tolist()
@@ -273,9 +273,18 @@ def score_csvs(truth_csv: str | os.PathLike, pred_csv: str | os.PathLike,
         raise PipelineError(f"{truth_csv}: no rows to score")
 
     pred_rles = pred_df.set_index("id")["rle_mask"].reindex(truth_ids).tolist()
-    truth = decode_many(truth_df["rle_mask"].tolist(), shape, ids=truth_ids, where=str(truth_csv))
-    pred = decode_many(pred_rles, shape, ids=truth_ids, where=str(pred_csv))
-    return competition_score(truth, pred), len(truth_ids)
+    # Chunk by chunk, so memory stays a few MB whatever the row count; every truth row is
+    # checked before any prediction row, so a bad truth file is named first.
+    check_many(truth_df["rle_mask"].tolist(), shape, ids=truth_ids, where=str(truth_csv))
+    tenths = 0
+    truth_chunks = decode_chunks(truth_df["rle_mask"].tolist(), shape, ids=truth_ids, where=str(truth_csv))
+    pred_chunks = decode_chunks(pred_rles, shape, ids=truth_ids, where=str(pred_csv))
+    for (_, truth), (_, pred) in zip(truth_chunks, pred_chunks):
+        truth_rows, pred_rows = _rows(truth), _rows(pred)
+        intersection = _count_per_row(truth_rows & pred_rows)
+        union = _count_per_row(truth_rows) + _count_per_row(pred_rows) - intersection
+        tenths += int(_tenths_from_counts(intersection, union).sum())
+    return tenths / (10 * len(truth_ids)), len(truth_ids)
 
 
 # ---------------------------------------------------------------- helpers

@@ -85,24 +85,32 @@ def parse_tta(text: str | None, default: list[str]) -> list[str]:
     return names
 
 
+def finished_inputs(cfg: Config, run: Path) -> dict[str, str]:
+    """The run's folds as predict.json records them ({"fold<k>": done.json token}), each finished
+    and holding the checkpoints its done.json recorded: a fold killed in a `train --force` has a
+    best.pt of one epoch that must never reach a submission."""
+    from pipeline.checkpoints import fold_checkpoints
+    from pipeline.rundir import check_fold_files, finished_folds
+
+    inputs = finished_folds(cfg, run)
+    for fold in cfg.fold_list():
+        check_fold_files(run, fold, [path.name for path in fold_checkpoints(cfg, fold)])
+    return inputs
+
+
 def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | None = None,
                 device: str | None = None) -> Path:
     """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path."""
     from tqdm import tqdm
 
-    from pipeline.checkpoints import fold_checkpoints
     from pipeline.data import fingerprint_test_images, load_test
-    from pipeline.rundir import check_fold_files, finished_folds, write_predictions
+    from pipeline.rundir import write_predictions
 
     run = Path(run_dir)
     cfg = load_run_config(run)
     flips = parse_tta(tta, cfg.predict.tta)
     folds = cfg.fold_list()
-    # only finished folds, with the checkpoints their done.json recorded: a fold killed in a
-    # `train --force` has a best.pt of one epoch that must never reach a submission
-    inputs = finished_folds(cfg, run)
-    for fold in folds:
-        check_fold_files(run, fold, [path.name for path in fold_checkpoints(cfg, fold)])
+    inputs = finished_inputs(cfg, run)
     # taken before reading: a test set changed while predicting then looks stale next time
     fingerprint = fingerprint_test_images(data_dir or cfg.data)
     test = load_test(data_dir or cfg.data)

@@ -57,7 +57,9 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
     if not ids_path.is_file():
         raise PipelineError(f"{ids_path}: missing — the teacher has no trained fold {fold} to label this fold's "
                             f"pseudo-labels (train it with the same n_folds and folds file)")
-    teacher_val = set(ids_path.read_text(encoding="utf-8").split())
+    from pipeline.fileio import read_text
+
+    teacher_val = set(read_text(ids_path).split())
     leaked = [i for i in val_ids if i not in teacher_val]
     if leaked:
         raise PipelineError(f"{where}: its fold {fold} model trained on {len(leaked)} of this fold's validation "

@@ -22,12 +22,12 @@ import os
 import re
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open
+from pipeline.fileio import atomic_open, read_at_most
 
 if TYPE_CHECKING:  # pandas is imported lazily so `python -m pipeline rle ...` starts fast
     import pandas as pd
@@ -38,6 +38,12 @@ CSV_HEADER = ["id", "rle_mask"]
 # Masks are processed this many at a time so the int8 work arrays stay small
 # (18000 test masks at once would need ~0.5 GB of temporaries).
 _CHUNK = 1024
+# Bounds on what an id,rle_mask CSV of 101x101 masks can plausibly be, checked before it is held in
+# memory: TGS has 18000 test and 4000 train images, and its train.csv averages ~240 bytes a row
+# (the worst possible row, alternate pixels, is ~41 KB). A multi-million-row file would otherwise
+# decode to 10 KB of masks per row (46 GB for 4.5 million) before anything looked at it.
+MAX_CSV_ROWS = 100_000
+MAX_CSV_BYTES = 128 << 20
 _INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
 
 
@@ -131,6 +137,30 @@ def decode_many(
     return _decode_rows(rles, shape, locate)
 
 
+def decode_chunks(
+    rles: Sequence[str],
+    shape: tuple[int, int] = MASK_SHAPE,
+    ids: Sequence[str] | None = None,
+    where: str = "",
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first row, its bool masks [n, H, W]) for consecutive chunks of rows: what
+    `decode_many` returns, without holding every mask at once (scoring a CSV)."""
+    height, width = _check_shape(shape)
+    rles = list(rles)
+    ids = list(ids) if ids is not None else None
+    for first in range(0, len(rles), _CHUNK):
+        yield first, _decode_chunk(rles[first:first + _CHUNK], height, width, _locator(ids, where, first))
+
+
+def _locator(ids: list[str] | None, where: str, first: int) -> Callable[[int], str]:
+    """How an error names row `first + index`: by id when there are ids, else by position."""
+    def locate(index: int) -> str:
+        row = f"id {ids[first + index]}" if ids is not None else f"mask {first + index}"
+        return f"{where}: {row}" if where else row
+
+    return locate
+
+
 def _decode_rows(rles: list, shape: tuple[int, int], locate: Callable[[int], str]) -> np.ndarray:
     height, width = _check_shape(shape)
     masks = np.empty((len(rles), height, width), dtype=bool)
@@ -140,8 +170,38 @@ def _decode_rows(rles: list, shape: tuple[int, int], locate: Callable[[int], str
     return masks
 
 
+def check_many(
+    rles: Sequence[str],
+    shape: tuple[int, int] = MASK_SHAPE,
+    ids: Sequence[str] | None = None,
+    where: str = "",
+) -> None:
+    """The checks of `decode_many` (same PipelineError for the first bad row) without painting
+    or keeping any mask: validating a submission costs no mask memory at all."""
+    height, width = _check_shape(shape)
+    rles = list(rles)
+    ids = list(ids) if ids is not None else None
+    for first in range(0, len(rles), _CHUNK):
+        _chunk_runs(rles[first:first + _CHUNK], height, width, _locator(ids, where, first))
+
+
 def _decode_chunk(rles: list, height: int, width: int, locate: Callable[[int], str]) -> np.ndarray:
     n_pixels = height * width
+    starts0, ends = _chunk_runs(rles, height, width, locate)
+
+    # The chunk's pixels, flattened image after image in column-major order, are
+    # alternating gaps and runs: one np.repeat paints them all.
+    edges = np.empty(2 * starts0.size + 2, dtype=np.int64)
+    edges[0], edges[-1] = 0, len(rles) * n_pixels
+    edges[1:-1:2], edges[2:-1:2] = starts0, ends
+    is_run = np.zeros(edges.size - 1, dtype=bool)
+    is_run[1::2] = True
+    inside_run = np.repeat(is_run, np.diff(edges))
+    return inside_run.reshape(len(rles), width, height).transpose(0, 2, 1)
+
+
+def _chunk_runs(rles: list, height: int, width: int, locate: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
+    """The checked runs of a chunk of rows (see _checked_runs), or the first row's problem."""
     parsed = _parse_texts(rles)
     if parsed is None:
         # Slow path, only for a malformed chunk: explain the first row whose text is
@@ -153,17 +213,7 @@ def _decode_chunk(rles: list, height: int, width: int, locate: Callable[[int], s
             raise AssertionError(f"RLE fast and slow checks disagree (first bad row {first_bad})")
         _checked_runs(*earlier, height, width, locate)
         raise _bad_rle(locate(first_bad), problem)
-    starts0, ends = _checked_runs(*parsed, height, width, locate)
-
-    # The chunk's pixels, flattened image after image in column-major order, are
-    # alternating gaps and runs: one np.repeat paints them all.
-    edges = np.empty(2 * starts0.size + 2, dtype=np.int64)
-    edges[0], edges[-1] = 0, len(rles) * n_pixels
-    edges[1:-1:2], edges[2:-1:2] = starts0, ends
-    is_run = np.zeros(edges.size - 1, dtype=bool)
-    is_run[1::2] = True
-    inside_run = np.repeat(is_run, np.diff(edges))
-    return inside_run.reshape(len(rles), width, height).transpose(0, 2, 1)
+    return _checked_runs(*parsed, height, width, locate)
 
 
 def _parse_texts(rles: list) -> tuple[np.ndarray, np.ndarray] | None:
@@ -319,6 +369,9 @@ def read_rle_csv(path: str | os.PathLike) -> "pd.DataFrame":
             line_of_id[image_id] = line
             ids.append(image_id)
             rles.append(rle)
+            if len(ids) > MAX_CSV_ROWS:
+                raise PipelineError(f"{path}: more than {MAX_CSV_ROWS} rows, far more than a TGS id,rle_mask "
+                                    "CSV holds (18000 test, 4000 train images); is it the right file?")
     except csv.Error as exc:
         raise PipelineError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     return pd.DataFrame({"id": pd.Series(ids, dtype=str), "rle_mask": pd.Series(rles, dtype=str)})
@@ -326,18 +379,30 @@ def read_rle_csv(path: str | os.PathLike) -> "pd.DataFrame":
 
 def _read_text(path: Path) -> str:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_CSV_BYTES:
+                raise PipelineError(_too_large(path, f"{size / 2**20:.0f} MiB"))
+            # a pipe or a device reports no size: read no more than the limit from it either
+            raw = read_at_most(handle, MAX_CSV_BYTES)
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise PipelineError(f"{path}: is a folder, expected an id,rle_mask CSV file") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CSV_BYTES:
+        raise PipelineError(_too_large(path, "endless"))
     try:
         # utf-8-sig: a spreadsheet's byte-order mark is not part of the header
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def _too_large(path: Path, size: str) -> str:
+    return (f"{path}: {size}, over the {MAX_CSV_BYTES >> 20} MiB an id,rle_mask CSV of 101x101 masks can "
+            "plausibly be (TGS's 4000-row train.csv is 0.7 MiB); is it the right file?")
 
 
 def write_rle_csv(path: str | os.PathLike, ids: Sequence[str], rles: Sequence[str]) -> None:

@@ -165,10 +165,20 @@ def write_log(path: Path, rows: list[dict]) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
-    if not path.exists():
+    """log.csv's rows ([] when there is none yet); each row's epoch is checked to be an integer,
+    since resuming and branching keep the rows up to an epoch."""
+    if not os.path.lexists(path):
         return []
-    with open(path, encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    text = fileio.read_text(path)  # a folder, permissions, not UTF-8: one line naming it
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise PipelineError(f"{path}: malformed CSV ({exc})") from None
+    for line, row in enumerate(rows, start=2):
+        if not str(row.get("epoch") or "").strip().isdigit():
+            raise PipelineError(f"{path}: line {line} has epoch {row.get('epoch')!r}, expected a whole number "
+                                "(a damaged training log: delete it, and training resumes without its earlier rows)")
+    return rows
 
 
 # ---------------------------------------------------------------- stage manifests
@@ -319,7 +329,9 @@ def tune_is_current(cfg: Config, run: Path) -> bool:
 
 
 def write_predictions(run: Path, ids: list[str], probs, meta: dict[str, Any]) -> None:
-    """test_probs.npy, test_ids.txt, then predict.json naming both by digest (written last)."""
+    """test_probs.npy, test_ids.txt, then predict.json naming both by digest (written last; the
+    old one goes first, so no record claims a prediction while it is being replaced)."""
+    (run / PREDICT_FILE).unlink(missing_ok=True)
     fileio.write_npy(run / PROBS_FILE, probs)
     fileio.write_text(run / IDS_FILE, "\n".join(ids) + "\n")
     fileio.write_json(run / PREDICT_FILE, {**meta, "files": file_digests(run, (PROBS_FILE, IDS_FILE))})

@@ -64,7 +64,12 @@ def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"device {device!r} requested but CUDA is not available on this machine")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # "Expected one of cpu, cuda, ... device type at start of device string"
+        raise PipelineError(f"device {device!r}: expected cpu, cuda or cuda:<index>") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise PipelineError(f"device {device!r}: expected cpu, cuda or cuda:<index>")
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)
     else:

@@ -177,9 +177,13 @@ def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, post: PostProces
 
 
 def _read_log(path: Path) -> dict[str, np.ndarray]:
+    import io
+
+    from pipeline.fileio import read_text
+
+    text = read_text(path)  # a folder, permissions, not UTF-8: one line naming it
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         return {key: np.array([float(r[key]) for r in rows])
                 for key in ("epoch", "train_loss", "val_loss", "val_score")}
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error):

@@ -30,17 +30,15 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
     """predict's output: test ids and [N,101,101] probabilities as stored (float16), checked to agree
     with each other and to be the files predict.json names (one unit: a kill between predict's
     writes leaves files that predict.json does not name)."""
+    from pipeline.fileio import read_npy, read_text
     from pipeline.rundir import read_predict_meta
 
     predict = f"python -m pipeline predict --run {run}"
     probs_path = _require(run / "test_probs.npy", predict)
     ids_path = _require(run / "test_ids.txt", predict)
     read_predict_meta(run)
-    try:
-        probs = np.load(probs_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{probs_path}: not a readable .npy array ({exc}) — run `{predict}`") from None
-    ids = ids_path.read_text(encoding="utf-8").split()
+    probs = read_npy(probs_path, hint=f"run `{predict}`")
+    ids = read_text(ids_path).split()
     if probs.ndim != 3 or probs.shape[1:] != (101, 101) or len(probs) != len(ids):
         raise PipelineError(
             f"{probs_path}: shape {probs.shape} does not match {len(ids)} ids in {ids_path.name} — run `{predict}`"
@@ -123,7 +121,7 @@ def check_submission(csv: str | Path, test: str | Path) -> int:
     sample_submission.csv) raise a one-line PipelineError naming the file and the first problem.
     """
     from pipeline.data import list_image_ids
-    from pipeline.rle import decode_many, read_rle_csv
+    from pipeline.rle import check_many, read_rle_csv
 
     csv = Path(csv)
     images_dir, dataset = _test_images_dir(Path(test))
@@ -147,7 +145,7 @@ def check_submission(csv: str | Path, test: str | Path) -> int:
 
     rles = frame["rle_mask"].tolist()
     try:
-        decode_many(rles, (101, 101), ids=ids, where=str(csv))  # vectorised; stops at the first bad row
+        check_many(rles, (101, 101), ids=ids, where=str(csv))  # vectorised, no masks kept; stops at the first bad row
     except PipelineError as first:
         n_bad = sum(1 for image_id, rle in zip(ids, rles) if not _decodes(rle, image_id))
         more = f" (and {n_bad - 1} more bad rows)" if n_bad > 1 else ""

@@ -251,6 +251,8 @@ def generate(out_dir: str | os.PathLike, n_train: int = 800, n_test: int = 200, 
     """
     if n_train < 1:
         raise PipelineError(f"synth: n_train must be at least 1, got {n_train}")
+    if not 0 <= seed <= 2**32 - 1:  # numpy's own check is a ValueError traceback
+        raise PipelineError(f"synth: seed must be in 0..{2**32 - 1}, got {seed}")
     if n_test < 0:
         raise PipelineError(f"synth: n_test must be 0 or more, got {n_test}")
     out = Path(os.path.abspath(out_dir))  # "." or "x/" still has a parent to stage beside

@@ -31,6 +31,8 @@ IMAGE_SHAPE = (101, 101)
 def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) -> tuple[list[str], np.ndarray]:
     """One fold's validation ids and float32 [n,101,101] probabilities (complete folds only,
     unless require_done=False: a fold still training has the OOF of its best epoch so far)."""
+    from pipeline.fileio import read_npy, read_text
+
     folder = FoldDir.of(run_dir, fold)
     for path in (folder.oof, folder.oof_ids, folder.done)[: 3 if require_done else 2]:
         if not path.exists():
@@ -38,16 +40,10 @@ def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) 
             raise PipelineError(f"{path}: missing (fold {fold} {state})")
     if require_done:  # the OOF that done.json recorded, not one a later (killed) retrain left
         check_fold_files(Path(run_dir), fold, OOF_FILES)
-    try:
-        probs = np.load(folder.oof, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{folder.oof}: not a readable .npy array ({exc})") from None
+    probs = read_npy(folder.oof)
     if probs.ndim != 3 or probs.shape[1:] != IMAGE_SHAPE:
         raise PipelineError(f"{folder.oof}: shape {probs.shape}, expected [n, 101, 101]")
-    try:
-        ids = folder.oof_ids.read_text(encoding="utf-8").split()
-    except UnicodeDecodeError:
-        raise PipelineError(f"{folder.oof_ids}: not UTF-8 text") from None
+    ids = read_text(folder.oof_ids).split()
     if len(ids) != len(probs):
         raise PipelineError(
             f"{folder.oof_ids}: {len(ids)} ids but oof.npy holds {len(probs)} images"

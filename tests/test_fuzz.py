@@ -2,7 +2,8 @@
 with a one-line PipelineError naming the file — never another exception, never a wrong mask.
 
 Covers rle.decode / read_rle_csv / metric.score_csvs, data.read_image / read_mask (random
-bytes, truncated and bit-flipped PNGs, other modes and sizes), depths.csv and folds files.
+bytes, truncated and bit-flipped PNGs, other modes and sizes), depths.csv and folds files,
+and any value of any numeric config key (kept inside its range or refused naming the key).
 Each property is checked against an independent reference (a naive run painter, Pillow's
 own decoding of the intact file, Python's float/int), so "accepted" also means "correct".
 150 examples per property (40 for score_csvs) keep the file near 10 s.
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import data, rle
+from pipeline import config, data, rle
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.metric import competition_score, score_csvs
@@ -454,3 +455,29 @@ def test_random_bytes_as_folds_are_refused_or_read_as_non_negative_folds(scratch
         assert_one_line_refusal(error, path)
     else:
         assert (table["fold"] >= 0).all() and table["id"].is_unique
+
+
+# ---------------------------------------------------------------- config numbers
+
+
+@FUZZ
+@given(st.sampled_from(sorted(config.NUMBER_RANGES)),
+       st.one_of(st.floats(), st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 0.5, 101, 2**32]),
+                 st.text(max_size=8)))
+def test_any_value_of_a_numeric_config_key_is_kept_inside_its_range_or_refused_naming_the_key(key, value):
+    name = key.removesuffix("[]")
+    tree: dict = {}
+    node = tree
+    *sections, last = name.split(".")
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[last] = [value] if key.endswith("[]") else value
+    cfg, error = call(config.from_dict, tree, "fuzz.yaml")
+    if error is not None:
+        assert isinstance(error, PipelineError), f"{type(error).__name__} escaped: {error!r}"
+        message = str(error)
+        assert "fuzz.yaml" in message and name in message, message
+        return
+    kept = config.flatten(cfg)[name]
+    kept = kept[0] if key.endswith("[]") else kept
+    assert np.isfinite(kept) and config.NUMBER_RANGES[key].holds(kept), (key, value, kept)
