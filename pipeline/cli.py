@@ -194,12 +194,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kaggle(args: argparse.Namespace) -> int:
-    from pipeline import kaggle_cli
-
-    return kaggle_cli.dispatch(args)
-
-
 # ---------------------------------------------------------------- parser
 
 
@@ -295,37 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("kaggle", help="download, submit, and build/push the Kaggle kernel")
-    _add_kaggle_commands(p)
-    p.set_defaults(func=cmd_kaggle)
+    _add_kaggle_commands(p)  # each sub-command sets its own func
     return parser
 
 
 def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="kaggle_command", required=True, parser_class=_Parser, metavar="command")
-    p = sub.add_parser("download", help="download and unpack the competition data, then verify it")
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("submit", help="check a submission CSV, then submit it to the competition")
-    p.add_argument("--csv", required=True)
-    p.add_argument("-m", "--message", required=True)
-    p.add_argument("--test", default=None, help="test folder to check against (default: skip id check)")
-    p = sub.add_parser("kernel", help="render, push and follow the training kernel")
-    ksub = p.add_subparsers(dest="kernel_command", required=True, parser_class=_Parser, metavar="command")
-    q = ksub.add_parser("build", help="render kernels/<purpose>/ with the pipeline bundled")
-    _config_args(q)
-    q.add_argument("--user", required=True, help="your Kaggle user name")
-    q.add_argument("--slug", default="tgs-salt-pipeline-train")
-    q.add_argument("--out", default="kernels/train")
-    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (default) or NvidiaL4; P100 is retired")
-    q.add_argument("--pseudo-round", action="store_true",
-                   help="after the run, train it again on its confident test labels (pseudo.teacher); "
-                        "that second run writes submission.csv")
-    q = ksub.add_parser("push", help="kaggle kernels push -p on the rendered folder")
-    q.add_argument("--dir", default="kernels/train")
-    q = ksub.add_parser("status", help="kaggle kernels status of the rendered kernel")
-    q.add_argument("--dir", default="kernels/train")
-    q = ksub.add_parser("output", help="fetch the kernel's output (its submission.csv)")
-    q.add_argument("--dir", default="kernels/train")
-    q.add_argument("--out", default="kernels/output")
+    from pipeline.kaggle.commands import add_commands  # argparse only: --help stays fast
+
+    add_commands(parser, parser_class=_Parser, config_args=_config_args)
 
 
 def main(argv: list[str] | None = None) -> int:

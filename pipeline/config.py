@@ -30,8 +30,8 @@ class ModelConfig:
     # The tutorial's Keras blocks drop their first conv by mistake; True reproduces that.
     keras_bug: bool = False
     in_chans: int = 1
-    pretrained: bool = False
-    weights_path: str = ""  # local timm weights file; never a hub download
+    pretrained: bool = False  # ImageNet encoder weights: from weights_path, else timm's download
+    weights_path: str = ""  # a local timm weights file, or a folder holding one (offline machines)
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
     scse: bool = False
     hypercolumn: bool = False

@@ -30,3 +30,59 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate(out, n_train=120, n_test=30, seed=1)
     return out
+
+
+class FakeTimmHub:
+    """timm's Hugging Face download (`load_state_dict_from_hf`, what `pretrained=True` calls)
+    replaced by seeded ImageNet-layout weights (3 input channels, 1000 classes): the pretrained
+    path runs end to end with no network. `requests` lists the hub ids asked for."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self._weights: dict[str, dict] = {}
+
+    def weights(self, architecture: str) -> dict:
+        import timm
+        import torch
+
+        if architecture not in self._weights:
+            with torch.random.fork_rng():  # seeded, and the caller's RNG stream is left alone
+                torch.manual_seed(7)
+                model = timm.create_model(architecture, pretrained=False)
+            self._weights[architecture] = {k: v.clone() for k, v in model.state_dict().items()}
+        return self._weights[architecture]
+
+    def load_state_dict_from_hf(self, model_id, *args, **kwargs):
+        self.requests.append(model_id if isinstance(model_id, str) else model_id[0])
+        architecture = self.requests[-1].split("/")[-1].split(".")[0]  # timm/resnet34.a1_in1k
+        return {k: v.clone() for k, v in self.weights(architecture).items()}
+
+
+@pytest.fixture
+def fake_timm_hub(monkeypatch) -> FakeTimmHub:
+    from timm.models import _builder
+
+    hub = FakeTimmHub()
+    monkeypatch.setattr(_builder, "load_state_dict_from_hf", hub.load_state_dict_from_hf)
+    return hub
+
+
+@pytest.fixture
+def dead_network(monkeypatch) -> list[str]:
+    """timm's downloads fail as they do on a machine without network (the hub's own error,
+    raised by hf_hub_download when it can neither reach the hub nor find a cached copy).
+    Returns the list of what was asked for."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from timm.models import _builder
+
+    asked: list[str] = []
+
+    def unreachable(location, *args, **kwargs):
+        asked.append(str(location))
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot "
+                                      "find the requested files in the local cache. Please check your connection "
+                                      "and try again or make sure your Internet connection is on.")
+
+    monkeypatch.setattr(_builder, "load_state_dict_from_hf", unreachable)
+    monkeypatch.setattr(_builder, "load_state_dict_from_url", unreachable)
+    return asked

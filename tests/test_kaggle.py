@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import kaggle_cli
 from pipeline.cli import main
-from pipeline.kaggle_cli import COMPETITION
+from pipeline.kaggle import COMPETITION, credentials, dataset, kernel
 
 REPO = Path(__file__).resolve().parents[1]
+KAGGLE_MODULES = ("commands", "credentials", "dataset", "kernel", "submission", "weights")
 
 FAKE_KAGGLE = '''\
 #!{python}
@@ -56,6 +56,8 @@ elif args[:2] == ["kernels", "status"]:
     print(args[2] + ' has status "' + os.environ.get("FAKE_KAGGLE_STATUS", "KernelWorkerStatus.COMPLETE") + '"')
     if os.environ.get("FAKE_KAGGLE_STATUS", "").endswith("ERROR"):
         print('Failure message: "Your notebook tried to allocate more memory than is available."')
+elif args[:2] == ["datasets", "create"]:
+    print(os.environ.get("FAKE_KAGGLE_DATASET", "Your private Dataset is being created. Please check progress at https://www.kaggle.com/datasets/x"))
 elif args[:2] == ["kernels", "output"]:
     shutil.copy(serve / "submission.csv", Path(option("-p")) / "submission.csv")
     print("Output file downloaded to " + option("-p") + "/submission.csv")
@@ -92,7 +94,7 @@ def fake_kaggle(tmp_path, monkeypatch) -> FakeKaggle:
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef")
     for name in ("KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR", "FAKE_KAGGLE_FAIL", "FAKE_KAGGLE_PUSH",
-                 "FAKE_KAGGLE_STATUS"):
+                 "FAKE_KAGGLE_STATUS", "FAKE_KAGGLE_DATASET"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.setenv("FAKE_KAGGLE_LOG", str(fake.log))
@@ -188,7 +190,7 @@ def test_download_again_replaces_the_old_layout_without_stale_images(fake_kaggle
 
     assert sorted(p.name for p in (out / "train" / "images").iterdir()) == \
         sorted(p.name for p in (other / "train" / "images").iterdir())
-    assert kaggle_cli.verify_dataset(out) == kaggle_cli.verify_dataset(other)
+    assert dataset.verify_dataset(out) == dataset.verify_dataset(other)
 
 
 def test_download_opens_competition_data_zip_only_when_train_and_test_zips_are_absent(
@@ -283,7 +285,7 @@ def test_credentials_are_found_where_the_kaggle_cli_looks(fake_kaggle, tmp_path,
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     home = Path(os.environ["HOME"])
-    assert kaggle_cli.find_credentials() is None
+    assert credentials.find_credentials() is None
     if where == "api_token_env":
         monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_x")
     elif where == "config_dir_env":
@@ -299,14 +301,14 @@ def test_credentials_are_found_where_the_kaggle_cli_looks(fake_kaggle, tmp_path,
     else:
         (home / ".kaggle").mkdir()
         (home / ".kaggle" / "access_token").write_text("KGAT_x")
-    assert kaggle_cli.find_credentials() is not None
+    assert credentials.find_credentials() is not None
 
 
 def test_missing_kaggle_executable_says_to_install_the_project(fake_kaggle, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(kaggle_cli, "_VENV_BIN", empty)
+    monkeypatch.setattr(credentials, "_VENV_BIN", empty)
 
     assert main(["kaggle", "download", "--out", str(tmp_path / "tgs")]) == 2
     line = _one_error_line(capsys)
@@ -424,12 +426,12 @@ def test_kernel_build_writes_metadata_kaggle_accepts(fake_kaggle, tmp_path):
 @pytest.mark.parametrize("slug", ["tgs-salt-pipeline-train", "salt-unet-resnet34", "tgs-cv-5fold"])
 def test_kernel_title_slugifies_back_to_the_slug(slug):
     slugify = pytest.importorskip("slugify").slugify  # the function kaggle's push uses
-    assert slugify(kaggle_cli.title_from_slug(slug)) == slug
+    assert slugify(kernel.title_from_slug(slug)) == slug
 
 
 def test_checked_in_kernel_metadata_has_the_same_fields_with_a_placeholder_user():
     checked_in = json.loads((REPO / "kernels" / "train" / "kernel-metadata.json").read_text())
-    rendered = kaggle_cli.kernel_metadata("your-kaggle-username", "tgs-salt-pipeline-train")
+    rendered = kernel.kernel_metadata("your-kaggle-username", "tgs-salt-pipeline-train")
     assert checked_in == rendered
 
 
@@ -439,7 +441,7 @@ def test_kernel_metadata_passes_the_kaggle_clis_own_push_validation(tmp_path):
     folder = tmp_path / "kernel"
     folder.mkdir()
     (folder / "kernel.py").write_text("print('hi')\n")
-    (folder / "kernel-metadata.json").write_text(json.dumps(kaggle_cli.kernel_metadata("alice", "tgs-salt-pipeline-train")))
+    (folder / "kernel-metadata.json").write_text(json.dumps(kernel.kernel_metadata("alice", "tgs-salt-pipeline-train")))
     probe = textwrap.dedent(f"""
         from kaggle.api.kaggle_api_extended import KaggleApi
         class Reached(Exception):
@@ -511,10 +513,186 @@ def test_kernel_build_is_reproducible(tmp_path):
     assert first == second
 
 
-def test_importing_kaggle_cli_does_not_import_kaggle_or_torch():
-    code = "import sys, pipeline.kaggle_cli; print(sorted(m for m in ('kaggle', 'torch', 'pandas') if m in sys.modules))"
+def test_importing_the_kaggle_package_does_not_import_kaggle_or_torch():
+    modules = ", ".join(f"pipeline.kaggle.{name}" for name in KAGGLE_MODULES)
+    code = f"import sys, {modules}; print(sorted(m for m in ('kaggle', 'torch', 'pandas') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_pipeline_kaggle_does_not_shadow_the_kaggle_library():
+    """`import kaggle` still finds the official library, with pipeline.kaggle loaded or not."""
+    code = ("import importlib.util, pipeline.kaggle.commands, pipeline.kaggle.credentials; "
+            "print(importlib.util.find_spec('kaggle').origin)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    origin = Path(result.stdout.strip())
+    assert origin.name == "__init__.py" and (REPO / "pipeline") not in origin.parents, result.stderr
+
+
+# ---------------------------------------------------------------- pretrained encoders in the kernel
+
+
+def _build_preset(tmp_path: Path, config: str, *extra: str) -> tuple[int, Path]:
+    out = tmp_path / "kernels" / "train"
+    argv = ["kaggle", "kernel", "build", "--config", str(REPO / "configs" / config), "--user", "alice",
+            "--out", str(out), *extra]
+    return main(argv), out
+
+
+def _embedded_config(folder: Path, tmp_path: Path):
+    from pipeline.config import load_config
+
+    kernel_module = runpy.run_path(str(folder / "kernel.py"), run_name="kernel_under_test")
+    return load_config(kernel_module["unpack_bundle"](tmp_path / "src") / "config.yaml")
+
+
+def test_offline_kernel_of_a_pretrained_config_asks_for_internet_or_a_weights_dataset(tmp_path, capsys):
+    code, out = _build_preset(tmp_path, "resnet34_lovasz.yaml")
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "an offline kernel cannot download" in line and "--internet" in line and "--weights-dataset" in line
+    assert not out.exists()
+
+
+def test_kernel_with_internet_lets_timm_download_the_encoder_weights(tmp_path):
+    code, out = _build_preset(tmp_path, "resnet34_lovasz.yaml", "--internet")
+    assert code == 0
+    metadata = check_kernel_metadata(out)
+    assert metadata["enable_internet"] is True and metadata["dataset_sources"] == []
+    cfg = _embedded_config(out, tmp_path)
+    assert cfg.model.pretrained and cfg.model.weights_path == ""
+
+
+def test_kernel_with_a_weights_dataset_mounts_it_and_reads_the_weights_there(tmp_path):
+    code, out = _build_preset(tmp_path, "gpu_best.yaml", "--weights-dataset", "alice/timm-resnet34-imagenet")
+    assert code == 0
+    metadata = check_kernel_metadata(out)
+    assert metadata["dataset_sources"] == ["alice/timm-resnet34-imagenet"]
+    assert metadata["enable_internet"] is False and metadata["competition_sources"] == [COMPETITION]
+    cfg = _embedded_config(out, tmp_path)
+    assert cfg.model.pretrained and cfg.model.weights_path == "/kaggle/input/timm-resnet34-imagenet"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--weights-dataset", "timm-resnet34-imagenet"], "expected a Kaggle dataset as OWNER/SLUG"),
+    (["--weights-dataset", "alice/Bad Slug"], "expected a Kaggle dataset as OWNER/SLUG"),
+    (["--internet", "--set", "model.weights_path=/home/me/resnet34.safetensors"], "the kernel cannot read"),
+])
+def test_kernel_weights_options_are_checked_in_one_line(tmp_path, capsys, extra, message):
+    code, out = _build_preset(tmp_path, "resnet34_lovasz.yaml", *extra)
+    assert code == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def _seeded_resnet18_file(path: Path) -> dict:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    weights = timm.create_model("resnet18", pretrained=False).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    return weights
+
+
+def check_dataset_metadata(folder: Path) -> dict:
+    """What `kaggle datasets create` (kaggle 2.2, KaggleApi.dataset_create_new) requires of
+    dataset-metadata.json."""
+    metadata = json.loads((folder / "dataset-metadata.json").read_text())
+    owner, slug = metadata["id"].split("/")
+    assert owner and 6 <= len(slug) <= 50
+    assert 6 <= len(metadata["title"]) <= 50
+    assert len(metadata["licenses"]) == 1 and metadata["licenses"][0]["name"]
+    return metadata
+
+
+def test_weights_dataset_writes_the_weights_and_valid_metadata_then_creates_the_dataset(fake_kaggle, tmp_path,
+                                                                                           capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    source = _seeded_resnet18_file(tmp_path / "downloads" / "model.safetensors")
+    out = tmp_path / "weights"
+    argv = ["kaggle", "weights-dataset", "--encoder", "resnet18", "--out", str(out), "--user", "alice",
+            "--weights", str(tmp_path / "downloads"), "--push"]
+    assert main(argv) == 0
+
+    metadata = check_dataset_metadata(out)
+    assert metadata["id"] == "alice/timm-resnet18-imagenet" and metadata["title"] == "timm resnet18 ImageNet weights"
+    written = load_file(str(out / "resnet18.safetensors"))
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
+    assert fake_kaggle.calls() == [["datasets", "create", "-p", str(out)]]
+    assert "--weights-dataset alice/timm-resnet18-imagenet" in capsys.readouterr().out
+
+
+def test_weights_dataset_downloads_through_timm_and_stops_in_one_line_offline(fake_kaggle, tmp_path, capsys,
+                                                                               monkeypatch):
+    import torch
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from safetensors.torch import load_file
+    from timm.models import _builder
+
+    hub_weights = _seeded_resnet18_file(tmp_path / "hub" / "model.safetensors")
+    monkeypatch.setattr(_builder, "load_state_dict_from_hf", lambda *a, **k: dict(hub_weights))
+    argv = ["kaggle", "weights-dataset", "--encoder", "resnet18", "--out", str(tmp_path / "w"), "--user", "alice"]
+    assert main(argv) == 0
+    written = load_file(str(tmp_path / "w" / "resnet18.safetensors"))
+    assert all(torch.equal(written[k], hub_weights[k]) for k in hub_weights)
+    assert "timm/resnet18" in check_dataset_metadata(tmp_path / "w")["description"]
+    assert fake_kaggle.calls() == [], "no --push, no Kaggle"
+    capsys.readouterr()
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(_builder, "load_state_dict_from_hf", unreachable)
+    monkeypatch.setattr(_builder, "load_state_dict_from_url", unreachable)
+    argv[argv.index(str(tmp_path / "w"))] = str(tmp_path / "offline")
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "cannot download timm's ImageNet weights (LocalEntryNotFoundError" in line and "--weights" in line
+    assert not (tmp_path / "offline").exists()
+
+
+def test_weights_dataset_refused_by_kaggle_with_exit_0_still_fails(fake_kaggle, tmp_path, monkeypatch, capsys):
+    _seeded_resnet18_file(tmp_path / "mine.safetensors")
+    monkeypatch.setenv("FAKE_KAGGLE_DATASET", 'Dataset creation error: The requested slug "x" is already in use')
+    argv = ["kaggle", "weights-dataset", "--encoder", "resnet18", "--out", str(tmp_path / "w"), "--user", "alice",
+            "--weights", str(tmp_path / "mine.safetensors"), "--push"]
+    assert main(argv) == 2
+    assert "kaggle datasets create: Dataset creation error" in _one_error_line(capsys)
+
+
+def test_dataset_metadata_passes_the_kaggle_clis_own_create_validation(tmp_path):
+    """KaggleApi.dataset_create_new up to its first network call (the slug's status), in a
+    subprocess with a throwaway HOME, as for the kernel metadata."""
+    from pipeline.kaggle.weights import METADATA_FILE, dataset_metadata
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / METADATA_FILE).write_text(json.dumps(dataset_metadata("resnet34", "alice", "timm-resnet34-imagenet",
+                                                                    "timm/resnet34.a1_in1k")))
+    probe = textwrap.dedent(f"""
+        from kaggle.api.kaggle_api_extended import KaggleApi
+        class Reached(Exception):
+            pass
+        def stop(*args, **kwargs):
+            raise Reached
+        api = KaggleApi()
+        api.config_values[api.CONFIG_NAME_USER] = "alice"
+        api.dataset_status = stop
+        api.build_kaggle_client = stop
+        try:
+            api.dataset_create_new({str(folder)!r})
+        except Reached:
+            print("VALIDATED")
+    """)
+    env = {"HOME": str(tmp_path / "home"), "PATH": os.environ["PATH"], "KAGGLE_USERNAME": "alice",
+           "KAGGLE_KEY": "0123456789abcdef", "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert "VALIDATED" in result.stdout, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- kernel push / status / output
@@ -594,16 +772,16 @@ def test_kernel_data_from_zipped_input_unpacks_elsewhere_and_leaves_input_untouc
     mount = _kaggle_input_mount(tiny_data, tmp_path / "input" / COMPETITION)
     before = _tree(mount)
 
-    data = kaggle_cli.prepare_kernel_data(mount, tmp_path / "work" / "data")
+    data = dataset.prepare_kernel_data(mount, tmp_path / "work" / "data")
 
     assert data == tmp_path / "work" / "data"
     assert _tree(mount) == before
-    assert kaggle_cli.verify_dataset(data)["train"] == 16
+    assert dataset.verify_dataset(data)["train"] == 16
     assert (data / "train.csv").read_bytes() == (tiny_data / "train.csv").read_bytes()
 
 
 def test_kernel_data_already_in_the_layout_is_used_in_place(tiny_data, tmp_path):
-    assert kaggle_cli.prepare_kernel_data(tiny_data, tmp_path / "unused") == tiny_data
+    assert dataset.prepare_kernel_data(tiny_data, tmp_path / "unused") == tiny_data
     assert not (tmp_path / "unused").exists()
 
 
@@ -611,7 +789,7 @@ def test_verify_counts_salt_masks(tiny_data):
     from pipeline.data import list_image_ids, read_masks
 
     masks = read_masks([tiny_data / "train" / "masks" / f"{i}.png" for i in list_image_ids(tiny_data / "train" / "masks")])
-    counts = kaggle_cli.verify_dataset(tiny_data)
+    counts = dataset.verify_dataset(tiny_data)
     assert counts == {"train": 16, "salt": int(np.any(masks, axis=(1, 2)).sum()), "test": 6}
 
 

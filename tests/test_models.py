@@ -294,15 +294,56 @@ def test_unknown_model_names_are_one_line_pipeline_errors(name, message):
         assert "seed_unet" in str(info.value) and "unet_<timm encoder>" in str(info.value)
 
 
-def test_pretrained_without_weights_path_asks_for_a_local_file():
-    with pytest.raises(PipelineError, match="weights_path"):
+def test_pretrained_without_weights_path_loads_timms_download_with_the_one_channel_adaptation(fake_timm_hub):
+    from timm.models import adapt_input_conv
+
+    model = create_model(ModelConfig(name="unet_resnet18", pretrained=True))
+    assert len(fake_timm_hub.requests) == 1 and fake_timm_hub.requests[0].startswith("timm/resnet18.")
+    imagenet = fake_timm_hub.weights("resnet18")
+    assert torch.equal(model.encoder.layer4[1].conv2.weight, imagenet["layer4.1.conv2.weight"])
+    assert torch.equal(model.encoder.conv1.weight, adapt_input_conv(1, imagenet["conv1.weight"]))
+
+
+def test_pretrained_offline_is_one_line_saying_how_to_give_a_local_file(dead_network):
+    with pytest.raises(PipelineError) as info:
         create_model(ModelConfig(name="unet_resnet18", pretrained=True))
+    message = str(info.value)
+    assert dead_network, "the download went through timm's pretrained loading"
+    assert "\n" not in message
+    assert message.startswith("model.pretrained: cannot download timm's resnet18 ImageNet weights")
+    assert "LocalEntryNotFoundError" in message and "set model.weights_path" in message
+    assert "kaggle weights-dataset --encoder resnet18" in message
+
+
+def test_a_checkpoint_to_load_next_needs_no_download(dead_network):
+    model = create_model(ModelConfig(name="unet_resnet18", pretrained=True), load_pretrained=False)
+    assert dead_network == [] and model.encoder.conv1.weight.shape[1] == 1
 
 
 def test_missing_weights_file_is_named_in_the_error(tmp_path):
     missing = tmp_path / "resnet18.safetensors"
     with pytest.raises(PipelineError, match="resnet18.safetensors: model.weights_path not found"):
         create_model(ModelConfig(name="unet_resnet18", pretrained=True, weights_path=str(missing)))
+
+
+@pytest.mark.parametrize("files, chosen", [
+    (["pytorch_model.bin", "model.safetensors"], "model.safetensors"),  # what timm's hub download holds
+    (["resnet18.safetensors", "notes.txt"], "resnet18.safetensors"),    # what `kaggle weights-dataset` writes
+    (["resnet34.safetensors", "resnet18.a1_in1k.safetensors"], "resnet18.a1_in1k.safetensors"),
+    (["resnet34.safetensors", "efficientnet_b0.pth"], None),           # no clear choice
+    (["notes.txt"], None),
+])
+def test_weights_folder_names_one_clear_file_or_fails_in_one_line(tmp_path, files, chosen):
+    from pipeline.models.timm_unet import weights_file
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    if chosen:
+        assert weights_file(str(tmp_path), "resnet18") == tmp_path / chosen
+    else:
+        with pytest.raises(PipelineError, match="without one clear resnet18 weights file") as info:
+            weights_file(str(tmp_path), "resnet18")
+        assert "\n" not in str(info.value)
 
 
 def test_corrupt_weights_file_is_a_pipeline_error(tmp_path):
@@ -327,6 +368,11 @@ def test_local_weights_load_without_network_and_first_conv_adapts_to_one_channel
     assert torch.equal(model.encoder.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     # timm folds the RGB filters into one channel by summing them
     assert torch.allclose(model.encoder.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
+
+    # a folder holding the file (a Kaggle dataset's mount, a hub snapshot) loads the same weights
+    folder_model = create_model(ModelConfig(name="unet_resnet18", pretrained=True, weights_path=str(tmp_path)))
+    expected = model.encoder.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in folder_model.encoder.state_dict().items())
 
     # a checkpoint is loaded next at predict time: the weights file need not exist there
     path.unlink()

@@ -18,9 +18,11 @@ skip-less steps. Options from the top TGS solutions (1st and 4th place):
   "stages": 1x1 mask logits of every decoder output but the last, at their own size.
   In eval mode only "mask" is returned.
 
-Weights: never downloaded. `pretrained=True` needs `weights_path`, a local timm weights
-file (.safetensors / .pth) loaded through timm's own loader, which also adapts the first
-conv to `in_chans` (the TGS images are one channel).
+Weights (`model.pretrained: true`): from `model.weights_path` when set (a local timm weights
+file, or a folder holding one), else timm's own ImageNet download (Hugging Face hub, cached).
+Either way timm's loader reads them and adapts the first conv to `in_chans` (the TGS images
+are one channel: the RGB filters are summed). Offline, the download stops with one line
+saying how to give a local file instead.
 """
 
 from __future__ import annotations
@@ -37,28 +39,85 @@ from pipeline.errors import PipelineError
 from pipeline.models.blocks import SCSE, DoubleConv, GlobalContext, HypercolumnHead, SaltPresentHead, StageHeads
 
 
-def create_encoder(encoder_name: str, in_chans: int, weights_path: str = "") -> nn.Module:
-    """A timm features_only encoder; weights only from the local `weights_path` when given."""
+# What timm's hub download leaves in a folder, then what `kaggle weights-dataset` writes.
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Where the download failing means "no network": the hub's and the HTTP stacks' error types.
+NETWORK_MODULES = ("huggingface_hub", "requests", "urllib3", "httpx", "httpcore", "urllib")
+
+
+def weights_file(weights_path: str, encoder_name: str) -> Path:
+    """The weights file `model.weights_path` names: the file itself, or in a folder (a Kaggle
+    dataset mount, a hub snapshot) model.safetensors / pytorch_model.bin, else the one file
+    named after the encoder, else its only weights file."""
+    path = Path(weights_path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise PipelineError(f"{path}: model.weights_path not found (a local timm weights file for {encoder_name}, "
+                            f"or a folder holding one)")
+    for name in WEIGHTS_FILES:
+        if (path / name).is_file():
+            return path / name
+    candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHTS_SUFFIXES)
+    named = [p for p in candidates if p.name.split(".")[0] == encoder_name.split(".")[0]]
+    if len(named) == 1 or len(candidates) == 1:
+        return (named or candidates)[0]
+    found = ", ".join(p.name for p in candidates) or "none"
+    raise PipelineError(f"{path}: model.weights_path is a folder without one clear {encoder_name} weights file "
+                        f"(weights files: {found}); name the file itself")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """Whether a failed timm download means no network (or no hub): OSError and its kin
+    (ConnectionError, timeouts, the hub's LocalEntryNotFoundError) or an HTTP library's error,
+    anywhere in the exception chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in NETWORK_MODULES:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def offline_hint(encoder_name: str) -> str:
+    return (f"offline, set model.weights_path to a local {encoder_name} weights file or a folder holding one "
+            f"(fetch it where there is internet: python -m pipeline kaggle weights-dataset --encoder {encoder_name} "
+            f"--out DIR --user YOU)")
+
+
+def create_encoder(encoder_name: str, in_chans: int, weights: str | None = None) -> nn.Module:
+    """A timm features_only encoder. weights: None (random init), "" (timm's ImageNet weights,
+    downloaded and cached by timm), or a local file/folder (`model.weights_path`)."""
     import timm
 
-    kwargs: dict = dict(features_only=True, in_chans=in_chans, pretrained=False)
-    if weights_path:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise PipelineError(f"{path}: model.weights_path not found (a local timm weights file for {encoder_name})")
-        # source=None keeps timm on the 'file' branch even for hub-sourced model configs
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), source=None))
     if not timm.is_model(encoder_name):
         raise PipelineError(f"model.name unet_{encoder_name}: '{encoder_name}' is not a timm model "
                             f"(see timm.list_models(), e.g. resnet34, resnet18, efficientnet_b0)")
+    kwargs: dict = dict(features_only=True, in_chans=in_chans, pretrained=weights is not None)
+    if weights:
+        # source=None keeps timm on the 'file' branch even for hub-sourced model configs
+        kwargs.update(pretrained_cfg_overlay=dict(file=str(weights_file(weights, encoder_name)), source=None))
+    elif weights is not None and not timm.list_models(encoder_name, pretrained=True):
+        # timm would quietly fall back to random weights
+        raise PipelineError(f"model.pretrained: timm has no pretrained weights for {encoder_name}; "
+                            f"set model.weights_path to a local weights file, or model.pretrained: false")
     try:
         return timm.create_model(encoder_name, **kwargs)
     except Exception as exc:  # timm/torch raise many types for a bad file or an unsupported model
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if weights_path:
-            raise PipelineError(f"{weights_path}: cannot load as {encoder_name} weights ({first_line})") from None
+        if weights:
+            raise PipelineError(f"{weights}: cannot load as {encoder_name} weights ({_first_line(exc)})") from None
+        if weights is not None and is_network_error(exc):
+            raise PipelineError(f"model.pretrained: cannot download timm's {encoder_name} ImageNet weights "
+                                f"({type(exc).__name__}: {_first_line(exc)}); {offline_hint(encoder_name)}") from None
         raise PipelineError(f"model.name unet_{encoder_name}: timm cannot build it as a feature "
-                            f"encoder ({first_line})") from None
+                            f"encoder ({_first_line(exc)})") from None
 
 
 def decoder_plan(reductions: list[int], encoder_name: str) -> int:
@@ -144,11 +203,9 @@ class TimmUNet(nn.Module):
 
 
 def build_timm_unet(cfg: ModelConfig, encoder_name: str, load_pretrained: bool = True) -> TimmUNet:
-    if cfg.pretrained and not cfg.weights_path and load_pretrained:
-        raise PipelineError(f"model.pretrained: set model.weights_path to a local {encoder_name} weights file "
-                            f"(.safetensors/.pth); weights are never downloaded")
-    weights_path = cfg.weights_path if (cfg.pretrained and load_pretrained) else ""
-    encoder = create_encoder(encoder_name, cfg.in_chans, weights_path)
+    # load_pretrained=False: a checkpoint's state dict comes next, so nothing is read or downloaded
+    weights = cfg.weights_path if (cfg.pretrained and load_pretrained) else None
+    encoder = create_encoder(encoder_name, cfg.in_chans, weights)
     return TimmUNet(encoder, encoder_name, list(cfg.decoder_channels), scse=cfg.scse,
                     hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision, residual=cfg.residual,
                     global_context=cfg.global_context)
