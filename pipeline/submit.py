@@ -36,7 +36,6 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
     predict = f"python -m pipeline predict --run {run}"
     probs_path = _require(run / "test_probs.npy", predict)
     ids_path = _require(run / "test_ids.txt", predict)
-    read_predict_meta(run)
     probs = read_npy(probs_path, hint=f"run `{predict}`")
     ids = read_text(ids_path).split()
     if probs.ndim != 3 or probs.shape[1:] != (101, 101) or len(probs) != len(ids):
@@ -47,6 +46,7 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
         raise PipelineError(f"{ids_path}: {len(ids) - len(set(ids))} duplicate ids — run `{predict}`")
     if not np.issubdtype(probs.dtype, np.floating):
         raise PipelineError(f"{probs_path}: holds {probs.dtype}, expected float probabilities — run `{predict}`")
+    read_predict_meta(run)  # last: a damaged file is named first, then whether predict.json names it
     return ids, probs
 
 
