@@ -25,7 +25,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     from pipeline.fileio import read_json
     from pipeline.leaderboard import WALL_FILE, format_leaderboard, record_run, save_wall_minutes
     from pipeline.predict import predict_run
-    from pipeline.rundir import predictions_are_current, tune_is_current
+    from pipeline.rundir import FoldDir, predictions_are_current, tune_is_current
     from pipeline.show import show_run
     from pipeline.submit import submit_run
     from pipeline.folds_runner import train_folds
