@@ -1,8 +1,10 @@
-"""Command line: `python -m pipeline <command> ...`. It only parses and calls.
+"""Command line: `tgs <command> ...` (the same as `python -m pipeline <command> ...`). It only
+parses and calls.
 
 Heavy imports (torch, timm, kaggle) happen inside the command functions, so `--help`,
 `score` and `rle` start fast. Every `PipelineError` becomes one line on stderr and exit
-code 2; argparse's own errors are one line too.
+code 2; argparse's own errors are one line too. A command acting on a run (train, all, branch,
+tune, predict, submit, show) appends what it prints to the run's log.txt (pipeline/runlog.py).
 """
 
 from __future__ import annotations
@@ -146,6 +148,15 @@ def cmd_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blend(args: argparse.Namespace) -> int:
+    from pipeline.blend import blend_runs
+
+    path = blend_runs(args.runs, args.name, weights=args.weights, runs_dir=args.runs_dir, data_dir=args.data,
+                      force=args.force, submission=args.submission)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune import tune_run
 
@@ -198,7 +209,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
+    parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
 
     p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
@@ -254,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submission", default=None, help="submission path (default: submissions/<name>.csv)")
     p.set_defaults(func=cmd_all)
 
+    p = sub.add_parser("blend", help="weighted mean of runs' OOF and test probabilities, tuned and submitted as a run")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders on the same folds, e.g. runs/a runs/b")
+    p.add_argument("--name", required=True, help="the blend's run name: writes <runs-dir>/NAME and submissions/NAME.csv")
+    p.add_argument("--weights", default="auto", help="'auto' (searched on the OOF, nested; default) or e.g. 1,2")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--data", default=None, help="dataset folder with test/images (default: the first run's)")
+    p.add_argument("--force", action="store_true", help="remake the blend (also one of other runs under NAME)")
+    p.add_argument("--submission", default=None, help="submission path (default: submissions/NAME.csv)")
+    p.set_defaults(func=cmd_blend)
+
     p = sub.add_parser("tune", help="search threshold and min area on the out-of-fold predictions")
     p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_quick")
     p.set_defaults(func=cmd_tune)
@@ -299,10 +320,41 @@ def _add_kaggle_commands(parser: argparse.ArgumentParser) -> None:
     add_commands(parser, parser_class=_Parser, config_args=_config_args)
 
 
+RUN_COMMANDS_BY_CONFIG = ("train", "all", "branch")
+
+
+def run_dir_of(args: argparse.Namespace) -> Path | None:
+    """The run folder a command acts on (for its log.txt), or None."""
+    if getattr(args, "fold_worker", False):  # its parent logs the lines it echoes
+        return None
+    if args.command in RUN_COMMANDS_BY_CONFIG:
+        from pipeline.config import load_config
+
+        try:
+            return load_config(args.config, args.overrides).run_dir
+        except PipelineError:
+            return None  # the command itself reports the bad config
+    run = getattr(args, "run", None)
+    return Path(run) if run else None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
     parser = build_parser()
     args = parser.parse_args(argv)
+    run_dir = run_dir_of(args)
+    if run_dir is None:
+        return _call(args)
+    from pipeline.runlog import run_log
+
+    with run_log(run_dir, sys.argv[1:] if argv is None else argv) as log:
+        code = _call(args)
+        if log is not None:
+            log.exit_code = code
+    return code
+
+
+def _call(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except PipelineError as exc:

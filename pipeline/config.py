@@ -55,10 +55,8 @@ class AugmentConfig:
     shift_scale: float = 0.5  # probability of a small affine shift/scale
     shift_limit: float = 0.1
     scale_limit: float = 0.1
-    # Degrees either way, drawn by the same affine: salt flanks dip at every angle, but the
-    # beds stay roughly level, so only small tilts keep a section plausible (Heng's TGS
-    # starter used +-15). 0 = the tutorial's affine, no rotation. On cpu_best, +-10 with scale
-    # +-0.15 scored 0.778 tuned against 0.782 (v13, docs/experiments.md).
+    # Degrees either way, drawn by the same affine: the beds stay roughly level, so only small
+    # tilts keep a section plausible. 0 = the tutorial's affine, no rotation (docs/results.md).
     rotate_limit: float = 0.0
     brightness_contrast: float = 0.5
     brightness_limit: float = 0.1
@@ -140,11 +138,15 @@ class RunConfig:
     # so `pipeline branch` can start stage-2 variants of this run without repeating stage 1.
     # Without a stage 1 (loss.stage2_from_epoch <= 0, as in smoke tests) nothing is kept.
     keep_stage1: bool = False
+    # Also write per-epoch scalars (losses, lr, validation score) for TensorBoard under
+    # runs/<name>/tensorboard/fold<k>/; needs the optional `tensorboard` package. Also spelt
+    # train.tensorboard, like the other keys of this section.
+    tensorboard: bool = False
 
 
 # The keys that moved from train: to run: (`train.threads` in an old config.yaml or a --set
 # is run.threads).
-LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1")
+LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard")
 
 
 @dataclass
@@ -161,8 +163,7 @@ class PseudoConfig:
     teacher: str = ""
     # Keep a test image only if at most this share of its pixels has a teacher probability in
     # pseudo.UNCERTAIN_BAND (0.2-0.8): confident labels only. In [0, 1]. A mask's boundary is
-    # uncertain by nature; on the sample's test images v8 (0.782) keeps 19% at 0.01 (mostly
-    # empty ones), 44% at 0.05, 65% at 0.1; on its OOF the images kept at 0.05 score 0.922.
+    # uncertain by nature, so 0 keeps almost nothing (shares measured: docs/results.md).
     max_uncertain_share: float = 0.05
 
 
@@ -172,8 +173,8 @@ class TuneConfig:
     min_areas: list[int] = field(default_factory=lambda: [0, 10, 20, 30, 50, 75, 100, 150, 200])
     # "Is there salt at all?" may be decided at a stricter threshold than the one that draws the
     # mask: the mask (probs > threshold) is kept only if min_area pixels are > empty_threshold.
-    # On a real OOF this gained +0.005 CV over one threshold. Each threshold is also searched with
-    # itself (the plain min-area rule), so tuning never does worse; [] searches only that. In [0, 1).
+    # Each threshold is also searched with itself (the plain min-area rule), so tuning never does
+    # worse; [] searches only that. In [0, 1).
     empty_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])
 
 
@@ -215,8 +216,10 @@ class Config:
     def digest(self, *, ignore: tuple[str, ...] = ("folds", "runs_dir")) -> str:
         """A short hash of what determines the trained weights (for stale-state checks)."""
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
-        # hashed where they were before the run: section existed, so older runs keep their digest
-        payload["train"] = {**payload.get("train", {}), **payload.pop("run", {})}
+        # hashed where they were before the run: section existed, so older runs keep their digest;
+        # run.tensorboard only adds files beside the run, and came later: not hashed
+        run = {k: v for k, v in payload.pop("run", {}).items() if k != "tensorboard"}
+        payload["train"] = {**payload.get("train", {}), **run}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

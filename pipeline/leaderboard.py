@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 
 COLUMNS = [
     "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "empty_threshold", "min_area", "tta",
-    "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes",
+    "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes", "members",
 ]
 WALL_FILE = "wall.json"  # {"minutes": .., "config_digest": ..}: written by `pipeline all`
 DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
@@ -33,7 +33,7 @@ TABLE_COLUMNS = [
     ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
     ("empty_threshold", "empty_thr", True), ("min_area", "min_area", True), ("tta", "tta", False),
     ("train_minutes", "train_min", True), ("wall_minutes", "wall_min", True), ("date", "date (UTC)", False),
-    ("git_commit", "commit", False),
+    ("git_commit", "commit", False), ("members", "members", False),
 ]
 
 
@@ -123,10 +123,12 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
     cfg = load_run_config(run)
     folds = cfg.fold_list()
     digest = cfg.digest()
+    members = _blend_members(run)
     return {
         "run": cfg.name,
-        "model": cfg.model.name,
-        "loss": _loss_label(cfg),
+        # a blend's config is its first member's, renamed: its model and loss describe no one model
+        "model": "blend" if members else cfg.model.name,
+        "loss": "-" if members else _loss_label(cfg),
         "folds": f"{len(folds)}/{cfg.n_folds}",
         "cv_at_05": f"{float(tune_result['cv_at_05']):.4f}",
         "cv_tuned": f"{float(tune_result['cv_tuned']):.4f}",
@@ -141,7 +143,25 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
         "config_hash": digest,
         "run_dir": str(run),
         "wall_minutes": _wall_minutes(run, digest),
+        "members": members,
     }
+
+
+def _blend_members(run: Path) -> str:
+    """'A:0.50 B:0.50' for a blend (its blend.json), "" for a trained run."""
+    from pipeline.fileio import read_json
+    from pipeline.rundir import BLEND_FILE
+
+    path = run / BLEND_FILE
+    if not path.exists():
+        return ""
+    blend = read_json(path)
+    return describe_members(blend) if isinstance(blend, dict) else ""
+
+
+def describe_members(blend: dict[str, Any]) -> str:
+    """'A:0.50 B:0.50': a blend.json's members and weights, as the members column shows them."""
+    return " ".join(f"{m['name']}:{float(m['weight']):.2f}" for m in blend.get("members", []))
 
 
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:

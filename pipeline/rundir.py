@@ -38,6 +38,9 @@ from pipeline.errors import PipelineError
 
 # val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
 # the raw weights' when they differ (empty otherwise).
+# A blend's run folder (pipeline/blend.py) holds this file: its members, weights and search;
+# the leaderboard lists the members from it.
+BLEND_FILE = "blend.json"
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.

@@ -1,13 +1,17 @@
-"""Pictures of a run, for looking before trusting a number: `python -m pipeline show --run runs/x`.
+"""Pictures of a run, for looking before trusting a number: `tgs show --run runs/x`.
 
 Writes into `runs/<name>/show/`:
-    oof_worst.png     the worst-scored OOF images (gray image, truth outline green,
-                      prediction outline red; title: id, salt coverage, image score)
+    oof_worst.png     the worst-scored OOF images, each beside its probability map (gray image,
+                      truth outline blue, prediction outline orange; title: id, salt coverage,
+                      image score)
     oof_by_class.png  a few OOF examples of every coverage class
     test_samples.png  test images with the predicted mask outline (after `predict`)
-    curves.png        per-fold train/val loss and val_score per epoch (fold*/log.csv)
+    threshold.png     the OOF CV against the mask threshold, the tuned rule marked (after `tune`)
+    curves.png        per fold: train/val loss, val_score and the learning rate per epoch
+    index.html        the run's tables (tune.json, folds, config) and the pictures on one page
 Masks are binarised with the tuned post-processing (threshold, empty threshold, min area,
-blank images) when tune.json exists, else at 0.5.
+blank images) when tune.json exists, else at 0.5. Outline colours are the Okabe-Ito blue and
+orange, told apart with every common colour-vision deficiency (red and green are not).
 matplotlib is imported here only, on its Agg (file-only) backend.
 """
 
@@ -31,9 +35,12 @@ GRID_COLS = 4
 N_WORST = 16
 N_PER_CLASS = 4
 N_TEST = 16
-CURVES_INCHES = (12.0, 4.0)
-TRUTH_COLOR = "lime"
-PRED_COLOR = "red"
+CURVES_INCHES = (15.0, 4.0)
+THRESHOLD_INCHES = (8.0, 4.0)
+TRUTH_COLOR = "#0072B2"  # Okabe-Ito blue
+PRED_COLOR = "#E69F00"  # Okabe-Ito orange
+PROB_CMAP = "cividis"  # perceptually uniform and colour-blind safe
+PROB_TRUTH_COLOR = "white"  # the truth outline on the probability map
 
 
 def grid_pixels(rows: int, cols: int) -> tuple[int, int]:
@@ -69,7 +76,7 @@ def _outline(ax, mask: np.ndarray, color: str) -> None:
 
 
 def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
-    """tiles: {"image", "title", optional "truth", "pred"}; placed row-major into rows x cols."""
+    """tiles: {"image" or "probs", "title", optional "truth", "pred"}; row-major into rows x cols."""
     width, height = grid_pixels(rows, cols)
     fig = _figure(width / DPI, height / DPI)
     tile_w, tile_h = 1.0 / cols, 1.0 / rows
@@ -77,9 +84,12 @@ def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
     for index, tile in enumerate(tiles):
         row, col = divmod(index, cols)
         ax = fig.add_axes((col * tile_w + 0.01 * tile_w, 1.0 - (row + 1) * tile_h, 0.98 * tile_w, image_h))
-        ax.imshow(tile["image"], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if "probs" in tile:  # a probability map, the truth outlined on it
+            ax.imshow(tile["probs"], cmap=PROB_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(tile["image"], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         if tile.get("truth") is not None:
-            _outline(ax, tile["truth"], TRUTH_COLOR)
+            _outline(ax, tile["truth"], PROB_TRUTH_COLOR if "probs" in tile else TRUTH_COLOR)
         if tile.get("pred") is not None:
             _outline(ax, tile["pred"], PRED_COLOR)
         ax.set_title(tile["title"], fontsize=7, pad=2)
@@ -131,8 +141,11 @@ def draw_oof(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, folds:
     salt = truth.sum(axis=(1, 2)) + pred.sum(axis=(1, 2))
     worst = np.lexsort((-salt, scores))[:N_WORST]
     rows = -(-len(worst) // GRID_COLS)
-    paths = [_tile_grid(_oof_tiles(ids, train.images, truth, pred, scores, classes, worst),
-                        rows, GRID_COLS, out_dir / "oof_worst.png")]
+    tiles = []
+    for tile, i in zip(_oof_tiles(ids, train.images, truth, pred, scores, classes, worst), worst):
+        tiles += [tile, {"probs": np.asarray(probs[i], np.float32), "truth": truth[i],
+                         "title": f"probability\nmax {float(probs[i].max()):.2f}"}]
+    paths = [_tile_grid(tiles, rows, 2 * GRID_COLS, out_dir / "oof_worst.png")]
 
     rng = np.random.default_rng(0)
     present = np.unique(classes)
@@ -184,10 +197,15 @@ def _read_log(path: Path) -> dict[str, np.ndarray]:
     text = read_text(path)  # a folder, permissions, not UTF-8: one line naming it
     try:
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        return {key: np.array([float(r[key]) for r in rows])
-                for key in ("epoch", "train_loss", "val_loss", "val_score")}
+        log = {key: np.array([float(r[key]) for r in rows])
+               for key in ("epoch", "train_loss", "val_loss", "val_score")}
     except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error):
         raise PipelineError(f"{path}: not a training log (epoch, train_loss, val_loss, val_score)") from None
+    try:  # logs from before the lr column have none
+        log["lr"] = np.array([float(r["lr"]) for r in rows])
+    except (KeyError, ValueError, TypeError):
+        pass
+    return log
 
 
 def draw_curves(run: Path, out_dir: Path, folds: list[int]) -> list[Path]:
@@ -196,22 +214,70 @@ def draw_curves(run: Path, out_dir: Path, folds: list[int]) -> list[Path]:
     if not logs:
         return []
     fig = _figure(*CURVES_INCHES)
-    loss_ax, score_ax = fig.subplots(1, 2)
+    loss_ax, score_ax, lr_ax = fig.subplots(1, 3)
     colors = [f"C{i % 10}" for i in range(len(logs))]
     for color, (fold, log) in zip(colors, logs.items()):
         loss_ax.plot(log["epoch"], log["train_loss"], "--", color=color, label=f"fold {fold} train")
         loss_ax.plot(log["epoch"], log["val_loss"], "-", color=color, label=f"fold {fold} val")
         score_ax.plot(log["epoch"], log["val_score"], "-o", color=color, markersize=3, label=f"fold {fold}")
+        if "lr" in log:
+            lr_ax.plot(log["epoch"], log["lr"], "-", color=color, label=f"fold {fold}")
     loss_ax.set(title="loss (dashed: train, solid: val)", xlabel="epoch", ylabel="loss")
     score_ax.set(title="validation competition score at threshold 0.5", xlabel="epoch", ylabel="score")
+    lr_ax.set(title="learning rate", xlabel="epoch", ylabel="lr")
+    if any("lr" in log and (log["lr"] > 0).all() for log in logs.values()):
+        lr_ax.set_yscale("log")  # cosine tails and plateau drops span decades
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (loss_ax, score_ax):
+    for ax in (loss_ax, score_ax, lr_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.9, wspace=0.25)
     return [_save(fig, out_dir / "curves.png")]
+
+
+def draw_threshold(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, folds: list[int]) -> list[Path]:
+    """The OOF CV against the mask threshold: the plain rule (min area 0) and the tuned empty
+    threshold and min area, with the tuned rule and the untuned 0.5 marked."""
+    from pipeline.data import load_train
+    from pipeline.fileio import read_json
+    from pipeline.metric import threshold_scores
+
+    if not (run / "tune.json").exists():
+        return []
+    ids, probs = _available_oof(run, folds)
+    if not ids:
+        return []
+    truth = np.asarray(load_train(data_dir, ids).masks, dtype=bool)
+    tuned = read_json(run / "tune.json")
+    thresholds = np.round(np.arange(0.02, 0.99, 0.02), 2)
+    plain = np.asarray(threshold_scores(truth, probs, thresholds))[:, 0]
+    if post.empty_threshold != post.threshold:
+        rule = np.asarray(threshold_scores(truth, probs, thresholds, [post.min_area],
+                                           empty_thresholds=[post.empty_threshold]))[:, 0, 0]
+        rule_label = f"empty threshold {post.empty_threshold:.2f}, min area {post.min_area}"
+    else:
+        rule = np.asarray(threshold_scores(truth, probs, thresholds, [post.min_area]))[:, 0]
+        rule_label = f"min area {post.min_area}"
+    fig = _figure(*THRESHOLD_INCHES)
+    ax = fig.subplots()
+    ax.plot(thresholds, plain, "-", color=TRUTH_COLOR, label="mask threshold only (min area 0)")
+    ax.plot(thresholds, rule, "--", color=PRED_COLOR, label=f"with the tuned {rule_label}")
+    cv_at_05, cv_tuned = tuned.get("cv_at_05"), tuned.get("cv_tuned")
+    if isinstance(cv_at_05, (int, float)):
+        ax.plot([0.5], [cv_at_05], "o", color="black", label=f"untuned: 0.50 -> {cv_at_05:.4f}")
+    if isinstance(cv_tuned, (int, float)):
+        ax.plot([post.threshold], [cv_tuned], "*", color=PRED_COLOR, markersize=14, markeredgecolor="black",
+                label=f"tuned: {post.describe()} -> {cv_tuned:.4f}")
+        ax.axvline(post.threshold, color="gray", linewidth=0.8, linestyle=":")
+    ax.set(title=f"OOF CV against the threshold ({len(ids)} images)", xlabel="mask threshold", ylabel="CV",
+           xlim=(0.0, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower center")
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.9)
+    return [_save(fig, out_dir / "threshold.png")]
 
 
 def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
@@ -226,7 +292,10 @@ def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Pa
     folds = cfg.fold_list()
     paths = draw_oof(run, data, out_dir, post, folds)
     paths += draw_test_samples(run, data, out_dir, post)
+    paths += draw_threshold(run, data, out_dir, post, folds)
     paths += draw_curves(run, out_dir, folds)
     if not paths:
         raise PipelineError(f"{run}: nothing to show yet (no fold OOF, log.csv or test_probs.npy)")
-    return paths
+    from pipeline.showpage import write_index
+
+    return paths + [write_index(run, cfg, paths, post)]

@@ -80,8 +80,8 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     path = submit_run(run, out=submission, data_dir=cfg.data)
     print(f"wrote {path}")
     print("== show")
-    pictures = show_run(run, data_dir=cfg.data)
-    print(f"pictures: {', '.join(str(p) for p in pictures)}")
+    page = (show_run(run, data_dir=cfg.data) or [run / "show" / "index.html"])[-1]
+    print(f"pictures: {page}")
     minutes = (time.perf_counter() - started) / 60
     if from_nothing:  # the leaderboard row gains the wall time (tune wrote the row without it)
         save_wall_minutes(run, minutes, cfg.digest())
@@ -90,5 +90,15 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     print(format_leaderboard("submissions/leaderboard.csv", top=10))
     note = "" if from_nothing else " (this call; the run existed before it)"
     print(f"\n{cfg.name}: done in {minutes:.1f} min{note}")
+    print(where_things_are(run, path, page))
     return path
 
+
+def where_things_are(run: Path, submission: Path, page: Path) -> str:
+    """The closing lines of `all`: what a user opens next."""
+    return "\n".join([
+        f"  submission   {submission}",
+        "  leaderboard  submissions/leaderboard.csv  (tgs leaderboard)",
+        f"  pictures     {page}  (tables and pictures on one page)",
+        f"  log          {run / 'log.txt'}",
+    ])

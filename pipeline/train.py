@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import fileio
+from pipeline import fileio, runlog
 from pipeline.checkpoints import CheckpointSaver, first_non_finite, fold_checkpoints, load_resume_checkpoint
 from pipeline.config import Config
 from pipeline.distributed import DistContext
@@ -251,6 +251,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
                        stage1=cfg.run.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch)
             log_rows.append(log_row(epoch, lr, train_loss, scores, seconds, with_raw=parts.ema is not None))
             write_log(folder.log, log_rows)
+            runlog.tensorboard_epoch(cfg, fold, log_rows[-1])
         say(epoch_line(fold, epoch, t, lr, train_loss, scores, improved, seconds), flush=True)
         dist.barrier()
 

@@ -18,7 +18,7 @@ TINY = ("n_folds=2", "train.epochs=1", "train.limit_train=16", "train.batch_size
         "train.threads=2", "predict.batch_size=32", "loss.stage2_from_epoch=0", "train.validate_from=0",
         "tune.thresholds=[0.4,0.5]", "tune.min_areas=[0,20]")
 # The GPU presets default to ImageNet weights and the CPU presets train from scratch.
-PRETRAINED = {"gpu_best": True, "resnet34_lovasz": True, "cpu_best": False, "cpu_quick": False, "seed_unet": False}
+PRETRAINED = {"gpu_best": True, "resnet34_lovasz": True, "cpu_best": False, "cpu_quick": False, "demo": False, "seed_unet": False}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -239,7 +239,10 @@ def test_all_refuses_a_run_dir_made_with_another_config_and_changes_nothing(synt
     assert main(["all", "--config", str(config_path)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"{cfg.run_dir / 'config.yaml'}: this run was made with a different config (differs in train.lr" in line
-    assert _mtimes(tmp_path) == before  # no stage ran, no file was touched
+    # no stage ran, no file was touched but the run's log.txt, which records the refusal
+    log = cfg.run_dir / "log.txt"
+    assert {k: v for k, v in _mtimes(tmp_path).items() if Path(k) != log.relative_to(tmp_path)} == before
+    assert log.read_text().splitlines()[-2].endswith(line.strip())
 
 
 def test_all_records_its_wall_time_only_for_a_run_it_made_from_nothing(synth_data, tmp_path, quiet_all):

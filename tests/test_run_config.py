@@ -21,6 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PINNED = {
     "cpu_best.yaml": ("0eb579a8353a3b9a", "88f946b06e0485fb"),
     "cpu_quick.yaml": ("dbf5b67965ee440c", "82fa47cd5251c7d8"),
+    "demo.yaml": ("8d5b00b2b9ea83eb", "320200695e40bd3a"),  # added with the run: section, pinned as made
     "gpu_best.yaml": ("124421ccfde94543", "bca03cad81bad54c"),
     "resnet34_lovasz.yaml": ("bb18ea88abf4b905", "9e7ea24c754e6b56"),
     "seed_unet.yaml": ("3f3bdbb76fe73cf4", "ee91ee790a373ba9"),

@@ -30,10 +30,13 @@ def png_size(path) -> tuple[int, int]:
         return image.size
 
 
-def test_show_writes_the_four_pictures_into_the_run(shown):
+PICTURES = ["oof_worst.png", "oof_by_class.png", "test_samples.png", "threshold.png", "curves.png"]
+
+
+def test_show_writes_the_five_pictures_and_a_page_into_the_run(shown):
     run, paths = shown
-    assert [p.name for p in paths] == ["oof_worst.png", "oof_by_class.png", "test_samples.png", "curves.png"]
-    assert all(p.parent == run / "show" and p.stat().st_size > 5_000 for p in paths)
+    assert [p.name for p in paths] == PICTURES + ["index.html"]
+    assert all(p.parent == run / "show" and p.stat().st_size > 4_000 for p in paths)
 
 
 def test_pictures_have_the_designed_pixel_size(shown, synth_data):
@@ -42,21 +45,63 @@ def test_pictures_have_the_designed_pixel_size(shown, synth_data):
 
     _, paths = shown
     by_name = {p.name: p for p in paths}
-    assert png_size(by_name["oof_worst.png"]) == grid_pixels(4, 4) == (800, 980)  # 16 worst, 4 per row
+    # 16 worst, 4 per row, each beside its probability map
+    assert png_size(by_name["oof_worst.png"]) == grid_pixels(4, 8) == (1600, 980)
     assert png_size(by_name["test_samples.png"]) == (800, 980)
-    assert png_size(by_name["curves.png"]) == (1200, 400)
+    assert png_size(by_name["curves.png"]) == (1500, 400)
+    assert png_size(by_name["threshold.png"]) == (800, 400)
     n_classes = len(np.unique(coverage_class(np.asarray(load_train(synth_data).masks, bool))))
     assert png_size(by_name["oof_by_class.png"]) == grid_pixels(n_classes, 4)
 
 
-def test_worst_grid_is_not_a_blank_canvas(shown):
+def near(pixels: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 30) -> np.ndarray:
+    return (np.abs(pixels.astype(int) - np.array(rgb)) <= tolerance).all(axis=-1)
+
+
+def test_worst_grid_outlines_in_colour_blind_safe_blue_and_orange_beside_probability_maps(shown):
     _, paths = shown
     with Image.open(paths[0]) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 10
+    truth_blue, pred_orange = near(pixels, (0, 114, 178)), near(pixels, (230, 159, 0))
+    assert truth_blue.sum() > 50 and pred_orange.sum() > 50  # truth and prediction outlines are drawn
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
     green = (pixels[..., 1] > 200) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
-    assert red.sum() > 50 and green.sum() > 50  # prediction and truth outlines are drawn
+    assert red.sum() == 0 and green.sum() == 0  # no red-green pair for deuteranopes to confuse
+    # the second tile of each pair is a probability map: cividis' dark blue fills the low probabilities
+    second_tile = pixels[:, 200:400]
+    assert near(second_tile, (0, 34, 78), tolerance=25).mean() > 0.3
+
+
+def test_page_puts_the_tables_and_every_picture_on_one_page(shown):
+    run, paths = shown
+    page = (run / "show" / "index.html").read_text(encoding="utf-8")
+    for name in PICTURES:
+        assert f'<img src="{name}"' in page
+    assert "Tuned on the out-of-fold predictions" in page and "threshold 0.2, empty threshold 0.25" in page
+    assert "<h2>Folds</h2>" in page and page.count("<tr><td>") >= 3 + 4  # 3 folds + the summary rows
+    assert "<h2>Config</h2>" in page and "name: fake" in page
+    assert 'href="../log.txt"' in page
+
+
+def test_threshold_curve_needs_tune_json_and_the_page_says_so(shown, tmp_path):
+    run, _ = shown
+    copy = tmp_path / "runs" / "untuned"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("show", "tune.json"))
+    (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace("name: fake", "name: untuned"))
+    names = [p.name for p in show_run(copy)]
+    assert "threshold.png" not in names and names[-1] == "index.html"
+    assert "Not tuned yet" in (copy / "show" / "index.html").read_text(encoding="utf-8")
+
+
+def test_curves_draw_logs_written_before_the_lr_column(shown, tmp_path):
+    run, _ = shown
+    copy = tmp_path / "runs" / "old"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("show"))
+    for log in copy.glob("fold*/log.csv"):
+        lines = log.read_text().splitlines()
+        log.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 1) for line in lines))
+    assert "curves.png" in [p.name for p in show_run(copy)]
 
 
 def test_threshold_comes_from_tune_json_else_05(tmp_path):
@@ -84,5 +129,4 @@ def test_cli_show_prints_the_paths(shown, capsys):
     run, _ = shown
     assert main(["show", "--run", str(run)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(run / "show" / n) for n in ("oof_worst.png", "oof_by_class.png", "test_samples.png",
-                                                        "curves.png")]
+    assert printed == [str(run / "show" / n) for n in PICTURES + ["index.html"]]
