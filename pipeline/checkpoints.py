@@ -24,7 +24,18 @@ from pipeline.rundir import FoldDir
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
+    bad = first_non_finite(payload.get("model", {}))
+    if bad is not None:  # never kept as "good": training stops before this, this is the last guard
+        raise PipelineError(f"{path}: not written, weight {bad} is NaN or infinite")
     fileio.write_with(path, lambda handle: torch.save(payload, handle))
+
+
+def first_non_finite(state_dict: dict) -> str | None:
+    """The name of the first floating tensor of `state_dict` holding NaN or inf, else None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -38,7 +49,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def load_resume_checkpoint(folder: FoldDir, digest: str) -> dict | None:
-    """The newest good of last.pt / prev.pt, or None; a damaged one is reported and skipped."""
+    """The newest good of last.pt / prev.pt, or None; a damaged one (or one with non-finite
+    weights) is reported and skipped."""
     for path in (folder.last, folder.prev):
         if not path.exists():
             continue
@@ -46,6 +58,11 @@ def load_resume_checkpoint(folder: FoldDir, digest: str) -> dict | None:
             checkpoint = load_checkpoint(path)
         except PipelineError as exc:
             print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        bad = first_non_finite(checkpoint.get("model", {}))
+        if bad is not None:  # kept by a version that saved diverged weights: never resumed from
+            print(f"warning: {path}: weight {bad} is NaN or infinite; trying the previous checkpoint",
+                  file=sys.stderr)
             continue
         if checkpoint.get("config_digest") != digest:
             raise PipelineError(

@@ -112,12 +112,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import check_folds, load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
     from pipeline.folds_runner import train_folds
 
     if args.folds is not None:
+        # before anything is written: a fold outside n_folds would land in the run's config.yaml
+        check_folds(args.folds, cfg.n_folds, "--folds")
         cfg.folds = args.folds
     train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds,
                 fold_worker=args.fold_worker)

@@ -307,6 +307,16 @@ def _build(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> 
     return cls(**kwargs)
 
 
+def check_folds(folds: list[int], n_folds: int, source: str) -> None:
+    """Each fold once, each in 0..n_folds-1 (source names where the list came from, e.g. "--folds")."""
+    bad = [k for k in folds if not 0 <= k < n_folds]
+    if bad:
+        raise PipelineError(f"{source} has {bad[0]}, outside 0..{n_folds - 1} (n_folds is {n_folds})")
+    repeated = sorted({k for k in folds if folds.count(k) > 1})
+    if repeated:
+        raise PipelineError(f"{source} names fold {repeated[0]} twice")
+
+
 def _validate(cfg: Config, source: str) -> Config:
     flat = _flatten(cfg.to_dict())
     for key, allowed in VALID_CHOICES.items():
@@ -317,9 +327,7 @@ def _validate(cfg: Config, source: str) -> Config:
             raise PipelineError(f"{source}: 'predict.tta' has {aug!r}; choose from {sorted(VALID_TTA)}")
     if cfg.n_folds < 2:
         raise PipelineError(f"{source}: 'n_folds' must be at least 2, got {cfg.n_folds}")
-    bad = [k for k in cfg.folds if not 0 <= k < cfg.n_folds]
-    if bad:
-        raise PipelineError(f"{source}: 'folds' has {bad[0]}, outside 0..{cfg.n_folds - 1}")
+    check_folds(cfg.folds, cfg.n_folds, f"{source}: 'folds'")
     if cfg.input.size < 101 and cfg.input.mode == "pad":
         raise PipelineError(f"{source}: 'input.size' must be >= 101 to pad, got {cfg.input.size}")
     if cfg.loss.image_only and cfg.input.mode != "pad":

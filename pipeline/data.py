@@ -222,7 +222,16 @@ def list_image_ids(folder: str | os.PathLike) -> list[str]:
         raise PipelineError(f"{folder}: not a folder") from None
     except OSError as exc:  # permissions, a symbolic link loop as the folder itself, I/O errors
         raise PipelineError(f"{folder}: cannot list the folder ({exc.strerror or one_line(exc)})") from None
-    return sorted(name[:-4] for name in names)
+    ids = sorted(name[:-4] for name in names)
+    spaced = [image_id for image_id in ids if has_whitespace(image_id)]
+    if spaced:  # test_ids.txt and oof_ids.txt hold ids split on whitespace: "a b" would become two
+        raise PipelineError(f"{Path(folder) / (spaced[0] + '.png')}: id {spaced[0]!r} holds whitespace "
+                            f"({len(spaced)} such file(s)); rename them")
+    return ids
+
+
+def has_whitespace(image_id: str) -> bool:
+    return any(char.isspace() for char in image_id)
 
 
 def _is_png_file(folder: str | os.PathLike, entry: os.DirEntry) -> bool:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,16 +20,22 @@ from typing import IO, Any, Callable, Iterator
 from pipeline.errors import PipelineError
 
 
-TEMP_SUFFIX = ".tmp"  # atomic_open's temp files are ".<target name>.<random>.tmp" beside the target
+# atomic_open's temp files are ".<target name>.<writer pid>-<random>.tmp" beside the target: the
+# pid tells a temp that a killed writer left (SIGKILL runs no cleanup) from one being written now.
+TEMP_SUFFIX = ".tmp"
+_TEMP_PID = re.compile(r"\.(\d+)-[^.]*" + re.escape(TEMP_SUFFIX) + "$")
+_swept: set[Path] = set()  # folders whose dead writers' temps this process has removed
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`."""
+    """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`. The first
+    successful write of a process into a folder removes the temps that killed writers left there."""
     target = Path(path)
     make_dirs(target.parent)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=TEMP_SUFFIX,
+                                        dir=target.parent)
     except OSError as exc:  # a read-only or full disk, permissions
         raise PipelineError(f"{target}: could not write ({exc.strerror or exc})") from exc
     try:
@@ -44,6 +51,33 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         _remove_quietly(tmp_name)
         raise
     _fsync_dir(target.parent)
+    folder = target.parent.resolve()
+    if folder not in _swept:  # once per folder and process: a folder of 20000 masks is listed once
+        _swept.add(folder)
+        remove_dead_writers_temp_files(folder)
+
+
+def remove_dead_writers_temp_files(folder: str | os.PathLike) -> None:
+    """Remove the temps in `folder` whose writer process is gone (a temp of a live writer, this
+    process's own included, stays; one named before temps carried a pid is left to
+    `remove_stale_temp_files`)."""
+    for stale in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        found = _TEMP_PID.search(stale.name)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: a process of another user holds that pid
+        return True
+    return True
 
 
 def make_dirs(folder: str | os.PathLike) -> Path:
@@ -306,10 +340,14 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True, what: str = "")
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise PipelineError(f"{lock_path}: {what or 'locked'} is in use by {holder}") from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+        except OSError as exc:
+            raise PipelineError(f"{lock_path}: cannot write the lock holder ({exc.strerror or exc})") from None
         yield
     finally:
-        handle.close()
+        with contextlib.suppress(OSError):  # closing flushes: a full disk must not turn into a traceback
+            handle.close()

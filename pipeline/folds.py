@@ -159,6 +159,10 @@ def load_folds(path: str | os.PathLike, ids: Sequence[str] | None = None) -> pd.
                             f"expected {','.join(FOLD_COLUMNS)} (no {missing_columns[0]!r} column)")
     if (table["id"] == "").any():
         raise PipelineError(f"{path}: line {int(np.flatnonzero(table['id'] == '')[0]) + 2} has an empty id")
+    spaced = table["id"].str.contains(r"\s", regex=True).to_numpy(dtype=bool)
+    if spaced.any():  # ids are written and read split on whitespace (oof_ids.txt, test_ids.txt)
+        raise PipelineError(f"{path}: line {int(np.flatnonzero(spaced)[0]) + 2}: id "
+                            f"{table['id'].iloc[int(np.flatnonzero(spaced)[0])]!r} holds whitespace")
     if table["id"].duplicated().any():
         raise PipelineError(f"{path}: id {table['id'][table['id'].duplicated()].iloc[0]} appears more than once")
     table["fold"] = _non_negative_ints(table, "fold", path)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import Config
+from pipeline.config import Config, check_folds
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
 from pipeline.rundir import FoldDir, fold_is_done, prepare_run_dir, read_done
@@ -65,6 +65,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
     `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
     (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
     """
+    check_folds(cfg.folds, cfg.n_folds, f"{cfg.name}: folds")  # before config.yaml is written
     import torch
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -165,26 +166,39 @@ def describe_members(blend: dict[str, Any]) -> str:
 
 def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
     """The rows of a leaderboard CSV ([] when it does not exist yet). A row from a file written
-    before a column existed has "" there, except empty_threshold: the row's threshold (what it was)."""
+    before a column existed has "" there, except empty_threshold: the row's threshold (what it was).
+
+    Every row is one line (no value holds a line break), so each line is parsed on its own: an
+    unbalanced quote (a hand edit) spoils its own row, never the rows after it, and is warned
+    about. A byte-order mark (a spreadsheet's "CSV UTF-8") is skipped."""
     from pipeline.fileio import read_text
 
     path = Path(path)
     if not os.path.lexists(path):
         return []
-    text = read_text(path)  # a folder, permissions, not UTF-8, far too large: one line naming it
+    # a folder, permissions, not UTF-8, far too large: one line naming it; a BOM is not the header's
+    text = read_text(path).removeprefix("\ufeff")
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None:
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if not lines:
             return []
-        if "run" not in reader.fieldnames or "cv_tuned" not in reader.fieldnames:
+        fieldnames = next(csv.reader([lines[0][1]]))
+        if "run" not in fieldnames or "cv_tuned" not in fieldnames:
             raise PipelineError(f"{path}: not a leaderboard (header lacks run/cv_tuned)")
-        rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
-        if "empty_threshold" not in reader.fieldnames:
-            for row in rows:
-                row["empty_threshold"] = row.get("threshold", "")
-        return rows
+        rows = []
+        for number, line in lines[1:]:
+            if line.count('"') % 2:
+                print(f"warning: {path}: line {number} has an unbalanced quote; its row is read as it stands",
+                      file=sys.stderr)
+            values = next(csv.reader([line]))
+            row = dict(zip(fieldnames, values + [""] * (len(fieldnames) - len(values))))
+            rows.append({k: (v or "") for k, v in row.items()})
     except csv.Error as exc:
         raise PipelineError(f"{path}: malformed CSV ({exc})") from None
+    if "empty_threshold" not in fieldnames:
+        for row in rows:
+            row["empty_threshold"] = row.get("threshold", "")
+    return rows
 
 
 def _cv(row: dict[str, str]) -> float:

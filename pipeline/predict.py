@@ -1,8 +1,9 @@
 """Test inference: every fold's best model, each with TTA, averaged at 101x101.
 
 `predict_run` writes `runs/<name>/test_probs.npy` (float16 [N,101,101]), `test_ids.txt`
-and `predict.json`. Probabilities, not masks, are saved so that runs can be blended
-later and thresholds changed without running the models again.
+and, last, `predict.json` naming both by digest and the fold results predicted with, so the
+three are one unit (pipeline/rundir.py). Probabilities, not masks, are saved so that runs can
+be blended later and thresholds changed without running the models again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import fileio
 from pipeline.config import VALID_TTA, Config, load_run_config
 from pipeline.errors import PipelineError
 from pipeline.runtime import Runtime, resolve_runtime
@@ -85,16 +85,32 @@ def parse_tta(text: str | None, default: list[str]) -> list[str]:
     return names
 
 
+def finished_inputs(cfg: Config, run: Path) -> dict[str, str]:
+    """The run's folds as predict.json records them ({"fold<k>": done.json token}), each finished
+    and holding the checkpoints its done.json recorded: a fold killed in a `train --force` has a
+    best.pt of one epoch that must never reach a submission."""
+    from pipeline.checkpoints import fold_checkpoints
+    from pipeline.rundir import check_fold_files, finished_folds
+
+    inputs = finished_folds(cfg, run)
+    for fold in cfg.fold_list():
+        check_fold_files(run, fold, [path.name for path in fold_checkpoints(cfg, fold)])
+    return inputs
+
+
 def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | None = None,
                 device: str | None = None) -> Path:
     """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path."""
     from tqdm import tqdm
 
     from pipeline.data import fingerprint_test_images, load_test
+    from pipeline.rundir import write_predictions
 
-    cfg = load_run_config(run_dir)
+    run = Path(run_dir)
+    cfg = load_run_config(run)
     flips = parse_tta(tta, cfg.predict.tta)
     folds = cfg.fold_list()
+    inputs = finished_inputs(cfg, run)
     # taken before reading: a test set changed while predicting then looks stale next time
     fingerprint = fingerprint_test_images(data_dir or cfg.data)
     test = load_test(data_dir or cfg.data)
@@ -108,16 +124,15 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
         for fold in folds:  # each fold weighs the same, however many snapshots it averages
             total += fold_probs(cfg, fold, test.images, rt, flips, bar)
     probs = (total / len(folds)).astype(np.float16)
-    run = Path(run_dir)
-    # predict.json marks a finished prediction: gone first, so a kill between the two writes below
-    # never leaves new probabilities beside old ids under a record that says they match
-    (run / "predict.json").unlink(missing_ok=True)
-    fileio.write_npy(run / "test_probs.npy", probs)
-    fileio.write_text(run / "test_ids.txt", "\n".join(test.ids) + "\n")
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
+                            f"probabilities for {int((~np.isfinite(probs)).any(axis=(1, 2)).sum())} test images")
     seconds = time.perf_counter() - started
-    fileio.write_json(run / "predict.json", {
+    # one unit: predict.json, written last, names the other two by digest (see pipeline/rundir.py)
+    write_predictions(run, test.ids, probs, {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
         "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),
+        "inputs": inputs,
     })
     print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA "
           f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")

@@ -65,7 +65,16 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
         raise PipelineError(f"{where}: its fold {fold} model trained on {len(leaked)} of this fold's validation "
                             f"images (e.g. {leaked[0]}): the runs use different folds, and its labels would "
                             f"leak them into training")
-    return teacher, read_tuned(run)
+    # the teacher's labels are the masks it would submit: its fold finished, its checkpoints those
+    # its done.json recorded, its tune.json made from its folds as they are now (pipeline/rundir.py)
+    from pipeline.fileio import read_json
+    from pipeline.checkpoints import fold_checkpoints
+    from pipeline.rundir import check_fold_files, check_tune_current
+
+    post = read_tuned(run)
+    check_tune_current(teacher, run, read_json(run / "tune.json"))
+    check_fold_files(run, fold, [path.name for path in fold_checkpoints(teacher, fold)])
+    return teacher, post
 
 
 def predict_teacher_fold(teacher: Config, fold: int, images: np.ndarray, rt) -> np.ndarray:

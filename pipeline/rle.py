@@ -361,6 +361,8 @@ def read_rle_csv(path: str | os.PathLike) -> "pd.DataFrame":
             image_id, rle = row
             if not image_id:
                 raise PipelineError(f"{path}: line {line}: empty id")
+            if any(char.isspace() for char in image_id):  # ids are written and read split on whitespace
+                raise PipelineError(f"{path}: line {line}: id {_show(image_id)} holds whitespace")
             if image_id in line_of_id:
                 raise PipelineError(
                     f"{path}: line {line}: duplicate id {_show(image_id)} (first on line {line_of_id[image_id]})")

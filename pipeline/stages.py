@@ -1,10 +1,11 @@
 """The whole pipeline as one command: folds -> train -> tune -> predict -> submit -> leaderboard.
 
-Each stage is skipped when its outputs exist and are newer than its inputs, so rerunning
-after a crash picks up where it stopped (training itself resumes from last.pt); predict also
-reruns when the test set differs from the one predict.json recorded (folder, ids, files). A run dir
-whose config differs from the requested one is refused by `train` (see prepare_run_dir);
-`force=True` recomputes every stage.
+Each stage is skipped when its output is whole and made from what the run holds now (the
+manifests of pipeline/rundir.py: done.json, tune.json and predict.json name their inputs and
+files by digest), so rerunning after a crash picks up where it stopped (training itself resumes
+from last.pt); predict also reruns when the test set differs from the one predict.json recorded
+(folder, ids, files). A run dir whose config differs from the requested one is refused by
+`train` (see prepare_run_dir); `force=True` recomputes every stage.
 """
 
 from __future__ import annotations
@@ -16,21 +17,15 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 
 
-def _newest_mtime(paths) -> float:
-    return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
-
-
-def _is_fresh(output: Path, inputs: list[Path]) -> bool:
-    return output.exists() and output.stat().st_mtime >= _newest_mtime(inputs)
-
-
 def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
             submission: str | None = None) -> Path:
+    from pipeline.config import load_run_config
+    from pipeline.data import load_test
     from pipeline.folds import fold_summary, load_folds, make_folds_for_dir
     from pipeline.fileio import read_json
     from pipeline.leaderboard import WALL_FILE, format_leaderboard, record_run, save_wall_minutes
     from pipeline.predict import predict_run
-    from pipeline.rundir import FoldDir
+    from pipeline.rundir import FoldDir, predictions_are_current, tune_is_current
     from pipeline.show import show_run
     from pipeline.submit import submit_run
     from pipeline.folds_runner import train_folds
@@ -41,6 +36,9 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
         cfg.data = str(data_dir)
     if not (Path(cfg.data) / "train").is_dir():
         raise PipelineError(f"{cfg.data}: no train/ folder — give --data DIR in the Kaggle layout")
+    # every input the run will need, before an hour of training: the test images are read here
+    # (a missing folder or a damaged PNG is one line now, not after the last fold)
+    load_test(cfg.data)
     run = cfg.run_dir
 
     # 1. folds: one file shared by every experiment on this data, made once
@@ -60,17 +58,18 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     print(f"== train: {run}")
     train_folds(cfg, resume=True, force=force)
 
-    # 3. tune threshold and min area on the OOF
-    if force or not _is_fresh(run / "tune.json", fold_files + [run / "config.yaml"]):
+    # 3. tune threshold and min area on the OOF, unless tune.json was made from these very fold
+    # results with this config (pipeline/rundir.py: digests, never modification times)
+    run_cfg = load_run_config(run)
+    if force or not tune_is_current(run_cfg, run):
         print("== tune")
         tune_run(run)
     else:
         print(f"== tune: {run / 'tune.json'} is up to date")
 
-    # 4. predict the test set with TTA, averaged over folds
-    best_files = [FoldDir.of(run, k).best for k in cfg.fold_list()]
-    if force or not _is_fresh(run / "test_probs.npy", best_files + [run / "config.yaml"]) \
-            or not _same_test_set(run, cfg.data):
+    # 4. predict the test set with TTA, averaged over folds, unless predict.json names whole
+    # predictions of these fold checkpoints for this test set as it is now
+    if force or not predictions_are_current(run_cfg, run, cfg.data):
         print("== predict")
         predict_run(run, data_dir=cfg.data)
     else:
@@ -103,20 +102,3 @@ def where_things_are(run: Path, submission: Path, page: Path) -> str:
         f"  pictures     {page}  (tables and pictures on one page)",
         f"  log          {run / 'log.txt'}",
     ])
-
-
-def _same_test_set(run: Path, data: str) -> bool:
-    """predict.json says the test set was predicted from this folder as it is now (same path,
-    same ids, same files); an unreadable predict.json means predicting again, not failing."""
-    from pipeline.data import fingerprint_test_images
-    from pipeline.fileio import read_json
-
-    meta_path = run / "predict.json"
-    if not meta_path.exists():
-        return False
-    try:
-        meta = read_json(meta_path)
-    except PipelineError:
-        return False
-    return isinstance(meta, dict) and meta.get("data") == str(data) \
-        and meta.get("test_fingerprint") == fingerprint_test_images(data)

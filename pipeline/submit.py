@@ -2,9 +2,11 @@
 RLE CSV, checked before it leaves.
 
 `submit_run` reads what `tune` decided (`tune.json`) and what `predict` produced
-(`test_probs.npy` + `test_ids.txt`), writes `submissions/<run>.csv` atomically, and runs
-`check_submission` on the written file, so a file that Kaggle would reject (missing ids,
-bad RLE, wrong header) never sits in submissions/ looking finished.
+(`test_probs.npy` + `test_ids.txt`, named by `predict.json`), both checked to be whole and made
+from the run's finished folds as they are now (pipeline/rundir.py); it writes
+`submissions/<run>.csv` atomically and runs `check_submission` on the written file, so a file
+that Kaggle would reject (missing ids, bad RLE, wrong header) never sits in submissions/
+looking finished.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ def _require(path: Path, command: str) -> Path:
 
 
 def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
-    """predict's output: test ids and [N,101,101] probabilities as stored (float16), checked to agree."""
+    """predict's output: test ids and [N,101,101] probabilities as stored (float16), checked to agree
+    with each other and to be the files predict.json names (one unit: a kill between predict's
+    writes leaves files that predict.json does not name)."""
+    from pipeline.fileio import read_npy, read_text
+    from pipeline.rundir import read_predict_meta
+
     predict = f"python -m pipeline predict --run {run}"
     probs_path = _require(run / "test_probs.npy", predict)
     ids_path = _require(run / "test_ids.txt", predict)
-    from pipeline.fileio import read_npy, read_text
-
     probs = read_npy(probs_path, hint=f"run `{predict}`")
     ids = read_text(ids_path).split()
     if probs.ndim != 3 or probs.shape[1:] != (101, 101) or len(probs) != len(ids):
@@ -41,6 +46,7 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
         raise PipelineError(f"{ids_path}: {len(ids) - len(set(ids))} duplicate ids — run `{predict}`")
     if not np.issubdtype(probs.dtype, np.floating):
         raise PipelineError(f"{probs_path}: holds {probs.dtype}, expected float probabilities — run `{predict}`")
+    read_predict_meta(run)  # last: a damaged file is named first, then whether predict.json names it
     return ids, probs
 
 
@@ -56,12 +62,18 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     from pipeline.data import list_image_ids
     from pipeline.rle import encode_many, write_rle_csv
     from pipeline.config import load_run_config
+    from pipeline.fileio import read_json
     from pipeline.postprocess import read_tuned
+    from pipeline.rundir import check_predictions_current, check_tune_current, read_predict_meta
 
     run = Path(run_dir)
     cfg = load_run_config(run)
     post = read_tuned(run)
     ids, probs = read_test_probs(run)
+    # both made from the folds as they are now: after a retrain (even one killed mid-way) the
+    # old rule and the old predictions are refused, never submitted
+    check_tune_current(cfg, run, read_json(run / "tune.json"))
+    check_predictions_current(cfg, run, read_predict_meta(run))
 
     data = Path(data_dir if data_dir is not None else cfg.data)
     images_dir = data / "test" / "images"

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from pipeline import fileio, runlog
-from pipeline.checkpoints import CheckpointSaver, fold_checkpoints, load_resume_checkpoint
+from pipeline.checkpoints import CheckpointSaver, first_non_finite, fold_checkpoints, load_resume_checkpoint
 from pipeline.config import Config
 from pipeline.distributed import DistContext
 from pipeline.errors import PipelineError
 from pipeline.geometry import restore, to_batch
 from pipeline.loader import TrainLoader
-from pipeline.rundir import FoldDir, read_log, training_digest, write_log
+from pipeline.rundir import FoldDir, fold_file_digests, read_log, training_digest, write_log
 from pipeline.runtime import Runtime
 
 
@@ -244,7 +244,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         epoch, started = state.epoch, time.perf_counter()
         loader = epoch_loader(batches, cfg, fold, epoch, dist)
         train_loss = train_epoch(step_model, loader, parts, cfg, rt, epoch, folder, dist)
-        scores = validate_epoch(parts, split, cfg, rt, epoch, dist)
+        scores = validate_epoch(parts, split, cfg, rt, epoch, folder, dist)
         lr = parts.optimizer.param_groups[0]["lr"]
         step_scheduler(parts.scheduler, scores.score)
         seconds = time.perf_counter() - started
@@ -410,8 +410,8 @@ def epoch_loader(batches: TrainLoader, cfg: Config, fold: int, epoch: int, dist:
 
 def train_epoch(step_model: nn.Module, loader, parts: Training, cfg: Config, rt: Runtime, epoch: int,
                 folder: FoldDir, dist: DistContext) -> float:
-    """One epoch of optimizer steps; the mean train loss over every process. A non-finite loss
-    stops training with one line (last.pt still holds the last good epoch)."""
+    """One epoch of optimizer steps; the mean train loss over every process. A non-finite loss or
+    weight stops training with one line (last.pt, if any, still holds the last good epoch)."""
     ema, model = parts.ema, parts.model
     try:
         loss = train_one_epoch(step_model, loader, parts.optimizer, parts.scaler, parts.loss_fn, cfg, rt, epoch,
@@ -419,11 +419,23 @@ def train_epoch(step_model: nn.Module, loader, parts: Training, cfg: Config, rt:
                                show_progress=dist.is_main,
                                after_step=(lambda: ema.update_parameters(model)) if ema else None)
     except NonFiniteLoss as exc:
-        raise PipelineError(
-            f"{folder.path}: fold {folder.fold} epoch {epoch + 1}: {exc}; training stopped, "
-            f"last good checkpoint kept at {folder.last} (lower train.lr or set train.grad_clip)"
-        ) from None
+        diverged(folder, epoch, str(exc))
+    # a finite loss does not make finite weights: the epoch's last step may have overflowed
+    bad = first_non_finite(model.state_dict())
+    if bad is None and parts.eval_model is not model:
+        bad = first_non_finite(parts.eval_model.state_dict())
+    if bad is not None:
+        diverged(folder, epoch, f"weight {bad} became NaN or infinite")
     return dist.mean(loss)
+
+
+def diverged(folder: FoldDir, epoch: int, what: str):
+    """Stop the fold in one line naming what it can resume from: last.pt holds finite weights
+    (CheckpointSaver never writes others), or there is none yet."""
+    kept = (f"last good checkpoint kept at {folder.last}" if folder.last.exists()
+            else "no checkpoint kept (it diverged in its first epoch)")
+    raise PipelineError(f"{folder.path}: fold {folder.fold} epoch {epoch + 1}: {what}; training stopped, {kept} "
+                        "(lower train.lr or set train.grad_clip)")
 
 
 @dataclass
@@ -437,7 +449,7 @@ class EpochScores:
     probs: np.ndarray | None = None  # every validation image's probabilities, gathered
 
 
-def validate_epoch(parts: Training, split: FoldData, cfg: Config, rt: Runtime, epoch: int,
+def validate_epoch(parts: Training, split: FoldData, cfg: Config, rt: Runtime, epoch: int, folder: FoldDir,
                    dist: DistContext) -> EpochScores:
     """The validated weights' scores (shards gathered across processes, so every process takes
     the same decisions), and the raw weights' score beside an EMA's."""
@@ -449,6 +461,8 @@ def validate_epoch(parts: Training, split: FoldData, cfg: Config, rt: Runtime, e
     shard_probs, shard_loss = validate(parts.eval_model, images[shard], masks[shard], parts.loss_fn, cfg, rt,
                                        epoch, cfg.predict.batch_size)
     probs = dist.gather_concat(shard_probs)
+    if not np.isfinite(probs).all():  # NaN > 0.5 is False: it would score as all-empty masks (0.4)
+        diverged(folder, epoch, "validation probabilities are NaN or infinite")
     scores = EpochScores(validated=True, score=competition_score(masks, probs > 0.5), loss=dist.mean(shard_loss),
                          probs=probs)
     if parts.ema is not None:
@@ -491,6 +505,8 @@ def finish_fold(cfg: Config, fold: int, folder: FoldDir, split: FoldData, rt: Ru
             "config_digest": digest}
     if dist.is_main:
         done.update(write_final_oof(cfg, fold, split.val_images, split.val_masks, rt))
+        # the fold's files as finished: tune and predict check them against this (rundir.py)
+        done["files"] = fold_file_digests(folder.path, fold_checkpoints(cfg, fold))
         fileio.write_json(folder.done, done)
     dist.barrier()
     return done
@@ -524,6 +540,8 @@ def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: n
         return {}  # one plain pass of best.pt: the OOF training kept is already that
     n_checkpoints = len(checkpoints)
     probs = fold_probs(cfg, fold, val_images, rt, tta)
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{folder.oof}: not written, the fold's checkpoints predict NaN or infinite probabilities")
     fileio.write_npy(folder.oof, probs.astype(np.float16))
     score = competition_score(val_masks, probs > 0.5)
     print(f"fold {fold}: OOF as predicted for the test set ({n_checkpoints} checkpoint(s) x TTA {tta}): "

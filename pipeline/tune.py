@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
 from pipeline.postprocess import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, PostProcess, binarize, write_tuned
-from pipeline.rundir import FoldDir
+from pipeline.rundir import OOF_FILES, FoldDir, check_fold_files
 
 IMAGE_SHAPE = (101, 101)
 
@@ -38,6 +38,8 @@ def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) 
         if not path.exists():
             state = "not trained" if not folder.path.is_dir() or path != folder.done else "not finished"
             raise PipelineError(f"{path}: missing (fold {fold} {state})")
+    if require_done:  # the OOF that done.json recorded, not one a later (killed) retrain left
+        check_fold_files(Path(run_dir), fold, OOF_FILES)
     probs = read_npy(folder.oof)
     if probs.ndim != 3 or probs.shape[1:] != IMAGE_SHAPE:
         raise PipelineError(f"{folder.oof}: shape {probs.shape}, expected [n, 101, 101]")
@@ -260,10 +262,13 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     from pipeline.folds import coverage_class
     from pipeline.leaderboard import record_run
     from pipeline.rle import encode_many, write_rle_csv
+    from pipeline.rundir import tune_inputs
 
     started = time.perf_counter()
     run = Path(run_dir)
     cfg = load_run_config(run)
+    # every fold finished with the run's config; tune.json records which results it tuned on
+    inputs = tune_inputs(cfg, run)
     ids, probs = assemble_oof(run)
     if not ids:
         raise PipelineError(f"{run}: the config trains no folds, nothing to tune")
@@ -295,6 +300,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
         "grid_size": [len(found["thresholds"]), len(found["empty_thresholds"]), len(found["min_areas"])],
         "n_searched": found["n_searched"],
         "seconds": 0.0,
+        **inputs,
     }
 
     masks = found["post"].apply(probs, blank=blank)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, save_config
-from pipeline.rundir import FoldDir
+from pipeline.config import Config, load_config, save_config
+from pipeline.rundir import FoldDir, fold_file_digests, training_digest
 
 
 def fake_probs(masks: np.ndarray, rng: np.random.Generator, salt: float = 0.3, blobs: bool = True) -> np.ndarray:
@@ -41,8 +41,39 @@ def write_fold(run: Path, fold: int, ids: list[str], probs: np.ndarray, seconds:
     rows += [f"{e},0.001,{0.6 / e:.5f},{0.7 / e:.5f},{0.5 + 0.1 * e:.5f},{seconds / epochs:.1f}"
              for e in range(1, epochs + 1)]
     folder.log.write_text("\n".join(rows) + "\n")
+    # done.json as training writes it: the run's training digest and its files' digests
+    config_digest = training_digest(load_config(run / "config.yaml")) if (run / "config.yaml").exists() else ""
     folder.done.write_text(json.dumps(
-        {"fold": fold, "best_epoch": epochs, "best_score": 0.7, "epochs_run": epochs, "seconds": seconds}))
+        {"fold": fold, "best_epoch": epochs, "best_score": 0.7, "epochs_run": epochs, "seconds": seconds,
+         "config_digest": config_digest, "files": fold_file_digests(folder.path, [])}))
+
+
+def refinish_fold(fold_dir: Path) -> None:
+    """done.json re-records the fold's files as they are now (a test that changed a fold's OOF
+    on purpose, to reach the checks behind the digest check)."""
+    done = json.loads((fold_dir / "done.json").read_text())
+    done["files"] = fold_file_digests(fold_dir, [])
+    (fold_dir / "done.json").write_text(json.dumps(done))
+
+
+def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta) -> None:
+    """test_probs.npy, test_ids.txt and predict.json as `predict` writes them, made from the
+    run's folds as they are now."""
+    from pipeline.config import load_run_config
+    from pipeline.rundir import finished_folds, write_predictions
+
+    cfg = load_run_config(run)
+    write_predictions(run, list(ids), probs.astype(np.float16),
+                      {"tta": ["none"], "folds": cfg.fold_list(), "n_images": len(ids), "data": cfg.data,
+                       "inputs": finished_folds(cfg, run), **meta})
+
+
+def fake_tune(run: Path, rule: dict) -> None:
+    """tune.json holding `rule` (threshold, min_area, ...), recorded as tuned on the run's folds."""
+    from pipeline.config import load_run_config
+    from pipeline.rundir import tune_inputs
+
+    (run / "tune.json").write_text(json.dumps({**rule, **tune_inputs(load_run_config(run), run)}))
 
 
 def fake_config(data_dir: Path, root: Path, name: str = "fake", n_folds: int = 3, **changes) -> Config:
@@ -70,7 +101,7 @@ def private_copy(run: Path, tmp_path: Path, monkeypatch) -> Path:
 def make_fake_run(data_dir: Path, root: Path, name: str = "fake", n_folds: int = 3, seed: int = 0,
                   with_test: bool = True, **changes) -> Path:
     """runs/<name>/ with config.yaml, fold<k>/{oof.npy, oof_ids.txt, log.csv, done.json} for every
-    fold of a folds file made from data_dir, and test_probs.npy + test_ids.txt."""
+    fold of a folds file made from data_dir, and test_probs.npy + test_ids.txt + predict.json."""
     from pipeline.data import list_image_ids, load_train
     from pipeline.folds import load_folds, make_folds_for_dir
 
@@ -92,6 +123,5 @@ def make_fake_run(data_dir: Path, root: Path, name: str = "fake", n_folds: int =
         test_ids = list_image_ids(Path(data_dir) / "test" / "images")
         test_truth = np.zeros((len(test_ids), 101, 101), bool)
         test_truth[::2, 20:60, 30:80] = True  # every other test image gets a salt block
-        np.save(run / "test_probs.npy", fake_probs(test_truth, rng, salt=0.7, blobs=False).astype(np.float16))
-        (run / "test_ids.txt").write_text("\n".join(test_ids) + "\n")
+        write_fake_predictions(run, test_ids, fake_probs(test_truth, rng, salt=0.7, blobs=False))
     return run

@@ -133,7 +133,8 @@ def test_rle_csv_rows_come_back_exactly_or_the_file_is_refused(scratch, rows, ne
     path.write_bytes(("\ufeff" if bom else "").encode() + buffer.getvalue().encode("utf-8"))
     table, error = call(rle.read_rle_csv, path)
     row_ids = [i for i, _ in rows]
-    valid = header == "id,rle_mask" and all(row_ids) and len(set(row_ids)) == len(row_ids)
+    valid = header == "id,rle_mask" and all(row_ids) and len(set(row_ids)) == len(row_ids) \
+        and not any(char.isspace() for i in row_ids for char in i)  # ids are split on whitespace
     if error is not None:
         assert_one_line_refusal(error, path)
         assert not valid, f"valid file refused: {error}"

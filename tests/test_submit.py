@@ -12,15 +12,14 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.postprocess import binarize
 from pipeline.submit import check_submission, submit_run
-from tests.fake_run import make_fake_run, private_copy
+from tests.fake_run import fake_tune, make_fake_run, private_copy
 
 
 @pytest.fixture(scope="module")
 def tuned_run(synth_data, tmp_path_factory):
     """A fake run with test probabilities and a tune.json (threshold 0.4, min area 10)."""
     run = make_fake_run(synth_data, tmp_path_factory.mktemp("submit"))
-    (run / "tune.json").write_text(json.dumps({"threshold": 0.4, "min_area": 10, "empty_blank": False,
-                                               "cv_at_05": 0.5, "cv_tuned": 0.6}))
+    fake_tune(run, {"threshold": 0.4, "min_area": 10, "empty_blank": False, "cv_at_05": 0.5, "cv_tuned": 0.6})
     return run
 
 

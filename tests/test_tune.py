@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.postprocess import PostProcess, binarize, read_tuned
 from pipeline.tune import assemble_oof, search_grid, tune_oof, tune_run
-from tests.fake_run import fake_probs, make_fake_run, private_copy
+from tests.fake_run import fake_probs, make_fake_run, private_copy, refinish_fold
 
 TUNE_KEYS = {"threshold", "empty_threshold", "min_area", "cv_at_05", "cv_tuned", "cv_plain_rule", "per_class",
              "per_fold", "n_images", "empty_blank", "empty_decision"}
@@ -71,6 +71,7 @@ def test_id_in_two_folds_is_refused(run):
     probs = np.load(run / "fold1" / "oof.npy")
     np.save(run / "fold1" / "oof.npy", np.concatenate([probs, probs[:1]]))
     (run / "fold1" / "oof_ids.txt").write_text("\n".join(ids) + "\n")
+    refinish_fold(run / "fold1")
     with pytest.raises(PipelineError) as exc:
         assemble_oof(run)
     message = one_line(exc)
@@ -81,6 +82,7 @@ def test_id_not_in_the_folds_file_is_refused(run):
     ids = (run / "fold2" / "oof_ids.txt").read_text().split()
     ids[0] = "notatrainid"
     (run / "fold2" / "oof_ids.txt").write_text("\n".join(ids) + "\n")
+    refinish_fold(run / "fold2")
     with pytest.raises(PipelineError) as exc:
         assemble_oof(run)
     assert "fold2" in one_line(exc) and "1 ids not in" in str(exc.value) and "notatrainid" in str(exc.value)
@@ -101,6 +103,7 @@ def test_run_without_its_folds_file_still_assembles_with_a_warning(run, capsys):
 def test_oof_and_ids_of_different_lengths_are_refused(run):
     ids = (run / "fold0" / "oof_ids.txt").read_text().split()
     (run / "fold0" / "oof_ids.txt").write_text("\n".join(ids[:-1]) + "\n")
+    refinish_fold(run / "fold0")
     with pytest.raises(PipelineError) as exc:
         assemble_oof(run)
     assert "oof_ids.txt" in one_line(exc) and "oof.npy holds" in str(exc.value)
@@ -271,6 +274,7 @@ def test_tune_run_with_a_stricter_empty_threshold_agrees_with_oof_csv(run, synth
         ids = (fold_dir / "oof_ids.txt").read_text().split()
         truth = np.asarray(load_train(synth_data, ids).masks, bool)
         np.save(fold_dir / "oof.npy", stricter_empty_probs(truth).astype(np.float16))
+        refinish_fold(fold_dir)
     result = tune_run(run)
     saved = json.loads((run / "tune.json").read_text())
     assert saved["empty_threshold"] > saved["threshold"]
