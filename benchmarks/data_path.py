@@ -97,7 +97,7 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     from pipeline.augment import build_train_transform
     from pipeline.distributed import DistContext
     from pipeline.runtime import Runtime
-    from pipeline.train import SaltDataset, epoch_loader
+    from pipeline.train import SaltDataset, epoch_loader, fold_loader
 
     cfg = copy.deepcopy(cfg)
     cfg.run.num_workers = workers
@@ -108,7 +108,10 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     cpu_started, children_started = time.process_time(), _children_cpu_s()
     timed_from = None
     while True:
-        loader = epoch_loader(dataset, cfg, fold=0, epoch=epochs, rt=rt, dist=DistContext())
+        # a fresh fold loader per epoch: its workers end with the epoch, so their CPU time is counted
+        # (training keeps them for the fold: pipeline/loader.py; that saves the start-up, not the work)
+        fold_batches = fold_loader(dataset, cfg, rt, DistContext())
+        loader = epoch_loader(fold_batches, cfg, fold=0, epoch=epochs, dist=DistContext())
         epoch_started = time.perf_counter()
         batches = iter(loader)
         for index, (image_batch, _) in enumerate(batches):
@@ -122,7 +125,7 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
             count += len(image_batch)
             if now - timed_from >= seconds:
                 break
-        del batches, loader  # joins the workers, so their CPU time is counted
+        del batches, loader, fold_batches  # joins the workers, so their CPU time is counted
         epochs += 1
         if timed_from is not None and time.perf_counter() - timed_from >= seconds:
             break

@@ -24,7 +24,7 @@ Given weights (`--weights 1,2`) are normalised to sum 1 and not searched; their 
 is reported too. The tuned CV of tune.json is, as for every run, in-sample for the rule.
 
 Reruns skip what is done: the blend is remade only when blend.json's digest of the members'
-prediction files and the weight request differ, tune only when its inputs are newer. Every
+prediction files and the weight request differ, tune only when tune.json is not current (rundir.tune_is_current). Every
 write is atomic (pipeline/fileio.py); blend.json is written after the arrays, done.json after
 each fold's OOF, so an interrupted blend is redone, never half-used.
 """
@@ -46,7 +46,9 @@ from pipeline import fileio
 from pipeline.config import Config, check_plain_name, load_run_config, save_config
 from pipeline.errors import PipelineError
 from pipeline.leaderboard import describe_members
-from pipeline.rundir import BLEND_FILE, FoldDir, training_digest
+from pipeline.rundir import (BLEND_FILE, OOF_FILES, FoldDir, check_fold_files, check_predictions_current,
+                             finished_folds, fold_file_digests, read_done_token, read_predict_meta, training_digest,
+                             tune_is_current, write_predictions)
 
 MAX_GRID_POINTS = 100  # weight vectors searched: each costs one tune grid per fold
 GRID_STEPS = (10, 8, 5, 4, 2)  # 1/step is the weight resolution; the finest one under MAX_GRID_POINTS
@@ -67,10 +69,6 @@ class Member:
     fold_seconds: dict[int, float]
 
 
-def _mtime(path: Path) -> int:
-    return path.stat().st_mtime_ns
-
-
 def read_member(run_dir: str | Path) -> Member:
     """Check that the run's predictions exist and belong to its current training (one-line
     refusals otherwise); its arrays are read later, by `member_oof` / `member_test`."""
@@ -81,34 +79,18 @@ def read_member(run_dir: str | Path) -> Member:
     if not (run / "config.yaml").is_file():
         raise PipelineError(f"{run}: not a run (no config.yaml)")
     cfg = load_run_config(run)
-    digest = training_digest(cfg)
+    finished_folds(cfg, run)  # every fold finished with the run's config (done.json): one line if not
     fold_ids: dict[int, list[str]] = {}
     fold_seconds: dict[int, float] = {}
-    newest_done = _mtime(run / "config.yaml")
     for fold in cfg.fold_list():
-        folder = FoldDir.of(run, fold)
-        ids, _ = read_fold_oof(run, fold)  # missing files, shape, NaN: one line each
-        done = fileio.read_json(folder.done)
-        if not isinstance(done, dict):
-            raise PipelineError(f"{folder.done}: not a JSON object")
-        if done.get("config_digest", digest) != digest:
-            raise PipelineError(f"{folder.done}: stale, fold {fold} was trained with another config "
-                                f"than {run / 'config.yaml'} — retrain it or blend another run")
-        if _mtime(folder.oof) > _mtime(folder.done):
-            raise PipelineError(f"{folder.oof}: newer than its done.json (fold {fold} is being retrained?)")
+        # the OOF files are the ones the fold's done.json names (not a retrain's half-written ones)
+        check_fold_files(run, fold, OOF_FILES)
+        ids, _ = read_fold_oof(run, fold)  # shape, NaN: one line each
         fold_ids[fold] = ids
-        fold_seconds[fold] = float(done.get("seconds", 0.0) or 0.0)
-        newest_done = max(newest_done, _mtime(folder.done))
-    test_ids, _ = read_test_probs(run)  # missing, unreadable or inconsistent: one line
-    if _mtime(run / "test_probs.npy") < newest_done:
-        raise PipelineError(f"{run / 'test_probs.npy'}: stale, older than the run's training (done.json, "
-                            f"config.yaml) — run `python -m pipeline predict --run {run}`")
-    if (run / "predict.json").exists():
-        predicted = fileio.read_json(run / "predict.json")
-        folds = predicted.get("folds") if isinstance(predicted, dict) else None
-        if folds is not None and list(folds) != cfg.fold_list():
-            raise PipelineError(f"{run / 'predict.json'}: stale, test_probs.npy averages folds {folds}, the run "
-                                f"has {cfg.fold_list()} — run `python -m pipeline predict --run {run}`")
+        fold_seconds[fold] = float(read_done_token(run, fold)[0].get("seconds", 0.0) or 0.0)
+    # test_probs.npy and test_ids.txt are those predict.json names, predicted from these very folds
+    check_predictions_current(cfg, run, read_predict_meta(run))
+    test_ids, _ = read_test_probs(run)  # unreadable or inconsistent: one line
     return Member(run, cfg, fold_ids, test_ids, fold_seconds)
 
 
@@ -403,17 +385,15 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
         # seconds: the members' training of this fold, added up (what the blend cost to train)
         fileio.write_json(folder.done, {
             "fold": fold, "blend": True, "seconds": round(sum(m.fold_seconds[fold] for m in members), 1),
-            "config_digest": training_digest(cfg)})
+            "config_digest": training_digest(cfg), "files": fold_file_digests(folder.path, [])})
     del member_probs
     test_ids = list(first.test_ids)
     test = blend_probs([member_test(m, test_ids) for m in members], weights).astype(np.float16)
-    fileio.write_npy(run / "test_probs.npy", test)
-    fileio.write_text(run / "test_ids.txt", "\n".join(test_ids) + "\n")
-    first_predict = first.run / "predict.json"
-    predicted = fileio.read_json(first_predict) if first_predict.exists() else {}
-    fileio.write_json(run / "predict.json", {
+    predicted = read_predict_meta(first.run)
+    write_predictions(run, test_ids, test, {
         "tta": ["blend"], "folds": cfg.fold_list(), "n_images": len(test_ids),
-        "data": predicted.get("data", cfg.data), "test_fingerprint": predicted.get("test_fingerprint", "")})
+        "data": predicted.get("data", cfg.data), "test_fingerprint": predicted.get("test_fingerprint", ""),
+        "inputs": finished_folds(cfg, run)})
     blend = {
         "members": [{"run": str(m.run), "name": m.cfg.name, "weight": round(float(w), 6)}
                     for m, w in zip(members, weights)],
@@ -455,8 +435,7 @@ def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs
         blend = fileio.read_json(run / BLEND_FILE)
         print(f"== blend: {run / BLEND_FILE} is up to date ({describe_members(blend)})")
 
-    done_files = [FoldDir.of(run, k).done for k in cfg.fold_list()] + [run / "config.yaml"]
-    if force or not _is_fresh(run / "tune.json", done_files + [run / BLEND_FILE]):
+    if force or not tune_is_current(load_run_config(run), run):
         print("== tune")
         tune_run(run, leaderboard_csv=leaderboard_csv)
     else:

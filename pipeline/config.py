@@ -351,8 +351,6 @@ def _validate(cfg: Config, source: str) -> Config:
                             "val metric (plateau does): use cosine, cosine_restarts or none")
     if cfg.run.fold_workers < 0:
         raise PipelineError(f"{source}: 'run.fold_workers' must be >= 0, got {cfg.run.fold_workers}")
-    if cfg.run.checkpoint_every < 1:
-        raise PipelineError(f"{source}: 'run.checkpoint_every' must be >= 1, got {cfg.run.checkpoint_every}")
     if cfg.train.snapshots and cfg.train.scheduler != "cosine_restarts":
         raise PipelineError(f"{source}: 'train.snapshots' needs train.scheduler: cosine_restarts")
     for key in ("hflip", "shift_scale", "brightness_contrast"):
@@ -437,6 +435,7 @@ NUMBER_RANGES: dict[str, _Range] = {
     "train.limit_train": _Range(0, 10**9),
     "train.grad_clip": _Range(0.0, 1e6),
     "run.fold_workers": _CORES,
+    "run.checkpoint_every": _Range(1, 1_000_000),  # epochs between last.pt writes
     "train.validate_from": _COUNT,
     "train.ema_decay": _Range(0.0, 1.0, high_open=True),
     "predict.batch_size": _Range(1, 65536),

@@ -17,7 +17,7 @@ from pipeline.leaderboard import read_leaderboard
 from pipeline.rundir import FoldDir
 from pipeline.submit import check_submission
 from pipeline.tune import tune_run
-from tests.fake_run import make_fake_run
+from tests.fake_run import make_fake_run, refinish_fold, write_fake_predictions
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +150,33 @@ def test_rerun_skips_what_is_done_and_a_changed_member_remakes_the_blend(runs, c
     assert (run / "test_probs.npy").stat().st_mtime_ns == made
 
     probs = np.load(runs["b"] / "test_probs.npy")
-    np.save(runs["b"] / "test_probs.npy", (probs * 0.5).astype(np.float16))  # b predicted again
+    write_fake_predictions(runs["b"], (runs["b"] / "test_ids.txt").read_text().split(), probs * 0.5)  # b predicted again
     blend.blend_runs([runs["a"], runs["b"]], "ab", runs_dir="runs", pictures=False)
     out = capsys.readouterr().out
-    assert "== blend: 2 runs" in out and "== tune\n" in out
+    # the test probabilities are remade; the blended OOF is unchanged, so its tune.json stays current
+    assert "== blend: 2 runs" in out and "tune.json is up to date" in out
+    assert (run / "test_probs.npy").stat().st_mtime_ns != made
 
 
 # ---------------------------------------------------------------- refusals
+
+
+def _reseal(run):
+    """Re-record the run's manifests (done.json's config digest and files, predict.json) as they
+    are now: a test that changes a member on purpose reaches the blend's own checks behind the
+    manifests' (which would refuse the change first)."""
+    from pipeline.config import load_run_config
+    from pipeline.rundir import training_digest
+
+    cfg = load_run_config(run)
+    for fold in cfg.fold_list():
+        done = FoldDir.of(run, fold).done
+        info = json.loads(done.read_text())
+        info["config_digest"] = training_digest(cfg)
+        done.write_text(json.dumps(info))
+        refinish_fold(done.parent)
+    ids = (run / "test_ids.txt").read_text().split()
+    write_fake_predictions(run, ids, np.load(run / "test_probs.npy"))
 
 
 def _swap_fold_ids(runs):
@@ -166,6 +186,7 @@ def _swap_fold_ids(runs):
     ids0[0], ids1[0] = ids1[0], ids0[0]
     FoldDir.of(b, 0).oof_ids.write_text("\n".join(ids0) + "\n")
     FoldDir.of(b, 1).oof_ids.write_text("\n".join(ids1) + "\n")
+    _reseal(b)
 
 
 def _other_folds_file(runs):
@@ -177,7 +198,7 @@ def _other_folds_file(runs):
     lines[1] = ",".join([image_id, str((int(fold) + 1) % 3), *rest])  # one image moves to another fold
     (b / "folds.csv").write_text("\n".join(lines) + "\n")
     (b / "config.yaml").write_text(config.replace(f"folds_csv: {folds_csv}", f"folds_csv: {b / 'folds.csv'}"))
-    os.utime(b / "test_probs.npy")  # predicted after the config was written
+    _reseal(b)  # trained and predicted with that config
 
 
 def _fewer_test_ids(runs):
@@ -185,11 +206,19 @@ def _fewer_test_ids(runs):
     ids = (b / "test_ids.txt").read_text().split()
     np.save(b / "test_probs.npy", np.load(b / "test_probs.npy")[1:])
     (b / "test_ids.txt").write_text("\n".join(ids[1:]) + "\n")
+    _reseal(b)
 
 
-def _future(path):
-    later = path.stat().st_mtime_ns + 10**9
-    os.utime(path, ns=(later, later))
+def _retrained_after_predicting(runs):
+    done = FoldDir.of(runs["b"], 2).done
+    info = json.loads(done.read_text())
+    info["seconds"] = info["seconds"] + 1  # a new done.json: the fold finished again
+    done.write_text(json.dumps(info))
+
+
+def _oof_changed_after_done(runs):
+    oof = FoldDir.of(runs["b"], 2).oof
+    np.save(oof, (np.load(oof) * 0.5).astype(np.float16))
 
 
 def _other_digest(runs):
@@ -197,7 +226,6 @@ def _other_digest(runs):
     info = json.loads(done.read_text())
     info["config_digest"] = "0000000000000000"
     done.write_text(json.dumps(info))
-    os.utime(runs["b"] / "test_probs.npy")
 
 
 REFUSALS = {
@@ -207,11 +235,11 @@ REFUSALS = {
     "a fold not finished": (lambda r: FoldDir.of(r["b"], 1).done.unlink(),
                             "runs/b/fold1/done.json: missing (fold 1 not finished)"),
     "no test predictions": (lambda r: (r["b"] / "test_probs.npy").unlink(), "runs/b/test_probs.npy: missing"),
-    "test predictions older than training": (lambda r: _future(FoldDir.of(r["b"], 2).done),
-                                             "runs/b/test_probs.npy: stale"),
-    "OOF newer than done.json": (lambda r: _future(FoldDir.of(r["b"], 2).oof),
-                                 "runs/b/fold2/oof.npy: newer than its done.json"),
-    "fold trained with another config": (_other_digest, "runs/b/fold0/done.json: stale"),
+    "test predictions from an earlier training": (_retrained_after_predicting,
+                                                  "runs/b/predict.json: predicted with other fold checkpoints"),
+    "OOF changed after done.json": (_oof_changed_after_done, "runs/b/fold2/oof.npy: not the file done.json names"),
+    "fold trained with another config": (_other_digest,
+                                         "runs/b/fold0/done.json: fold 0 was trained with another config"),
 }
 
 
