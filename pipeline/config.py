@@ -608,23 +608,11 @@ MAX_CONFIG_BYTES = 1 << 20  # the shipped configs are ~2 KB; a bigger file is no
 
 
 def _read_config_text(path: Path) -> str:
-    from pipeline.fileio import read_at_most
+    from pipeline.fileio import read_bounded_text
 
-    try:
-        with open(path, "rb") as handle:
-            raw = read_at_most(handle, MAX_CONFIG_BYTES)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise PipelineError(f"{path}: is a folder, expected a YAML config file") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read config ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise PipelineError(f"{path}: over {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}), not a YAML config") from None
+    return read_bounded_text(path, MAX_CONFIG_BYTES, noun="config file", kind="a YAML config file",
+                             too_large=lambda size: f"{path}: {size}, over {MAX_CONFIG_BYTES // 1024} KiB, too large for a config file",
+                             encoding="utf-8-sig")
 
 
 class _DuplicateKey(Exception):

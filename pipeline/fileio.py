@@ -207,23 +207,42 @@ def read_at_most(handle: IO[bytes], max_bytes: int) -> bytes:
 MAX_SMALL_FILE_BYTES = 64 << 20  # JSON records and id lists of a run: a few KB to ~1 MB
 
 
-def read_text(path: str | os.PathLike, max_bytes: int = MAX_SMALL_FILE_BYTES) -> str:
-    """A UTF-8 text file (an id list, a log), every failure one PipelineError naming it."""
+def read_bounded_text(path: str | os.PathLike, max_bytes: int, *, noun: str = "file", kind: str = "a file",
+                      too_large: Callable[[str], str] | None = None, encoding: str = "utf-8") -> str:
+    """A text file of at most max_bytes, every failure one PipelineError naming it: the one
+    reader behind configs, run records and RLE CSVs. noun / kind name the file in the messages
+    ("config file not found", "is a folder, expected a YAML config file"); too_large(size) words
+    the refusal of a longer file, size being "130 MiB" or "endless" (a device); "utf-8-sig" drops
+    a spreadsheet's byte-order mark."""
+    refuse = too_large or (lambda size: _over_limit(path, max_bytes, size))
+    path = Path(path)
     try:
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:  # refused before reading; a pipe or device reports 0 and is read bounded
+                raise PipelineError(refuse(f"{size / 2**20:.0f} MiB"))
             raw = read_at_most(handle, max_bytes)
     except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
+        raise PipelineError(f"{path}: {noun} not found") from None
     except IsADirectoryError:
-        raise PipelineError(f"{path}: is a folder, expected a file") from None
+        raise PipelineError(f"{path}: is a folder, expected {kind}") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if len(raw) > max_bytes:
-        raise PipelineError(f"{path}: over {max_bytes >> 20} MiB, too large for this file; is it the right one?")
+        raise PipelineError(refuse("endless"))
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def _over_limit(path: Path, max_bytes: int, size: str) -> str:
+    return f"{path}: {size}, over {max_bytes >> 20} MiB, too large for this file; is it the right one?"
+
+
+def read_text(path: str | os.PathLike, max_bytes: int = MAX_SMALL_FILE_BYTES) -> str:
+    """A UTF-8 text file (an id list, a log), every failure one PipelineError naming it."""
+    return read_bounded_text(path, max_bytes)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_open, read_at_most
+from pipeline.fileio import atomic_open, read_bounded_text
 
 if TYPE_CHECKING:  # pandas is imported lazily so `python -m pipeline rle ...` starts fast
     import pandas as pd
@@ -378,26 +378,9 @@ def read_rle_csv(path: str | os.PathLike) -> "pd.DataFrame":
 
 
 def _read_text(path: Path) -> str:
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > MAX_CSV_BYTES:
-                raise PipelineError(_too_large(path, f"{size / 2**20:.0f} MiB"))
-            # a pipe or a device reports no size: read no more than the limit from it either
-            raw = read_at_most(handle, MAX_CSV_BYTES)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise PipelineError(f"{path}: is a folder, expected an id,rle_mask CSV file") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CSV_BYTES:
-        raise PipelineError(_too_large(path, "endless"))
-    try:
-        # utf-8-sig: a spreadsheet's byte-order mark is not part of the header
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    # utf-8-sig: a spreadsheet's byte-order mark is not part of the header
+    return read_bounded_text(path, MAX_CSV_BYTES, kind="an id,rle_mask CSV file", too_large=lambda size: _too_large(path, size),
+                             encoding="utf-8-sig")
 
 
 def _too_large(path: Path, size: str) -> str:
