@@ -370,8 +370,6 @@ def fingerprint_test_images(data_dir: str | os.PathLike) -> str:
 
 def read_depths(path: str | os.PathLike) -> dict[str, float]:
     """id -> z from an `id,z` CSV; {} when the file does not exist (depths are optional)."""
-    import pandas as pd
-
     path = Path(path)
     if not os.path.lexists(path):  # a link that leads nowhere is an error to show, not "no depths"
         return {}
@@ -386,12 +384,21 @@ def read_depths(path: str | os.PathLike) -> dict[str, float]:
     duplicated = ids[ids.duplicated()]
     if len(duplicated):
         raise PipelineError(f"{path}: id {duplicated.iloc[0]} appears more than once")
-    depths = pd.to_numeric(table["z"].str.strip(), errors="coerce")
-    bad = ~np.isfinite(depths.to_numpy(dtype=float))
+    # Python's float(), not pd.to_numeric: pandas 2.2's fast parser (Kaggle's image) rounds some
+    # long decimals in the last bit, and a depth should read back as written
+    depths = [_float_or_nan(text) for text in table["z"].str.strip().tolist()]
+    bad = ~np.isfinite(np.asarray(depths, dtype=float))
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
         raise PipelineError(f"{path}: id {ids.iloc[index]} has z {table['z'].iloc[index]!r}, expected a number")
-    return dict(zip(ids.tolist(), depths.astype(float).tolist()))
+    return dict(zip(ids.tolist(), depths))
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def depths_for(path: str | os.PathLike, ids: Sequence[str]) -> np.ndarray:

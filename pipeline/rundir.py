@@ -297,6 +297,16 @@ def _tune_digest(cfg: Config) -> str:
     return cfg.digest(ignore=("folds", "runs_dir", "name"))
 
 
+def _check_recorded_folds(path: Path, recorded: Any, current: dict[str, str], what: str, stale: str,
+                          rerun: str) -> None:
+    """The done.json tokens a record (tune.json, predict.json) was made from equal the run's now."""
+    if not isinstance(recorded, dict):
+        raise PipelineError(f"{path}: does not record {what} (older version) — {rerun}")
+    if recorded != current:
+        changed = sorted(set(recorded) ^ set(current)) or [k for k in current if recorded[k] != current[k]]
+        raise PipelineError(f"{path}: {stale} ({changed[0]} differs) — {rerun}")
+
+
 def tune_inputs(cfg: Config, run: Path) -> dict[str, Any]:
     """What tune.json records of its inputs (see `tune_is_current`)."""
     return {"inputs": finished_folds(cfg, run), "config_digest": _tune_digest(cfg)}
@@ -306,13 +316,8 @@ def check_tune_current(cfg: Config, run: Path, tuned: dict) -> None:
     """tune.json was made from the folds as they are now, with this config (PipelineError if not)."""
     path = run / TUNE_FILE
     rerun = f"run `python -m pipeline tune --run {run}`"
-    current = finished_folds(cfg, run)
-    recorded = tuned.get("inputs")
-    if not isinstance(recorded, dict):
-        raise PipelineError(f"{path}: does not record the fold results it was tuned on (older version) — {rerun}")
-    if recorded != current:
-        changed = sorted(set(recorded) ^ set(current)) or [k for k in current if recorded[k] != current[k]]
-        raise PipelineError(f"{path}: tuned on other fold results than the run's ({changed[0]} differs) — {rerun}")
+    _check_recorded_folds(path, tuned.get("inputs"), finished_folds(cfg, run),
+                          "the fold results it was tuned on", "tuned on other fold results than the run's", rerun)
     if tuned.get("config_digest") != _tune_digest(cfg):
         raise PipelineError(f"{path}: tuned with another config than the run's config.yaml — {rerun}")
 
@@ -357,14 +362,8 @@ def check_predictions_current(cfg: Config, run: Path, meta: dict) -> None:
     """predict.json was made with the fold checkpoints the run holds now (PipelineError if not)."""
     rerun = f"run `python -m pipeline predict --run {run}`"
     path = run / PREDICT_FILE
-    current = finished_folds(cfg, run)
-    recorded = meta.get("inputs")
-    if not isinstance(recorded, dict):
-        raise PipelineError(f"{path}: does not record the folds it predicted with (older version) — {rerun}")
-    if recorded != current:
-        changed = sorted(set(recorded) ^ set(current)) or [k for k in current if recorded[k] != current[k]]
-        raise PipelineError(f"{path}: predicted with other fold checkpoints than the run's "
-                            f"({changed[0]} differs) — {rerun}")
+    _check_recorded_folds(path, meta.get("inputs"), finished_folds(cfg, run),
+                          "the folds it predicted with", "predicted with other fold checkpoints than the run's", rerun)
 
 
 def predictions_are_current(cfg: Config, run: Path, data: str) -> bool:
