@@ -12,6 +12,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.folds_runner import train_folds
 from pipeline.rundir import read_log
+from tests.test_scale import free_port
 from tests.test_train import _train_epochs_then_kill, fold_dir, tiny_config
 
 pytestmark = [pytest.mark.cuda,
@@ -74,6 +75,6 @@ def test_two_gpu_ddp_trains_over_nccl_with_host_collectives_on_gloo(synth_data, 
     cfg = tiny_config(synth_data, tmp_path, "train.epochs=2")
     path = tmp_path / "ddp.yaml"
     save_config(cfg, path)
-    result = run_pipeline(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+    result = run_pipeline(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                            "-m", "pipeline", "train", "--config", str(path)])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,14 @@ from tests.test_train import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port free right now: a fixed one collides when two suites (CI's two environments, a
+    developer's second checkout) run the DDP test at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_pipeline(args, **env):
     full_env = dict(os.environ, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1", **env)
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
@@ -36,7 +45,7 @@ def test_two_process_ddp_matches_single_process_metric(synth_data, tmp_path):
     ddp = tiny_config(synth_data, tmp_path / "ddp", *overrides, f"folds_csv={single.folds_path()}")
     config_path = tmp_path / "ddp.yaml"
     save_config(ddp, config_path)
-    result = run_pipeline(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    result = run_pipeline(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                            "-m", "pipeline", "train", "--config", str(config_path)])
     assert result.returncode == 0, result.stderr[-2000:]
     ddp_done = read_json(ddp.run_dir / "fold0" / "done.json")
