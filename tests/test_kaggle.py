@@ -435,6 +435,14 @@ def test_checked_in_kernel_metadata_has_the_same_fields_with_a_placeholder_user(
     assert checked_in == rendered
 
 
+def run_kaggle_api_probe(probe: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run `probe` (code calling the real kaggle library up to its network call) in a fresh
+    process with fake credentials and a private home: the library authenticates at import."""
+    env = {"HOME": str(tmp_path / "home"), "PATH": os.environ["PATH"], "KAGGLE_USERNAME": "alice",
+           "KAGGLE_KEY": "0123456789abcdef", "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_kernel_metadata_passes_the_kaggle_clis_own_push_validation(tmp_path):
     """Run kaggle's KaggleApi.kernels_push up to the network call, in a subprocess with a
     throwaway HOME (importing kaggle authenticates and creates its config folder)."""
@@ -455,9 +463,7 @@ def test_kernel_metadata_passes_the_kaggle_clis_own_push_validation(tmp_path):
         except Reached:
             print("VALIDATED")
     """)
-    env = {"HOME": str(tmp_path / "home"), "PATH": os.environ["PATH"], "KAGGLE_USERNAME": "alice",
-           "KAGGLE_KEY": "0123456789abcdef", "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    result = run_kaggle_api_probe(probe, tmp_path)
     assert "VALIDATED" in result.stdout, result.stdout + result.stderr
     assert "does not resolve to the specified id" not in result.stdout
 
@@ -689,9 +695,7 @@ def test_dataset_metadata_passes_the_kaggle_clis_own_create_validation(tmp_path)
         except Reached:
             print("VALIDATED")
     """)
-    env = {"HOME": str(tmp_path / "home"), "PATH": os.environ["PATH"], "KAGGLE_USERNAME": "alice",
-           "KAGGLE_KEY": "0123456789abcdef", "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    result = run_kaggle_api_probe(probe, tmp_path)
     assert "VALIDATED" in result.stdout, result.stdout + result.stderr
 
 
