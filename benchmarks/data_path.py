@@ -4,7 +4,7 @@
                                    [--seconds 6] [--tflops 400] [--util 0.3,0.4]
 
 Supply, measured here: for each GPU preset, the very DataLoader `train_fold` builds
-(`pipeline.train.epoch_loader` over the real train images: the preset's augmentation, batch
+(`pipeline.train_fold.epoch_loader` over the real train images: the preset's augmentation, batch
 size, shuffling, seeded workers, a fresh loader per epoch) is iterated for `--seconds` at each worker count; images/s counts
 from the first batch on, and the time to that first batch (worker start-up, paid every epoch
 since the loader is rebuilt per epoch) is recorded apart. Besides the wall-clock rate, each
@@ -97,7 +97,8 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     from pipeline.augment import build_train_transform
     from pipeline.distributed import DistContext
     from pipeline.runtime import Runtime
-    from pipeline.train import SaltDataset, epoch_loader, fold_loader
+    from pipeline.loader import SaltDataset
+    from pipeline.train_fold import epoch_loader, fold_loader
 
     cfg = copy.deepcopy(cfg)
     cfg.run.num_workers = workers

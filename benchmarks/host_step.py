@@ -115,7 +115,8 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
     from pipeline.losses import SegLoss
     from pipeline.models import create_model
     from pipeline.runtime import resolve_runtime
-    from pipeline.train import build_optimizer, train_one_epoch
+    from pipeline.optim import build_optimizer
+    from pipeline.train_fold import train_one_epoch
 
     rt = resolve_runtime("off", "off", "cpu", 1)
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def model_cost(cfg, model) -> dict:
     CPU default is a loop of per-parameter ops."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.train import build_optimizer
+    from pipeline.optim import build_optimizer
 
     optimizer = build_optimizer(cfg, model)
     for group in optimizer.param_groups:

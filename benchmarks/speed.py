@@ -470,7 +470,8 @@ def measure_pipeline(config_path: str, overrides: list[str], steps: int, repeats
         from pipeline.models import create_model
         from pipeline.predict import predict_probs
         from pipeline.runtime import resolve_runtime
-        from pipeline.train import build_optimizer, train_one_epoch
+        from pipeline.optim import build_optimizer
+        from pipeline.train_fold import train_one_epoch
 
         cfg = load_config(config_path, overrides)
         dev = _setup(device)
@@ -519,7 +520,7 @@ def data_throughput(batch: int, size: int, seconds: float = 5.0) -> dict:
     from pipeline.config import AugmentConfig, Config
     from pipeline.geometry import to_batch
     from pipeline.runtime import resolve_runtime
-    from pipeline.train import SaltDataset
+    from pipeline.loader import SaltDataset
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (2000, 101, 101), dtype=np.uint8)

@@ -24,8 +24,8 @@ Given weights (`--weights 1,2`) are normalised to sum 1 and not searched; their 
 is reported too. The tuned CV of tune.json is, as for every run, in-sample for the rule.
 
 Reruns skip what is done: the blend is remade only when blend.json's digest of the members'
-prediction files and the weight request differ, tune only when tune.json is not current (rundir.tune_is_current). Every
-write is atomic (pipeline/fileio.py); blend.json is written after the arrays, done.json after
+prediction files and the weight request differ, tune only when tune.json is not current (manifests.tune_is_current). Every
+write is atomic (pipeline/fileio/atomic.py); blend.json is written after the arrays, done.json after
 each fold's OOF, so an interrupted blend is redone, never half-used.
 """
 
@@ -46,9 +46,9 @@ from pipeline import fileio
 from pipeline.config import Config, check_plain_name, load_run_config, save_config
 from pipeline.errors import PipelineError
 from pipeline.leaderboard import describe_members
-from pipeline.rundir import (BLEND_FILE, OOF_FILES, FoldDir, check_fold_files, check_predictions_current,
-                             finished_folds, fold_file_digests, read_done_token, read_predict_meta, training_digest,
-                             tune_is_current, write_predictions)
+from pipeline.manifests import (check_fold_files, check_predictions_current, finished_folds, fold_file_digests,
+                                read_done_token, read_predict_meta, tune_is_current, write_predictions)
+from pipeline.rundir import BLEND_FILE, OOF_FILES, FoldDir, training_digest
 
 MAX_GRID_POINTS = 100  # weight vectors searched: each costs one tune grid per fold
 GRID_STEPS = (10, 8, 5, 4, 2)  # 1/step is the weight resolution; the finest one under MAX_GRID_POINTS

@@ -7,7 +7,7 @@ trained with `run.keep_stage1: true` keeps each fold's resume checkpoint at the 
 whose folds resume from those checkpoints, so every stage-2 variant costs only its stage 2.
 
 Every epoch is seeded from (seed, fold, epoch) and a resumed fold ends with the weights of one
-never interrupted (pipeline/train.py), so a branched run is the run its config would have
+never interrupted (pipeline/train_fold.py), so a branched run is the run its config would have
 trained from nothing, bit for bit on the same machine and thread count. That is why the two
 configs must agree on every training key except the few that act only from the switch on.
 """

@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import check_folds, load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
 
     if args.folds is not None:
         # before anything is written: a fold outside n_folds would land in the run's config.yaml
@@ -141,7 +141,7 @@ def cmd_branch(args: argparse.Namespace) -> int:
 
 def cmd_all(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.stages import run_all
+    from pipeline.run_all import run_all
 
     cfg = load_config(args.config, args.overrides)
     run_all(cfg, args.data, force=args.force, submission=args.submission)

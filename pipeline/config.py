@@ -130,7 +130,7 @@ class RunConfig:
 
     threads: int = 0  # torch CPU threads; 0 = all cores
     num_workers: int = 0  # DataLoader worker processes
-    # Train the folds as concurrent processes (pipeline/folds_runner.py), as --parallel-folds
+    # Train the folds as concurrent processes (pipeline/train_folds.py), as --parallel-folds
     # does (and as happens anyway on a machine with more than one GPU): on CUDA `fold_workers`
     # processes per GPU (0 = one; a 128x128 batch of 32 leaves an H100-class GPU mostly idle,
     # so 3 folds can share one), on CPU `fold_workers` processes sharing the cores (0 = one

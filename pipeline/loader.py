@@ -1,6 +1,6 @@
 """A fold's training batches, epoch by epoch, with DataLoader workers that live for the fold.
 
-Every epoch is seeded from (seed, fold, epoch) alone (train.epoch_seed), which is what makes a
+Every epoch is seeded from (seed, fold, epoch) alone (epoch_seed), which is what makes a
 resumed run equal an uninterrupted one. Forking fresh workers every epoch did that simply --
 each new worker seeded its augmentation in `worker_init_fn` -- at the price of a fork (and a
 copy of the dataset) per worker per epoch. Persistent workers start once, so the epoch's
@@ -18,7 +18,31 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    return (seed * 1_000_003 + fold * 10_007 + epoch) % 2**31
+
+
+class SaltDataset(torch.utils.data.Dataset):
+    """In-memory 101x101 images and masks (the whole train set is ~40 MB), augmented per item."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, transform=None):
+        self.images = images
+        self.masks = masks.astype(np.uint8)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image, mask = self.images[index], self.masks[index]
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
 
 
 def shuffled_indices(n: int, seed: int) -> list[int]:

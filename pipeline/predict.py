@@ -2,7 +2,7 @@
 
 `predict_run` writes `runs/<name>/test_probs.npy` (float16 [N,101,101]), `test_ids.txt`
 and, last, `predict.json` naming both by digest and the fold results predicted with, so the
-three are one unit (pipeline/rundir.py). Probabilities, not masks, are saved so that runs can
+three are one unit (pipeline/manifests.py). Probabilities, not masks, are saved so that runs can
 be blended later and thresholds changed without running the models again.
 """
 
@@ -90,7 +90,7 @@ def finished_inputs(cfg: Config, run: Path) -> dict[str, str]:
     and holding the checkpoints its done.json recorded: a fold killed in a `train --force` has a
     best.pt of one epoch that must never reach a submission."""
     from pipeline.checkpoints import fold_checkpoints
-    from pipeline.rundir import check_fold_files, finished_folds
+    from pipeline.manifests import check_fold_files, finished_folds
 
     inputs = finished_folds(cfg, run)
     for fold in cfg.fold_list():
@@ -104,7 +104,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     from tqdm import tqdm
 
     from pipeline.data import fingerprint_test_images, load_test
-    from pipeline.rundir import write_predictions
+    from pipeline.manifests import write_predictions
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -128,7 +128,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
         raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
                             f"probabilities for {int((~np.isfinite(probs)).any(axis=(1, 2)).sum())} test images")
     seconds = time.perf_counter() - started
-    # one unit: predict.json, written last, names the other two by digest (see pipeline/rundir.py)
+    # one unit: predict.json, written last, names the other two by digest (see pipeline/manifests.py)
     write_predictions(run, test.ids, probs, {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
         "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),

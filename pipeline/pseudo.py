@@ -66,10 +66,10 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
                             f"images (e.g. {leaked[0]}): the runs use different folds, and its labels would "
                             f"leak them into training")
     # the teacher's labels are the masks it would submit: its fold finished, its checkpoints those
-    # its done.json recorded, its tune.json made from its folds as they are now (pipeline/rundir.py)
+    # its done.json recorded, its tune.json made from its folds as they are now (pipeline/manifests.py)
     from pipeline.fileio import read_json
     from pipeline.checkpoints import fold_checkpoints
-    from pipeline.rundir import check_fold_files, check_tune_current
+    from pipeline.manifests import check_fold_files, check_tune_current
 
     post = read_tuned(run)
     check_tune_current(teacher, run, read_json(run / "tune.json"))

@@ -3,7 +3,7 @@ RLE CSV, checked before it leaves.
 
 `submit_run` reads what `tune` decided (`tune.json`) and what `predict` produced
 (`test_probs.npy` + `test_ids.txt`, named by `predict.json`), both checked to be whole and made
-from the run's finished folds as they are now (pipeline/rundir.py); it writes
+from the run's finished folds as they are now (pipeline/manifests.py); it writes
 `submissions/<run>.csv` atomically and runs `check_submission` on the written file, so a file
 that Kaggle would reject (missing ids, bad RLE, wrong header) never sits in submissions/
 looking finished.
@@ -31,7 +31,7 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
     with each other and to be the files predict.json names (one unit: a kill between predict's
     writes leaves files that predict.json does not name)."""
     from pipeline.fileio import read_npy, read_text
-    from pipeline.rundir import read_predict_meta
+    from pipeline.manifests import read_predict_meta
 
     predict = f"python -m pipeline predict --run {run}"
     probs_path = _require(run / "test_probs.npy", predict)
@@ -64,7 +64,7 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     from pipeline.config import load_run_config
     from pipeline.fileio import read_json
     from pipeline.postprocess import read_tuned
-    from pipeline.rundir import check_predictions_current, check_tune_current, read_predict_meta
+    from pipeline.manifests import check_predictions_current, check_tune_current, read_predict_meta
 
     run = Path(run_dir)
     cfg = load_run_config(run)

@@ -20,7 +20,8 @@ import numpy as np
 from pipeline.config import Config, load_run_config
 from pipeline.errors import PipelineError
 from pipeline.postprocess import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, PostProcess, binarize, write_tuned
-from pipeline.rundir import OOF_FILES, FoldDir, check_fold_files
+from pipeline.manifests import check_fold_files
+from pipeline.rundir import OOF_FILES, FoldDir
 
 IMAGE_SHAPE = (101, 101)
 
@@ -262,7 +263,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     from pipeline.folds import coverage_class
     from pipeline.leaderboard import record_run
     from pipeline.rle import encode_many, write_rle_csv
-    from pipeline.rundir import tune_inputs
+    from pipeline.manifests import tune_inputs
 
     started = time.perf_counter()
     run = Path(run_dir)

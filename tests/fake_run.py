@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, load_config, save_config
-from pipeline.rundir import FoldDir, fold_file_digests, training_digest
+from pipeline.manifests import fold_file_digests
+from pipeline.rundir import FoldDir, training_digest
 
 
 def fake_probs(masks: np.ndarray, rng: np.random.Generator, salt: float = 0.3, blobs: bool = True) -> np.ndarray:
@@ -60,7 +61,7 @@ def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta)
     """test_probs.npy, test_ids.txt and predict.json as `predict` writes them, made from the
     run's folds as they are now."""
     from pipeline.config import load_run_config
-    from pipeline.rundir import finished_folds, write_predictions
+    from pipeline.manifests import finished_folds, write_predictions
 
     cfg = load_run_config(run)
     write_predictions(run, list(ids), probs.astype(np.float16),
@@ -71,7 +72,7 @@ def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta)
 def fake_tune(run: Path, rule: dict) -> None:
     """tune.json holding `rule` (threshold, min_area, ...), recorded as tuned on the run's folds."""
     from pipeline.config import load_run_config
-    from pipeline.rundir import tune_inputs
+    from pipeline.manifests import tune_inputs
 
     (run / "tune.json").write_text(json.dumps({**rule, **tune_inputs(load_run_config(run), run)}))
 

@@ -484,7 +484,7 @@ def test_file_in_the_way_of_an_output_folder_is_one_line_naming_it(tmp_path):
 
 
 def test_temp_file_that_cannot_be_made_is_one_line_naming_the_target(tmp_path, monkeypatch):
-    monkeypatch.setattr(fileio.tempfile, "mkstemp", lambda **kwargs: _enospc())
+    monkeypatch.setattr(fileio.atomic.tempfile, "mkstemp", lambda **kwargs: _enospc())
     target = tmp_path / "probs.npy"
     assert_names(refusal(fileio.write_npy, target, np.zeros(3)), str(target), "No space left on device")
 
@@ -601,7 +601,7 @@ def test_training_log_that_is_a_folder_or_garbage_names_it(tmp_path):
 
 
 def test_folds_file_with_an_empty_fold_is_refused_before_training(tmp_path):
-    from pipeline.folds_runner import load_training_data
+    from pipeline.train_folds import load_training_data
 
     root = _dataset(tmp_path)
     folds_csv = tmp_path / "folds.csv"

@@ -13,7 +13,7 @@ from pipeline.branch import branch_run, stage1_differences
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.folds_runner import train_folds
+from pipeline.train_folds import train_folds
 from pipeline.rundir import read_log
 
 # 3 epochs: BCE for 2, then the stage-2 loss; no validation before the switch

@@ -47,7 +47,8 @@ def test_amp_training_steps_on_cuda_in_channels_last_lower_the_loss(precision, s
     from pipeline.models import create_model
     from pipeline.geometry import to_batch
     from pipeline.runtime import resolve_runtime
-    from pipeline.train import _to_float, build_optimizer
+    from pipeline.optim import build_optimizer
+    from pipeline.train_fold import _to_float
 
     cfg = gpu_config(synth_data, tmp_path, f"train.precision={precision}")
     rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, "cuda")
@@ -83,7 +84,7 @@ def test_amp_training_steps_on_cuda_in_channels_last_lower_the_loss(precision, s
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_resume_on_cuda_matches_the_straight_run_within_tolerance(precision, synth_data, tmp_path):
     from pipeline.checkpoints import load_checkpoint
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
     from pipeline.rundir import read_log
     from tests.test_train import _train_epochs_then_kill
 

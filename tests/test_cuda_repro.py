@@ -10,7 +10,7 @@ import torch
 
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
-from pipeline.folds_runner import train_folds
+from pipeline.train_folds import train_folds
 from pipeline.rundir import read_log
 from tests.test_scale import free_port
 from tests.test_train import _train_epochs_then_kill, fold_dir, tiny_config

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import save_config
-from pipeline.folds_runner import train_folds
+from pipeline.train_folds import train_folds
 from tests.test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

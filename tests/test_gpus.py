@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import fileio, folds_runner
-from pipeline.folds_runner import fans_out_by_default, plan_workers, slot_gpu, visible_gpus
+from pipeline import fileio, train_folds
+from pipeline.train_folds import fans_out_by_default, plan_workers, slot_gpu, visible_gpus
 from tests.test_train import tiny_config
 
 
@@ -59,8 +59,8 @@ def test_each_fold_process_gets_one_gpu_of_the_inherited_mask(synth_data, tmp_pa
                           {"fold": fold, "best_score": 0.5, "seconds": 1.0})
         return 0
 
-    monkeypatch.setattr(folds_runner, "run_echoing_epochs", fake_fold_process)
-    results = folds_runner.train_folds_in_parallel(cfg)
+    monkeypatch.setattr(train_folds, "run_echoing_epochs", fake_fold_process)
+    results = train_folds.train_folds_in_parallel(cfg)
     assert [r["fold"] for r in results] == [0, 1, 2]
     assert set(launched) == {0, 1, 2} and set(launched.values()) <= {"2", "3"}
     assert set(launched.values()) == {"2", "3"}  # 4 slots on 2 GPUs: both used

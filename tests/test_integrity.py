@@ -27,10 +27,10 @@ from pipeline.cli import main
 from pipeline.config import load_run_config, save_config
 from pipeline.errors import PipelineError
 from pipeline.predict import predict_run
-from pipeline.rundir import predictions_are_current, tune_is_current
+from pipeline.manifests import predictions_are_current, tune_is_current
 from pipeline.submit import check_submission, submit_run
 from pipeline.checkpoints import load_checkpoint
-from pipeline.folds_runner import train_folds
+from pipeline.train_folds import train_folds
 from pipeline.tune import tune_run
 from tests.test_train import tiny_config
 
@@ -233,7 +233,7 @@ def _all_finite(path: Path) -> bool:
 
 
 def test_divergence_after_an_epoch_points_at_a_finite_last_checkpoint(synth_data, tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.train.build_scheduler", lambda cfg, optimizer: DivergeAfterFirstEpoch(optimizer))
+    monkeypatch.setattr("pipeline.train_fold.build_scheduler", lambda cfg, optimizer: DivergeAfterFirstEpoch(optimizer))
     cfg = tiny_config(synth_data, tmp_path, "run.threads=1")
     with pytest.raises(PipelineError) as exc:
         train_folds(cfg)
@@ -252,7 +252,7 @@ def test_divergence_in_the_first_epoch_keeps_no_checkpoint_and_reports_no_score(
     cfg.train.lr = float("inf")  # past load-time validation, as a diverging run gets there anyway
     if where == "validation":  # finite weights, non-finite probabilities
         cfg.train.lr = 1e-3
-        monkeypatch.setattr("pipeline.train.validate", lambda model, images, *args, **kwargs:
+        monkeypatch.setattr("pipeline.train_fold.validate", lambda model, images, *args, **kwargs:
                             (np.full(images.shape, np.nan, np.float32), float("nan")))
     with pytest.raises(PipelineError) as exc:
         train_folds(cfg)
@@ -277,7 +277,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 
 @pytest.mark.parametrize("damage", ["no test folder", "damaged test image"])
 def test_all_finds_bad_test_images_before_training(synth_data, tmp_path, monkeypatch, damage):
-    from pipeline.stages import run_all
+    from pipeline.run_all import run_all
 
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
@@ -285,7 +285,7 @@ def test_all_finds_bad_test_images_before_training(synth_data, tmp_path, monkeyp
         shutil.rmtree(data / "test")
     else:
         next((data / "test" / "images").glob("*.png")).write_bytes(b"not a png")
-    monkeypatch.setattr("pipeline.folds_runner.train_folds", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr("pipeline.train_folds.train_folds", lambda *a, **k: pytest.fail("trained before checking"))
     cfg = tiny_config(data, tmp_path)
     with pytest.raises(PipelineError) as exc:
         run_all(cfg)

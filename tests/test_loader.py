@@ -10,7 +10,7 @@ import torch
 from pipeline.augment import build_train_transform
 from pipeline.config import AugmentConfig
 from pipeline.loader import TrainLoader, shuffled_indices
-from pipeline.train import SaltDataset
+from pipeline.loader import SaltDataset
 
 
 def salt_dataset(n: int = 36) -> SaltDataset:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_config
-from pipeline.stages import run_all
+from pipeline.run_all import run_all
 from pipeline.submit import check_submission
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

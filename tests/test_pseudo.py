@@ -24,7 +24,7 @@ def test_uncertain_share_counts_pixels_strictly_inside_the_band():
 @pytest.fixture(scope="module")
 def teacher(synth_data, tmp_path_factory):
     """A tiny trained and tuned run with fold 0 of 3."""
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
     from pipeline.tune import tune_run
 
     tmp = tmp_path_factory.mktemp("teacher")
@@ -42,7 +42,7 @@ def student(synth_data, tmp_path, teacher, *overrides):
 
 def test_fold_trains_on_the_teachers_confident_test_labels_and_caches_them(synth_data, tmp_path, teacher, capsys):
     from pipeline.runtime import resolve_runtime
-    from pipeline.folds_runner import load_training_data, train_folds
+    from pipeline.train_folds import load_training_data, train_folds
     from pipeline.rundir import training_digest
 
     cfg = student(synth_data, tmp_path, teacher, "pseudo.max_uncertain_share=1.0")  # keep every image
@@ -79,7 +79,7 @@ def test_pseudo_labels_are_the_teachers_tuned_masks_of_its_same_fold_model(synth
     from pipeline.data import is_blank, load_test
     from pipeline.predict import load_fold_models, predict_probs
     from pipeline.runtime import resolve_runtime
-    from pipeline.folds_runner import load_training_data
+    from pipeline.train_folds import load_training_data
     from pipeline.postprocess import read_tuned
 
     cfg = student(synth_data, tmp_path, teacher, "pseudo.max_uncertain_share=1.0")
@@ -95,7 +95,7 @@ def test_pseudo_labels_are_the_teachers_tuned_masks_of_its_same_fold_model(synth
 
 
 def test_a_teacher_trained_on_this_folds_validation_images_is_refused(synth_data, tmp_path, teacher):
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
 
     # another seed: another split, so the teacher's fold 0 model saw some of this fold 0's images
     cfg = student(synth_data, tmp_path, teacher, f"folds_csv={tmp_path / 'other_folds.csv'}", "seed=7")
@@ -104,7 +104,7 @@ def test_a_teacher_trained_on_this_folds_validation_images_is_refused(synth_data
 
 
 def test_a_missing_teacher_or_an_untrained_fold_is_one_clear_error(synth_data, tmp_path, teacher):
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
 
     with pytest.raises(PipelineError, match="not a run dir"):
         train_folds(student(synth_data, tmp_path, teacher, f"pseudo.teacher={tmp_path / 'nope'}"))

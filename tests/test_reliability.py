@@ -33,11 +33,11 @@ from pipeline.cli import main
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.fileio import read_json
-from pipeline.folds_runner import train_folds
+from pipeline.train_folds import train_folds
 from pipeline.leaderboard import COLUMNS, read_leaderboard
 from pipeline.rle import write_rle_csv
 from pipeline.rundir import read_log
-from pipeline.stages import run_all
+from pipeline.run_all import run_all
 from tests.fake_run import make_fake_run, private_copy
 from tests.test_train import tiny_config
 
@@ -311,14 +311,14 @@ def test_all_recomputes_exactly_the_stages_whose_inputs_changed(synth_data, tmp_
 
 HOLD_FOLD = """
 import sys
-import pipeline.train
+import pipeline.train_fold
 
 def hold(cfg, fold, *args, **kwargs):  # stands in for training: holds the fold's lock until told
     print("holding", flush=True)
     sys.stdin.read()
     raise SystemExit(0)
 
-pipeline.train.train_fold = hold
+pipeline.train_fold.train_fold = hold
 from pipeline.cli import main
 sys.exit(main(["train", "--config", sys.argv[1]]))
 """

@@ -15,7 +15,7 @@ import torch
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config, save_config
 from pipeline.fileio import read_json
-from pipeline.folds_runner import plan_workers, train_folds
+from pipeline.train_folds import plan_workers, train_folds
 from pipeline.rundir import FoldDir
 from tests.test_train import tiny_config
 

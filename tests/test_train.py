@@ -11,7 +11,7 @@ import torch
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.folds_runner import train_folds
+from pipeline.train_folds import train_folds
 from pipeline.rundir import read_log
 
 
@@ -102,7 +102,7 @@ def test_resume_continues_to_identical_weights(synth_data, tmp_path, ema_decay):
 
 def _train_epochs_then_kill(cfg, kill_after, device="cpu"):
     """Run the fold but raise out of the loop after `kill_after` epochs (what SIGKILL leaves behind)."""
-    import pipeline.train as train_module
+    import pipeline.train_fold as train_module
 
     real = train_module.write_log
     calls = {"n": 0}
@@ -206,7 +206,7 @@ def test_snapshots_keep_each_cycles_best_and_average_them_into_the_oof(synth_dat
 
 
 def test_ema_is_the_exponential_average_of_weights_and_batchnorm_statistics():
-    from pipeline.train import build_ema
+    from pipeline.optim import build_ema
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = build_ema(model, 0.75)

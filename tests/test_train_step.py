@@ -11,7 +11,8 @@ from benchmarks.syncs import count_host_syncs
 from pipeline.config import load_config
 from pipeline.losses import SegLoss
 from pipeline.runtime import resolve_runtime
-from pipeline.train import NonFiniteLoss, build_optimizer, train_one_epoch
+from pipeline.optim import build_optimizer
+from pipeline.train_fold import NonFiniteLoss, train_one_epoch
 
 TINY_DEEP = ["model.name=seed_unet", "model.n_filters=4", "model.deep_supervision=true", "input.size=112",
              "train.batch_size=8", "loss.name=bce", "loss.stage2_from_epoch=1", "loss.stage2_name=lovasz",
@@ -91,7 +92,7 @@ def test_speed_benchmark_times_the_configs_own_step_and_prediction(tmp_path):
 
 def test_resume_checkpoint_every_two_epochs_loses_at_most_two_and_resumes_exactly(synth_data, tmp_path):
     from pipeline.checkpoints import load_checkpoint
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
     from tests.test_train import _train_epochs_then_kill, fold_dir, tiny_config
 
     options = ("train.epochs=4", "run.checkpoint_every=2")

@@ -1,4 +1,4 @@
-"""K-fold training: one model per fold, reproducible, resumable, selected by the competition metric.
+"""One fold's training: one model, reproducible, resumable, selected by the competition metric.
 
 Read `train_fold` top to bottom: set-up, data, model, optimizer, loop (train, validate,
 schedule, checkpoint, early stop), OOF. What a fold writes into `runs/<name>/fold<k>/` is
@@ -26,73 +26,11 @@ from pipeline.config import Config
 from pipeline.distributed import DistContext
 from pipeline.errors import PipelineError
 from pipeline.geometry import restore, to_batch
-from pipeline.loader import TrainLoader
-from pipeline.rundir import FoldDir, fold_file_digests, read_log, training_digest, write_log
+from pipeline.loader import SaltDataset, TrainLoader, epoch_seed
+from pipeline.manifests import fold_file_digests
+from pipeline.optim import build_ema, build_optimizer, build_scheduler, step_scheduler
+from pipeline.rundir import FoldDir, read_log, training_digest, write_log
 from pipeline.runtime import Runtime
-
-
-def epoch_seed(seed: int, fold: int, epoch: int) -> int:
-    return (seed * 1_000_003 + fold * 10_007 + epoch) % 2**31
-
-
-# ---------------------------------------------------------------- data
-
-
-class SaltDataset(torch.utils.data.Dataset):
-    """In-memory 101x101 images and masks (the whole train set is ~40 MB), augmented per item."""
-
-    def __init__(self, images: np.ndarray, masks: np.ndarray, transform=None):
-        self.images = images
-        self.masks = masks.astype(np.uint8)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image, mask = self.images[index], self.masks[index]
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
-
-
-# ---------------------------------------------------------------- optimizer and schedule
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
-    t = cfg.train
-    if t.scheduler == "cosine_restarts":
-        # Snapshot-style cycles (1st and 4th place): the lr restarts every cycle_epochs.
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t.cycle_epochs, eta_min=t.min_lr)
-    if t.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs, eta_min=t.min_lr)
-    if t.scheduler == "plateau":
-        # Keras tutorial: ReduceLROnPlateau(patience=5) on the validation metric.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr
-        )
-    return None
-
-
-def step_scheduler(scheduler, val_score: float) -> None:
-    if scheduler is None:
-        return
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_score)
-    else:
-        scheduler.step()
 
 
 # ---------------------------------------------------------------- loop state
@@ -505,22 +443,11 @@ def finish_fold(cfg: Config, fold: int, folder: FoldDir, split: FoldData, rt: Ru
             "config_digest": digest}
     if dist.is_main:
         done.update(write_final_oof(cfg, fold, split.val_images, split.val_masks, rt))
-        # the fold's files as finished: tune and predict check them against this (rundir.py)
+        # the fold's files as finished: tune and predict check them against this (manifests.py)
         done["files"] = fold_file_digests(folder.path, fold_checkpoints(cfg, fold))
         fileio.write_json(folder.done, done)
     dist.barrier()
     return done
-
-
-def build_ema(model: nn.Module, decay: float):
-    """An exponential moving average of `model`'s weights and buffers (BatchNorm running
-    statistics: the average is used as it is, no BN recalibration pass), or None when decay is 0.
-    Why buffers too: averaged weights with the raw model's running statistics mismatch."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def write_final_oof(cfg: Config, fold: int, val_images: np.ndarray, val_masks: np.ndarray,

@@ -1,7 +1,7 @@
 """The whole pipeline as one command: folds -> train -> tune -> predict -> submit -> leaderboard.
 
 Each stage is skipped when its output is whole and made from what the run holds now (the
-manifests of pipeline/rundir.py: done.json, tune.json and predict.json name their inputs and
+manifests of pipeline/manifests.py: done.json, tune.json and predict.json name their inputs and
 files by digest), so rerunning after a crash picks up where it stopped (training itself resumes
 from last.pt); predict also reruns when the test set differs from the one predict.json recorded
 (folder, ids, files). A run dir whose config differs from the requested one is refused by
@@ -25,10 +25,11 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     from pipeline.fileio import read_json
     from pipeline.leaderboard import WALL_FILE, format_leaderboard, record_run, save_wall_minutes
     from pipeline.predict import predict_run
-    from pipeline.rundir import FoldDir, predictions_are_current, tune_is_current
+    from pipeline.rundir import FoldDir
+    from pipeline.manifests import predictions_are_current, tune_is_current
     from pipeline.show import show_run
     from pipeline.submit import submit_run
-    from pipeline.folds_runner import train_folds
+    from pipeline.train_folds import train_folds
     from pipeline.tune import tune_run
 
     started = time.perf_counter()
@@ -59,7 +60,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     train_folds(cfg, resume=True, force=force)
 
     # 3. tune threshold and min area on the OOF, unless tune.json was made from these very fold
-    # results with this config (pipeline/rundir.py: digests, never modification times)
+    # results with this config (pipeline/manifests.py: digests, never modification times)
     run_cfg = load_run_config(run)
     if force or not tune_is_current(run_cfg, run):
         print("== tune")

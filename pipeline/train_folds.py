@@ -2,7 +2,7 @@
 under DDP), or as concurrent `python -m pipeline train --folds k` processes (--parallel-folds).
 
 One module decides which folds still need training (complete ones are skipped, under a
-per-fold lock), makes the folds file, and starts the folds; pipeline/train.py trains one fold
+per-fold lock), makes the folds file, and starts the folds; pipeline/train_fold.py trains one fold
 and knows nothing of the others.
 
 In parallel: on CUDA `run.fold_workers` processes per GPU (default 1; CUDA_VISIBLE_DEVICES
@@ -10,7 +10,7 @@ picks each one's GPU, within any mask this process inherited) -- one 128x128 bat
 an H100-class GPU mostly idle, so several folds can share it; on CPU the cores split between
 as many processes as fit. With more than one GPU and more than one fold the folds run this way
 by default, one per GPU (Kaggle's T4 x2 would otherwise leave one idle); torchrun (DDP) stays
-the way to train one fold on several GPUs. Each fold is seeded on its own (train.epoch_seed), so the
+the way to train one fold on several GPUs. Each fold is seeded on its own (loader.epoch_seed), so the
 weights are the same as when the folds run one after another with the same thread count.
 Every fold's output goes to runs/<name>/fold<k>/train.out.
 """
@@ -75,7 +75,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
         return train_folds_in_parallel(cfg, resume=resume, force=force)
 
     from pipeline.runtime import resolve_runtime
-    from pipeline.train import train_fold
+    from pipeline.train_fold import train_fold
 
     dist = init_from_env()
     try:

@@ -1,0 +1,198 @@
+"""Stage manifests: is a stage's output finished, whole, and made from what the run holds now?
+
+Each stage's output is a unit named by a manifest written last, after the files it names:
+
+    fold<k>/done.json  the fold is finished: its training digest and the sha256 of oof.npy,
+                       oof_ids.txt and the checkpoint(s) `predict` averages ("files")
+    tune.json          the rule, with the fold tokens (sha256 of each done.json) it was tuned on
+                       ("inputs") and the config digest
+    predict.json       sha256 of test_probs.npy and test_ids.txt ("files"), the fold tokens of
+                       the checkpoints predicted with ("inputs"), the test set's fingerprint
+
+A kill between two writes of a stage leaves a manifest that no longer names what is beside it
+(or no manifest), so readers refuse the unit and `all` makes it again; a retrained fold has a new
+done.json, so every tune.json and predict.json made before it is out of date. Readers never
+trust a file's modification time. A done.json, tune.json or predict.json written before the
+manifests existed: done.json is still a finished fold (its files are not checked: retraining
+costs hours), but a tune.json or predict.json without "inputs" is out of date (both are
+minutes to remake: `submit` says which command to run, `all` reruns it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline import fileio
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.rundir import IDS_FILE, OOF_FILES, PREDICT_FILE, PROBS_FILE, TUNE_FILE, FoldDir, training_digest
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path, names) -> dict[str, str]:
+    return {name: sha256_file(folder / name) for name in names}
+
+
+def check_files(folder: Path, recorded: Any, manifest: Path, rerun: str) -> None:
+    """Every file `recorded` ({name: sha256}) names is in `folder` with that content."""
+    if not isinstance(recorded, dict) or not recorded:
+        raise PipelineError(f"{manifest}: names no files (written before manifests, or damaged) — {rerun}")
+    for name, expected in recorded.items():
+        path = folder / str(name)
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing, {manifest.name} names it — {rerun}")
+        if sha256_file(path) != expected:
+            raise PipelineError(f"{path}: not the file {manifest.name} names (a write was interrupted, "
+                                f"or it was changed since) — {rerun}")
+
+
+def read_done_token(run: Path, fold: int) -> tuple[dict, str]:
+    """(fold<k>/done.json, its token: the sha256 of its bytes); PipelineError when it is missing
+    or unreadable."""
+    path = FoldDir.of(run, fold).done
+    if not path.is_file():
+        state = "not trained" if not path.parent.is_dir() else "not finished"
+        raise PipelineError(f"{path}: missing (fold {fold} {state}) — run `python -m pipeline train`")
+    raw = path.read_bytes()  # parsed from these very bytes: the token names what was read
+    try:
+        done = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc}) — run `python -m pipeline train`") from None
+    if not isinstance(done, dict):
+        raise PipelineError(f"{path}: not a done marker (a JSON object expected) — run `python -m pipeline train`")
+    return done, hashlib.sha256(raw).hexdigest()
+
+
+def finished_folds(cfg: Config, run: Path | None = None) -> dict[str, str]:
+    """{"fold<k>": token} for every fold of the run, each finished with the run's config;
+    PipelineError naming the first that is not (missing, unfinished, trained with another config)."""
+    run = Path(run) if run is not None else cfg.run_dir
+    digest = training_digest(cfg)
+    tokens = {}
+    for fold in cfg.fold_list():
+        done, token = read_done_token(run, fold)
+        if done.get("config_digest") != digest:
+            raise PipelineError(f"{FoldDir.of(run, fold).done}: fold {fold} was trained with another "
+                                "config than the run's config.yaml — run `python -m pipeline train`")
+        tokens[f"fold{fold}"] = token
+    return tokens
+
+
+def fold_file_digests(fold_dir: Path, checkpoints: list[Path]) -> dict[str, str]:
+    """What a fold's done.json records: the sha256 of its OOF and of the checkpoints predicted with."""
+    return file_digests(fold_dir, [*OOF_FILES, *(p.name for p in checkpoints)])
+
+
+def check_fold_files(run: Path, fold: int, names, rerun: str = "run `python -m pipeline train --force`") -> None:
+    """The files `names` of the fold are those its done.json recorded (a done.json from before the
+    manifests recorded nothing: accepted as it is)."""
+    folder = FoldDir.of(run, fold)
+    done, _ = read_done_token(run, fold)
+    recorded = done.get("files")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise PipelineError(f"{folder.done}: 'files' is not a mapping — {rerun}")
+    unnamed = [name for name in names if name not in recorded]
+    if unnamed:
+        raise PipelineError(f"{folder.path / unnamed[0]}: not recorded in done.json as the fold's — {rerun}")
+    check_files(folder.path, {name: recorded[name] for name in names}, folder.done, rerun)
+
+
+# ---------------------------------------------------------------- tune.json
+
+
+def _tune_digest(cfg: Config) -> str:
+    # the run's name and place are not what it was tuned with: a moved run stays tuned
+    return cfg.digest(ignore=("folds", "runs_dir", "name"))
+
+
+def _check_recorded_folds(path: Path, recorded: Any, current: dict[str, str], what: str, stale: str,
+                          rerun: str) -> None:
+    """The done.json tokens a record (tune.json, predict.json) was made from equal the run's now."""
+    if not isinstance(recorded, dict):
+        raise PipelineError(f"{path}: does not record {what} (older version) — {rerun}")
+    if recorded != current:
+        changed = sorted(set(recorded) ^ set(current)) or [k for k in current if recorded[k] != current[k]]
+        raise PipelineError(f"{path}: {stale} ({changed[0]} differs) — {rerun}")
+
+
+def tune_inputs(cfg: Config, run: Path) -> dict[str, Any]:
+    """What tune.json records of its inputs (see `tune_is_current`)."""
+    return {"inputs": finished_folds(cfg, run), "config_digest": _tune_digest(cfg)}
+
+
+def check_tune_current(cfg: Config, run: Path, tuned: dict) -> None:
+    """tune.json was made from the folds as they are now, with this config (PipelineError if not)."""
+    path = run / TUNE_FILE
+    rerun = f"run `python -m pipeline tune --run {run}`"
+    _check_recorded_folds(path, tuned.get("inputs"), finished_folds(cfg, run),
+                          "the fold results it was tuned on", "tuned on other fold results than the run's", rerun)
+    if tuned.get("config_digest") != _tune_digest(cfg):
+        raise PipelineError(f"{path}: tuned with another config than the run's config.yaml — {rerun}")
+
+
+def tune_is_current(cfg: Config, run: Path) -> bool:
+    try:
+        tuned = fileio.read_json(run / TUNE_FILE)
+        if not isinstance(tuned, dict):
+            return False
+        check_tune_current(cfg, run, tuned)
+    except PipelineError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- test predictions
+
+
+def write_predictions(run: Path, ids: list[str], probs, meta: dict[str, Any]) -> None:
+    """test_probs.npy, test_ids.txt, then predict.json naming both by digest (written last; the
+    old one goes first, so no record claims a prediction while it is being replaced)."""
+    (run / PREDICT_FILE).unlink(missing_ok=True)
+    fileio.write_npy(run / PROBS_FILE, probs)
+    fileio.write_text(run / IDS_FILE, "\n".join(ids) + "\n")
+    fileio.write_json(run / PREDICT_FILE, {**meta, "files": file_digests(run, (PROBS_FILE, IDS_FILE))})
+
+
+def read_predict_meta(run: Path) -> dict:
+    """predict.json, checked to name the test_probs.npy and test_ids.txt beside it."""
+    rerun = f"run `python -m pipeline predict --run {run}`"
+    path = run / PREDICT_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (predictions never finished) — {rerun}")
+    meta = fileio.read_json(path)
+    if not isinstance(meta, dict):
+        raise PipelineError(f"{path}: not a JSON object — {rerun}")
+    check_files(run, meta.get("files"), path, rerun)
+    return meta
+
+
+def check_predictions_current(cfg: Config, run: Path, meta: dict) -> None:
+    """predict.json was made with the fold checkpoints the run holds now (PipelineError if not)."""
+    rerun = f"run `python -m pipeline predict --run {run}`"
+    path = run / PREDICT_FILE
+    _check_recorded_folds(path, meta.get("inputs"), finished_folds(cfg, run),
+                          "the folds it predicted with", "predicted with other fold checkpoints than the run's", rerun)
+
+
+def predictions_are_current(cfg: Config, run: Path, data: str) -> bool:
+    """A whole, current prediction of the test set in `data` as it is now (same folder, ids, files)."""
+    from pipeline.data import fingerprint_test_images
+
+    try:
+        meta = read_predict_meta(run)
+        check_predictions_current(cfg, run, meta)
+        return meta.get("data") == str(data) and meta.get("test_fingerprint") == fingerprint_test_images(data)
+    except PipelineError:
+        return False
