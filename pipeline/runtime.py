@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -117,6 +119,48 @@ def set_cuda_flags(precision: str, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
 
 
+def arch_covers(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether a torch build for `arch_list` (torch.cuda.get_arch_list(): "sm_75", "sm_90a",
+    "compute_120") has kernels a GPU of this compute capability runs. A cubin (sm_XY) runs on
+    major X at minor >= Y; PTX (compute_XY) is compiled on the fly for any capability >= X.Y;
+    an arch-specific one ("sm_90a") only on X.Y itself. An empty list (unknown) covers all."""
+    if not arch_list:
+        return True
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+        if not match:
+            continue
+        kind, built = match.group(1), (int(match.group(2)), int(match.group(3)))
+        if match.group(4) == "a":
+            covered = capability == built
+        elif kind == "compute":
+            covered = capability >= built
+        else:
+            covered = capability[0] == built[0] and capability[1] >= built[1]
+        if covered:
+            return True
+    return False
+
+
+def check_gpu_supported(dev: torch.device) -> None:
+    """Stop in one line on a GPU this torch has no kernels for (Kaggle's P100 under its
+    torch): torch.cuda.is_available() is True there, and the first kernel launch fails."""
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list:  # a build without CUDA: nothing to compare (tests patch CUDA in)
+        return
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    capability = tuple(torch.cuda.get_device_capability(index))
+    if arch_covers(capability, arch_list):
+        return
+    from pipeline.kaggle import PICK_A_GPU
+
+    name = torch.cuda.get_device_name(index)
+    raise PipelineError(f"GPU {index} ({name}, compute capability {capability[0]}.{capability[1]}, "
+                        f"sm_{capability[0]}{capability[1]}): this torch {torch.__version__} has no kernels for it "
+                        f"(built for {' '.join(arch_list)}); on Kaggle {PICK_A_GPU}, elsewhere a newer GPU "
+                        "or a torch built for it")
+
+
 def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device: str | None = None,
                     threads: int = 0, deterministic: bool = False) -> Runtime:
     if device is None:
@@ -129,6 +173,8 @@ def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device
         raise PipelineError(f"device {device!r}: expected cpu, cuda or cuda:<index>") from None
     if dev.type not in ("cpu", "cuda"):
         raise PipelineError(f"device {device!r}: expected cpu, cuda or cuda:<index>")
+    if dev.type == "cuda":
+        check_gpu_supported(dev)
     amp_dtype = amp_dtype_for(precision, dev.type)
     if dev.type == "cpu":
         torch.set_num_threads(threads or os.cpu_count() or 1)

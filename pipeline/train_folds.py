@@ -23,6 +23,7 @@ import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -149,6 +150,18 @@ def fans_out_by_default(n_gpus: int, n_folds: int, world_size: int, device: str 
     return n_gpus > 1 and n_folds > 1 and world_size == 1 and device is None
 
 
+def fold_process_env(environ: dict[str, str]) -> dict[str, str]:
+    """A fold process's environment: this one's, with the folder holding the `pipeline` this
+    process runs first on PYTHONPATH. The child starts `python -m pipeline` afresh, and the
+    package may be on this process's sys.path only: Kaggle's kernel unpacks it to a temporary
+    folder, and a checkout can run without being installed."""
+    import pipeline
+
+    home = str(Path(pipeline.__file__).resolve().parent.parent)
+    paths = [home] + [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != home]
+    return dict(environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
+
+
 def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = False) -> list[dict]:
     import torch
 
@@ -173,7 +186,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
     def run_fold(fold: int) -> None:
         slot = slots.get()
         try:
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env = fold_process_env(dict(os.environ))
             env.pop("WORLD_SIZE", None)
             if n_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = slot_gpu(slot, gpus)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.errors import PipelineError
 from pipeline.kaggle import COMPETITION, credentials, dataset, kernel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -576,7 +577,10 @@ def test_kernel_with_a_weights_dataset_mounts_it_and_reads_the_weights_there(tmp
     assert metadata["dataset_sources"] == ["alice/timm-resnet34-imagenet"]
     assert metadata["enable_internet"] is False and metadata["competition_sources"] == [COMPETITION]
     cfg = _embedded_config(out, tmp_path)
-    assert cfg.model.pretrained and cfg.model.weights_path == "/kaggle/input/timm-resnet34-imagenet"
+    # where Kaggle mounts the dataset is found in the kernel (mounts.find_dataset), not assumed here
+    assert cfg.model.pretrained and cfg.model.weights_path == ""
+    kernel_module = runpy.run_path(str(out / "kernel.py"), run_name="kernel_under_test")
+    assert kernel_module["WEIGHTS_DATASET"] == "alice/timm-resnet34-imagenet"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -784,6 +788,111 @@ def test_kernel_data_from_zipped_input_unpacks_elsewhere_and_leaves_input_untouc
     assert (data / "train.csv").read_bytes() == (tiny_data / "train.csv").read_bytes()
 
 
+def _unpacked_competition(data: Path, folder: Path) -> Path:
+    shutil.copytree(data, folder)
+    return folder
+
+
+@pytest.mark.parametrize("where", [f"competitions/{COMPETITION}", COMPETITION, f"competitions/{COMPETITION}/v2",
+                                   "my-upload"])
+@pytest.mark.parametrize("packed", ["zips", "unpacked"])
+def test_the_competition_is_found_wherever_kaggle_mounts_it(tiny_data, tmp_path, where, packed):
+    """Kaggle's 2026 mount (input/competitions/<slug>), the older one (input/<slug>), a folder
+    one deeper, and under another name; as uploaded (train.zip/test.zip) or unpacked."""
+    from pipeline.kaggle import mounts
+
+    inputs = tmp_path / "input"
+    (inputs / "datasets" / "alice" / "timm-resnet34-imagenet").mkdir(parents=True)  # another source beside it
+    make = _kaggle_input_mount if packed == "zips" else _unpacked_competition
+    folder = make(tiny_data, inputs / where)
+
+    assert mounts.find_competition(inputs) == folder
+    assert dataset.verify_dataset(dataset.prepare_kernel_data(folder, tmp_path / "work"))["train"] == 16
+
+
+def test_a_folder_named_after_the_competition_wins_over_another_with_the_same_files(tiny_data, tmp_path):
+    from pipeline.kaggle import mounts
+
+    inputs = tmp_path / "input"
+    _unpacked_competition(tiny_data, inputs / "aaa-some-other-copy")
+    named = _unpacked_competition(tiny_data, inputs / "competitions" / COMPETITION)
+    assert mounts.find_competition(inputs) == named
+
+
+def test_no_competition_under_input_is_one_line_listing_what_is_there(tmp_path, capsys):
+    from pipeline.kaggle import mounts
+
+    inputs = tmp_path / "input"
+    (inputs / "datasets" / "alice" / "timm-resnet34-imagenet").mkdir(parents=True)
+    (inputs / "datasets" / "alice" / "timm-resnet34-imagenet" / "resnet34.safetensors").write_bytes(b"x")
+    (inputs / "competitions" / "titanic").mkdir(parents=True)
+    for name in ("train.csv", "test.csv"):
+        (inputs / "competitions" / "titanic" / name).write_text("id\n")
+    with pytest.raises(PipelineError) as caught:
+        mounts.find_competition(inputs)
+    line = str(caught.value)
+    assert "\n" not in line and f"add the competition '{COMPETITION}'" in line
+    assert "competitions/titanic/ (2 files)" in line and "datasets/alice/timm-resnet34-imagenet/ (1 file)" in line
+    with pytest.raises(PipelineError, match="it holds nothing"):
+        mounts.find_competition(tmp_path / "empty-input")
+
+
+@pytest.mark.parametrize("where", ["datasets/alice/timm-resnet34-imagenet", "timm-resnet34-imagenet"])
+def test_the_weights_dataset_is_found_in_both_layouts(tmp_path, where):
+    from pipeline.kaggle import mounts
+
+    inputs = tmp_path / "input"
+    (inputs / "datasets" / "bob" / "timm-resnet34-imagenet").mkdir(parents=True)  # someone else's, same slug
+    (inputs / where).mkdir(parents=True, exist_ok=True)
+    assert mounts.find_dataset(inputs, "alice/timm-resnet34-imagenet") == inputs / where
+    with pytest.raises(PipelineError, match="dataset alice/timm-resnet99-imagenet not mounted.*it holds"):
+        mounts.find_dataset(inputs, "alice/timm-resnet99-imagenet")
+
+
+def test_kaggle_root_moves_only_by_its_variable():
+    from pipeline.kaggle import mounts
+
+    assert mounts.kaggle_root({}) == Path("/kaggle")
+    assert mounts.kaggle_root({"TGS_KAGGLE_ROOT": "/tmp/k"}) == Path("/tmp/k")
+
+
+def test_kernel_build_refuses_the_p100_in_one_line(tmp_path, capsys):
+    code, out = _build_preset(tmp_path, "cpu_quick.yaml", "--gpu", "NvidiaTeslaP100")
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "sm_60" in line and "T4 x2 or L4" in line and "--gpu NvidiaTeslaT4" in line
+    assert not out.exists()
+
+
+# The third-party modules the kernel's bundle imports, and the distribution in Kaggle's image
+# (constraints-kaggle.txt) that provides each.
+KAGGLE_IMAGE_MODULES = {
+    "PIL": "pillow", "albumentations": "albumentations", "cv2": "opencv-python-headless",
+    "matplotlib": "matplotlib", "numpy": "numpy", "pandas": "pandas", "safetensors": "safetensors",
+    "scipy": "scipy", "sklearn": "scikit-learn", "timm": "timm", "torch": "torch", "tqdm": "tqdm",
+    "yaml": "PyYAML",
+}
+
+
+def test_the_kernel_imports_nothing_kaggles_image_lacks():
+    """Every import in the bundled package is the standard library, the package itself, or a
+    module of a distribution pinned in constraints-kaggle.txt (Kaggle's image)."""
+    import ast
+
+    imported: dict[str, str] = {}
+    for path in kernel.package_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                imported.setdefault(name.split(".")[0], path.name)
+    third_party = {m: f for m, f in imported.items() if m not in sys.stdlib_module_names and m != "pipeline"}
+    assert set(third_party) <= set(KAGGLE_IMAGE_MODULES), third_party
+    pinned = {line.split("==")[0].lower() for line in (REPO / "constraints-kaggle.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert {KAGGLE_IMAGE_MODULES[m].lower() for m in third_party} <= pinned
+
+
 def test_kernel_data_already_in_the_layout_is_used_in_place(tiny_data, tmp_path):
     assert dataset.prepare_kernel_data(tiny_data, tmp_path / "unused") == tiny_data
     assert not (tmp_path / "unused").exists()
@@ -801,13 +910,14 @@ def test_verify_counts_salt_masks(tiny_data):
 
 
 def _run_kernel(folder: Path, data: Path, tmp_path: Path) -> Path:
-    """Run the rendered kernel.py as Kaggle would: the competition mounted as train.zip/test.zip
-    plus CSVs, a separate working folder, no network, started from an empty folder so the repo's
-    own `pipeline` package cannot be imported by accident. Returns the working folder."""
-    mount = _kaggle_input_mount(data, tmp_path / "input" / COMPETITION)
-    working = tmp_path / "working"
-    env = dict(os.environ, TGS_KAGGLE_INPUT=str(mount), TGS_KAGGLE_WORKING=str(working),
-               TMPDIR=str(tmp_path / "tmp"), PYTHONPATH="")
+    """Run the rendered kernel.py on a Kaggle-like root: the competition mounted as
+    train.zip/test.zip plus CSVs at input/<competition> (the older layout; the rehearsal in
+    test_kaggle_rehearsal.py runs today's), no network, started from an empty folder so the
+    repo's own `pipeline` package cannot be imported by accident. Returns the working folder."""
+    root = tmp_path / "kaggle"
+    _kaggle_input_mount(data, root / "input" / COMPETITION)
+    working = root / "working"
+    env = dict(os.environ, TGS_KAGGLE_ROOT=str(root), TMPDIR=str(tmp_path / "tmp"), PYTHONPATH="")
     (tmp_path / "tmp").mkdir()
     result = subprocess.run([sys.executable, str(folder / "kernel.py")], cwd=tmp_path / "tmp", env=env,
                             capture_output=True, text=True, timeout=900)

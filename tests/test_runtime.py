@@ -25,12 +25,53 @@ def cuda_flags(monkeypatch):
     torch.use_deterministic_algorithms(saved[4])
 
 
-def fake_gpu(monkeypatch, *, native_bf16: bool):
+# torch.cuda.get_arch_list() of a torch 2.10 CUDA 12.8 build (Kaggle's): Turing and newer
+KAGGLE_TORCH_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+def fake_gpu(monkeypatch, *, native_bf16: bool, capability: tuple[int, int] | None = None,
+             name: str = "Tesla T4", arch_list: list[str] = KAGGLE_TORCH_ARCHS):
     """A CUDA machine whose GPU has (A100, H100) or lacks (T4, V100, P100) bf16 in hardware: torch
-    reports emulated bf16 as supported unless including_emulation=False."""
+    reports emulated bf16 as supported unless including_emulation=False. capability: the GPU's
+    compute capability (default 8.0 with native bf16, else the T4's 7.5)."""
+    capability = capability or ((8, 0) if native_bf16 else (7, 5))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arch_list))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("capability, arch_list, covered", [
+    ((6, 0), KAGGLE_TORCH_ARCHS, False),              # P100 under Kaggle's torch
+    ((7, 5), KAGGLE_TORCH_ARCHS, True),               # T4
+    ((8, 9), KAGGLE_TORCH_ARCHS, True),               # L4: sm_86 cubins run on 8.9
+    ((7, 0), KAGGLE_TORCH_ARCHS, False),              # V100: no sm_70, and cubins never run on an older minor
+    ((9, 0), ["sm_80", "sm_90a"], True),              # arch-specific cubin, its own GPU
+    ((10, 0), ["sm_80", "sm_90a"], False),            # ... and no other; sm_80 is major 8 only
+    ((10, 0), ["sm_80", "compute_90"], True),         # PTX is compiled for any newer GPU
+    ((6, 1), ["sm_60", "sm_70"], True),               # a torch built for Pascal
+    ((6, 0), ["sm_61"], False),
+    ((12, 0), [], True),                              # unknown: let CUDA decide
+])
+def test_arch_covers_follows_cudas_cubin_and_ptx_rules(capability, arch_list, covered):
+    assert runtime.arch_covers(capability, arch_list) is covered
+
+
+def test_a_gpu_torch_has_no_kernels_for_stops_in_one_line_naming_it_and_what_to_pick(monkeypatch, cuda_flags):
+    fake_gpu(monkeypatch, native_bf16=False, capability=(6, 0), name="Tesla P100-PCIE-16GB")
+    with pytest.raises(PipelineError) as caught:
+        resolve_runtime("auto", "auto", None)  # the default device: CUDA, as it is available
+    line = str(caught.value)
+    assert "\n" not in line and "Tesla P100-PCIE-16GB" in line and "sm_60" in line
+    assert "T4 x2 or L4" in line and "sm_75" in line
+
+
+def test_a_gpu_torch_was_built_for_passes_the_check(monkeypatch, cuda_flags):
+    fake_gpu(monkeypatch, native_bf16=True, capability=(8, 9), name="NVIDIA L4")
+    assert resolve_runtime("auto", "auto", "cuda:0").amp_dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])

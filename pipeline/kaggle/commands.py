@@ -31,8 +31,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_kernel_build(args: argparse.Namespace) -> int:
     from pipeline.kaggle.kernel import KERNEL_FILE, METADATA_FILE, build_kernel
 
-    if args.gpu.lower() == "nvidiateslap100":
-        print("note: Kaggle retired NvidiaTeslaP100; such sessions run on NvidiaTeslaT4")
     out = build_kernel(args.config, args.overrides, args.user, args.slug, args.out, args.gpu, args.pseudo_round,
                        internet=args.internet, weights_dataset=args.weights_dataset)
     print(f"wrote {out / METADATA_FILE} and {out / KERNEL_FILE} ({args.user}/{args.slug}); "
@@ -105,7 +103,8 @@ def add_commands(parser: argparse.ArgumentParser, *, parser_class: type[argparse
     q.add_argument("--user", required=True, help="your Kaggle user name")
     q.add_argument("--slug", default="tgs-salt-pipeline-train")
     q.add_argument("--out", default=KERNEL_DIR)
-    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (default) or NvidiaL4; P100 is retired")
+    q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (T4 x2, the default) or "
+                   "NvidiaL4; not NvidiaTeslaP100 (Kaggle's torch has no sm_60 kernels)")
     q.add_argument("--pseudo-round", action="store_true",
                    help="after the run, train it again on its confident test labels (pseudo.teacher); "
                         "that second run writes submission.csv")

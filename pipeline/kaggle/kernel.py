@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.errors import PipelineError
-from pipeline.kaggle import COMPETITION
+from pipeline.kaggle import COMPETITION, P100_REFUSED
 from pipeline.kaggle.credentials import run_kaggle
+from pipeline.kaggle.mounts import KAGGLE_ROOT, ROOT_ENV
 
-KAGGLE_INPUT = Path("/kaggle/input")  # where a kernel's data sources are mounted, one folder per slug
-KERNEL_INPUT = KAGGLE_INPUT / COMPETITION
-KERNEL_WORKING = Path("/kaggle/working")
 METADATA_FILE = "kernel-metadata.json"
 KERNEL_FILE = "kernel.py"
 PLACEHOLDER_USER = "your-kaggle-username"
@@ -55,8 +53,11 @@ def kernel_metadata(user: str, slug: str, machine_shape: str = "NvidiaTeslaT4", 
                     dataset_sources: Sequence[str] = ()) -> dict:
     """kernel-metadata.json for `kaggle kernels push`. enable_internet is always written: the
     kaggle CLI defaults it to true, and the kernel needs the network only to download encoder
-    weights (--internet); dataset_sources are mounted read-only under /kaggle/input/<slug>."""
+    weights (--internet); dataset_sources are mounted read-only somewhere under /kaggle/input
+    (pipeline/kaggle/mounts.py finds them)."""
     _check_kernel_names(user, slug)
+    if machine_shape.lower() == "nvidiateslap100":
+        raise PipelineError(f"--gpu {machine_shape}: {P100_REFUSED}")
     return {
         "id": f"{user}/{slug}",
         "title": title_from_slug(slug),
@@ -115,9 +116,10 @@ pandas, scikit-learn, PyYAML and Pillow. It needs the internet only when the con
 encoder starts from ImageNet weights that timm downloads (`kernel build --internet`);
 `--weights-dataset` mounts them from a Kaggle dataset instead.
 
-Environment (for trying it locally):
-    TGS_KAGGLE_INPUT    the competition data (default {default_input})
-    TGS_KAGGLE_WORKING  where runs/, folds/ and submission.csv go (default {default_working})
+The competition and any weights dataset are searched for under <root>/input, whatever
+layout Kaggle mounts them in (pipeline/kaggle/mounts.py); runs/, folds/ and submission.csv
+go to <root>/working. The root is {default_root}; {root_env} moves it (to try the kernel
+locally on a folder laid out the same way).
 """
 
 import atexit
@@ -133,6 +135,7 @@ from pathlib import Path
 BUNDLE_SHA256 = "{digest}"
 RUN_NAME = {config_name!r}
 PSEUDO_ROUND = {pseudo_round}
+WEIGHTS_DATASET = {weights_dataset!r}  # OWNER/SLUG holding the encoder's weights, or None
 BUNDLE = (
 {bundle_lines}
 )
@@ -148,12 +151,14 @@ def unpack_bundle(dest):
 
 def main():
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check: the kernel is offline
-    input_dir = Path(os.environ.get("TGS_KAGGLE_INPUT", "{default_input}"))
-    working = Path(os.environ.get("TGS_KAGGLE_WORKING", "{default_working}")).resolve()
+    root = Path(os.environ.get("{root_env}") or "{default_root}")
+    working = (root / "working").resolve()
     working.mkdir(parents=True, exist_ok=True)
     # The sources go to a temporary folder so the kernel's output holds only results.
     src = unpack_bundle(tempfile.mkdtemp(prefix="tgs-pipeline-src-"))
     atexit.register(shutil.rmtree, src, True)
+    # matplotlib's font cache too: nothing but results in the working folder, nothing in HOME
+    os.environ.setdefault("MPLCONFIGDIR", str(src / "matplotlib"))
     sys.path.insert(0, str(src))
     os.chdir(working)  # the leaderboard and any relative path of the config land in the output
 
@@ -161,19 +166,26 @@ def main():
     from pipeline import cli
     from pipeline.errors import PipelineError
     from pipeline.kaggle.dataset import prepare_kernel_data
+    from pipeline.kaggle.mounts import find_competition, find_dataset
 
     print(f"pipeline from {{Path(pipeline.__file__).parent}}", flush=True)
 
     try:
+        competition = find_competition(root / "input")
+        print(f"competition files: {{competition}}", flush=True)
         # Zipped inputs unpack outside the working folder: everything there becomes the
         # kernel's output, and `kaggle kernels output` would fetch 22,000 PNGs one by one.
-        data = prepare_kernel_data(input_dir, Path(tempfile.gettempdir()) / "tgs-salt-data")
+        data = prepare_kernel_data(competition, Path(tempfile.gettempdir()) / "tgs-salt-data")
+        weights = find_dataset(root / "input", WEIGHTS_DATASET) if WEIGHTS_DATASET else None
     except PipelineError as exc:
         print(f"error: {{exc}}", file=sys.stderr)
         return 2
     run_all = ["all", "--config", str(src / "config.yaml"), "--data", str(data),
                "--set", "runs_dir=" + str(working / "runs"),
                "--set", "folds_csv=" + str(working / "folds" / "folds.csv")]
+    if weights:
+        print(f"encoder weights: {{weights}} ({{WEIGHTS_DATASET}})", flush=True)
+        run_all += ["--set", "model.weights_path=" + str(weights)]
     if not PSEUDO_ROUND:
         return cli.main(run_all + ["--submission", str(working / "submission.csv")])
     code = cli.main(run_all + ["--submission", str(working / "submission_teacher.csv")])
@@ -191,23 +203,28 @@ if __name__ == "__main__":
 '''
 
 
-def render_kernel(bundle: bytes, config_name: str, pseudo_round: bool = False) -> str:
+def render_kernel(bundle: bytes, config_name: str, pseudo_round: bool = False,
+                  weights_dataset: str | None = None) -> str:
     """kernel.py: the bundle as base64 lines of 100 characters inside a small launcher;
-    pseudo_round: train a second run on the first one's confident test labels."""
+    pseudo_round: train a second run on the first one's confident test labels;
+    weights_dataset: OWNER/SLUG whose mount becomes model.weights_path."""
     encoded = base64.b64encode(bundle).decode("ascii")
     lines = "\n".join(f'    "{encoded[i:i + 100]}"' for i in range(0, len(encoded), 100))
     return _KERNEL_TEMPLATE.format(
         config_name=config_name, digest=hashlib.sha256(bundle).hexdigest(), bundle_lines=lines,
-        default_input=str(KERNEL_INPUT), default_working=str(KERNEL_WORKING), pseudo_round=bool(pseudo_round),
+        default_root=str(KAGGLE_ROOT), root_env=ROOT_ENV, pseudo_round=bool(pseudo_round),
+        weights_dataset=weights_dataset or None,
     )
 
 
 def weights_overrides(weights_dataset: str | None) -> list[str]:
-    """--weights-dataset OWNER/SLUG: the encoder starts from the weights in that dataset's mount."""
+    """--weights-dataset OWNER/SLUG: the encoder starts from the weights in that dataset's
+    mount, which the kernel finds under /kaggle/input and passes as model.weights_path (the
+    embedded config has none: where Kaggle mounts it is known only there)."""
     if not weights_dataset:
         return []
-    _, dataset_slug = parse_dataset_id(weights_dataset)
-    return ["model.pretrained=true", f"model.weights_path={KAGGLE_INPUT / dataset_slug}"]
+    parse_dataset_id(weights_dataset)
+    return ["model.pretrained=true", "model.weights_path="]
 
 
 def check_kernel_weights(cfg, internet: bool, weights_dataset: str | None) -> None:
@@ -243,7 +260,7 @@ def build_kernel(config: str | os.PathLike, overrides: Sequence[str], user: str,
     if pseudo_round and cfg.pseudo.teacher:
         raise PipelineError(f"--pseudo-round: the config already names pseudo.teacher {cfg.pseudo.teacher!r}; "
                             f"the kernel's teacher is its own first run")
-    write_text(out / KERNEL_FILE, render_kernel(build_bundle(dump_yaml(cfg)), cfg.name, pseudo_round))
+    write_text(out / KERNEL_FILE, render_kernel(build_bundle(dump_yaml(cfg)), cfg.name, pseudo_round, weights_dataset))
     write_json(out / METADATA_FILE, metadata)
     return out
 
