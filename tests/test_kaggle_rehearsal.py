@@ -193,7 +193,7 @@ def test_fold_processes_import_the_package_their_launcher_runs(tmp_path, bare_py
     uninstalled checkout) gives its fold processes the same package."""
     launcher = (f"import os, subprocess, sys\n"
                 f"sys.path.insert(0, {str(REPO)!r})\n"
-                "from pipeline.folds_runner import fold_process_env\n"
+                "from pipeline.train_folds import fold_process_env\n"
                 "child = subprocess.run([sys.executable, '-c', 'import pipeline; print(pipeline.__file__)'],\n"
                 "                       env=fold_process_env(dict(os.environ)), capture_output=True, text=True)\n"
                 "print(child.stdout + child.stderr)\n")
