@@ -961,6 +961,7 @@ def test_kernel_py_pseudo_round_trains_a_second_run_on_the_first_runs_test_label
     assert (working / "runs" / "kernel_teacher" / "tune.json").is_file()
 
 
+@pytest.mark.slow  # the whole sample through the kernel; tests/test_kaggle_rehearsal.py runs a real subset in the fast suite
 def test_kernel_py_runs_on_the_real_sample_and_its_submission_passes_the_check(tgs_sample, tmp_path):
     """The rendered kernel in the simulated Kaggle layout on the real sample (3001 train, 1000
     test images): every train image loaded, folded, tuned on; every test image predicted with
