@@ -25,10 +25,12 @@ def cuda_flags(monkeypatch):
     torch.use_deterministic_algorithms(saved[4])
 
 
-def fake_gpu(monkeypatch, *, native_bf16: bool):
+def fake_gpu(monkeypatch, *, native_bf16: bool, capability: tuple[int, int] | None = None):
     """A CUDA machine whose GPU has (A100, H100) or lacks (T4, V100, P100) bf16 in hardware: torch
     reports emulated bf16 as supported unless including_emulation=False."""
+    capability = capability or ((8, 0) if native_bf16 else (7, 5))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native_bf16 or including_emulation)
 
@@ -38,6 +40,23 @@ def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, cuda_
     fake_gpu(monkeypatch, native_bf16=native_bf16)
     rt = resolve_runtime("auto", "auto", "cuda")
     assert rt.amp_dtype == expected and rt.channels_last
+
+
+@pytest.mark.parametrize("capability, setting, expected", [
+    ((6, 0), "auto", False),  # P100: no fast NHWC convolutions
+    ((6, 1), "auto", False),
+    ((7, 0), "auto", True),  # V100
+    ((7, 5), "auto", True),  # T4
+    ((9, 0), "auto", True),
+    ((6, 0), "on", True),  # asked for: kept
+    ((9, 0), "off", False)])
+def test_channels_last_auto_is_off_below_compute_capability_7(monkeypatch, cuda_flags, capability, setting, expected):
+    fake_gpu(monkeypatch, native_bf16=capability >= (8, 0), capability=capability)
+    assert resolve_runtime("fp16", setting, "cuda").channels_last is expected
+
+
+def test_channels_last_auto_is_on_for_the_cpu():
+    assert resolve_runtime("off", "auto", "cpu", 1).channels_last
 
 
 def test_fp16_gets_an_enabled_grad_scaler_and_bf16_and_fp32_none():
