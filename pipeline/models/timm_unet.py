@@ -22,12 +22,14 @@ Weights (`model.pretrained: true`): from `model.weights_path` when set (a local 
 file, or a folder holding one), else timm's own ImageNet download (Hugging Face hub, cached).
 Either way timm's loader reads them and adapts the first conv to `in_chans` (the TGS images
 are one channel: the RGB filters are summed). Offline, the download stops with one line
-saying how to give a local file instead.
+saying how to give a local file instead; with HF_HUB_OFFLINE set the hub answers from its cache
+at once, and `train` resolves the weights once, before any fold (pipeline/train_folds.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -86,6 +88,11 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set as huggingface_hub reads it: the hub answers from its cache only, at once."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def offline_hint(encoder_name: str) -> str:
     return (f"offline, set model.weights_path to a local {encoder_name} weights file or a folder holding one "
             f"(fetch it where there is internet: python -m pipeline kaggle weights-dataset --encoder {encoder_name} "
@@ -113,6 +120,9 @@ def create_encoder(encoder_name: str, in_chans: int, weights: str | None = None)
     except Exception as exc:  # timm/torch raise many types for a bad file or an unsupported model
         if weights:
             raise PipelineError(f"{weights}: cannot load as {encoder_name} weights ({_first_line(exc)})") from None
+        if weights is not None and is_network_error(exc) and hub_offline():
+            raise PipelineError(f"model.pretrained: timm's {encoder_name} ImageNet weights are not in the Hugging Face "
+                                f"cache and HF_HUB_OFFLINE is set; {offline_hint(encoder_name)}") from None
         if weights is not None and is_network_error(exc):
             raise PipelineError(f"model.pretrained: cannot download timm's {encoder_name} ImageNet weights "
                                 f"({type(exc).__name__}: {_first_line(exc)}); {offline_hint(encoder_name)}") from None
