@@ -57,7 +57,7 @@ def is_training_key(key: str) -> bool:
 # of the digest at that value, so the older runs stay reusable.
 NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
                     "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
-                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu"}
+                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu", "model.input_norm": "none"}
 
 
 def training_digest(cfg: Config) -> str:
