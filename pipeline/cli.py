@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_folds(args.folds, cfg.n_folds, "--folds")
         cfg.folds = args.folds
     train_folds(cfg, resume=not args.restart, force=args.force, parallel_folds=args.parallel_folds,
-                fold_worker=args.fold_worker)
+                fold_worker=args.fold_worker, predict_test=args.predict_test)
     return 0
 
 
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
     p.add_argument("--parallel-folds", action="store_true", help="train folds concurrently")
     p.add_argument("--fold-worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel-folds
+    p.add_argument("--predict-test", action="store_true",
+                   help="each fold also predicts the test set of the config's data folder when it finishes "
+                        "(as `all` does), so `predict` only averages the folds' files")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("branch", help="start a run from another run's end of stage 1 (stage-2 variants)")

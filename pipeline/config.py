@@ -32,6 +32,10 @@ class ModelConfig:
     in_chans: int = 1
     pretrained: bool = False  # ImageNet encoder weights: from weights_path, else timm's download
     weights_path: str = ""  # a local timm weights file, or a folder holding one (offline machines)
+    # Input normalisation inside the model (so checkpoints and predict agree): "imagenet" maps the
+    # [0,1] image to the encoder's pretrained mean/std (timm's pretrained_cfg), what ImageNet
+    # weights were trained on; "none" feeds [0,1] as before (docs/experiments.md: unmeasured).
+    input_norm: str = "none"
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
     scse: bool = False
     hypercolumn: bool = False
@@ -160,6 +164,9 @@ class RunConfig:
 LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard")
 # run: keys that came after Config.digest's payload was fixed: left out of it
 UNHASHED_RUN_KEYS = ("tensorboard", "checkpoint_every", "deterministic")
+# (section, key): value of keys that came later still, left out of Config.digest at the value
+# that reproduces what runs made before them did (their tune.json and leaderboard rows stay current)
+UNHASHED_AT_NEUTRAL = {("model", "input_norm"): "none"}
 
 
 @dataclass
@@ -233,12 +240,16 @@ class Config:
         # (only the keys that were there then: later run: keys -- tensorboard, checkpoint_every,
         # deterministic -- never change the weights and are not hashed)
         run = {k: v for k, v in payload.pop("run", {}).items() if k not in UNHASHED_RUN_KEYS}
+        for (section, key), neutral in UNHASHED_AT_NEUTRAL.items():
+            if payload.get(section, {}).get(key) == neutral:
+                del payload[section][key]
         payload["train"] = {**payload.get("train", {}), **run}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 VALID_CHOICES = {
     "input.mode": {"pad", "resize"},
+    "model.input_norm": {"none", "imagenet"},
     "loss.name": {"bce", "lovasz", "bce_lovasz"},
     "loss.stage2_name": {"bce", "lovasz", "bce_lovasz"},
     "loss.lovasz_hinge": {"relu", "elu"},

@@ -8,6 +8,10 @@ Each stage's output is a unit named by a manifest written last, after the files 
                        ("inputs") and the config digest
     predict.json       sha256 of test_probs.npy and test_ids.txt ("files"), the fold tokens of
                        the checkpoints predicted with ("inputs"), the test set's fingerprint
+    fold<k>/test_predict.json  a fold's own test prediction: sha256 of fold<k>/test_probs.npy,
+                       the fold token it was predicted with ("done"), the TTA, the test set's
+                       fingerprint and ids; `predict` averages the file only when all of
+                       these are the run's now, and predicts the fold itself otherwise
 
 A kill between two writes of a stage leaves a manifest that no longer names what is beside it
 (or no manifest), so readers refuse the unit and `all` makes it again; a retrained fold has a new
@@ -196,3 +200,40 @@ def predictions_are_current(cfg: Config, run: Path, data: str) -> bool:
         return meta.get("data") == str(data) and meta.get("test_fingerprint") == fingerprint_test_images(data)
     except PipelineError:
         return False
+
+
+# ---------------------------------------------------------------- a fold's own test prediction
+
+
+def ids_digest(ids: list[str]) -> str:
+    """sha256 of the ids as test_ids.txt holds them: which images, in which order."""
+    return hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
+
+
+def write_fold_predictions(run: Path, fold: int, probs, meta: dict[str, Any]) -> None:
+    """fold<k>/test_probs.npy, then test_predict.json naming it by digest with `meta` (what it was
+    predicted from: fold_prediction_key's fields), written last; the old manifest goes first."""
+    folder = FoldDir.of(run, fold)
+    folder.test_predict.unlink(missing_ok=True)
+    fileio.write_npy(folder.test_probs, probs)
+    fileio.write_json(folder.test_predict, {**meta, "files": file_digests(folder.path, (PROBS_FILE,))})
+
+
+def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_images: int):
+    """The fold's test_probs.npy (float16 [n_images,101,101]) when its test_predict.json records
+    exactly `key` (done token, TTA, test fingerprint, ids) and names that file by digest; else
+    None: the caller predicts the fold itself."""
+    folder = FoldDir.of(run, fold)
+    if not folder.test_predict.is_file():
+        return None
+    try:
+        meta = fileio.read_json(folder.test_predict)
+        if not isinstance(meta, dict) or any(meta.get(name) != value for name, value in key.items()):
+            return None
+        check_files(folder.path, meta.get("files"), folder.test_predict, "predicting the fold again")
+        probs = fileio.read_npy(folder.test_probs)
+    except PipelineError:
+        return None
+    if probs.shape != (n_images, 101, 101) or probs.dtype.name != "float16":
+        return None
+    return probs

@@ -4,6 +4,11 @@
 and, last, `predict.json` naming both by digest and the fold results predicted with, so the
 three are one unit (pipeline/manifests.py). Probabilities, not masks, are saved so that runs can
 be blended later and thresholds changed without running the models again.
+
+A fold's prediction is float16, as `predict_fold_test` stores it: the fold's own process (under
+`all`, on its own GPU) predicts the test set as it finishes, and `predict_run` averages those
+files when they are current (same done.json, TTA and test set) and predicts any other fold
+itself. Both ways sum the same float16 arrays in fold order, so test_probs.npy is the same.
 """
 
 from __future__ import annotations
@@ -75,6 +80,48 @@ def fold_probs(cfg: Config, fold: int, images: np.ndarray, rt: Runtime, tta: tup
     return total / len(models)
 
 
+def fold_prediction(cfg: Config, fold: int, images: np.ndarray, rt: Runtime, tta: tuple[str, ...] | list[str],
+                    bar=None) -> np.ndarray:
+    """float16 [N,101,101]: a fold's test prediction as it is stored and averaged (fold_probs, rounded)."""
+    return fold_probs(cfg, fold, images, rt, tta, bar).astype(np.float16)
+
+
+def predict_fold_test(cfg: Config, fold: int, rt: Runtime, data_dir: str | None = None) -> Path:
+    """Fold `fold`'s test prediction into fold<k>/test_probs.npy and its manifest
+    test_predict.json (pipeline/manifests.py), run in the fold's own process right after it
+    finished training; `predict_run` then only averages. Returns the .npy's path."""
+    from pipeline.data import fingerprint_test_images, load_test
+    from pipeline.manifests import read_done_token, write_fold_predictions
+    from pipeline.rundir import FoldDir
+
+    data = data_dir or cfg.data
+    flips = list(cfg.predict.tta)
+    fingerprint = fingerprint_test_images(data)  # taken before reading, as predict_run does
+    test = load_test(data)
+    if len(test.ids) == 0:
+        raise PipelineError(f"{Path(data) / 'test' / 'images'}: no test images")
+    started = time.perf_counter()
+    probs = fold_prediction(cfg, fold, test.images, rt, flips)
+    folder = FoldDir.of(cfg, fold)
+    if not np.isfinite(probs).all():
+        raise PipelineError(f"{folder.test_probs}: not written, fold {fold} predicts NaN or infinite probabilities")
+    _, token = read_done_token(cfg.run_dir, fold)
+    seconds = time.perf_counter() - started
+    write_fold_predictions(cfg.run_dir, fold, probs, {
+        **fold_prediction_key(token, flips, fingerprint, test.ids), "data": str(data),
+        "seconds": round(seconds, 1), "device": rt.describe()})
+    print(f"fold {fold}: predicted {len(test.ids)} test images x {len(flips)} TTA in {seconds:.1f}s "
+          f"-> {folder.test_probs}", flush=True)
+    return folder.test_probs
+
+
+def fold_prediction_key(done_token: str, tta: list[str], fingerprint: str, ids: list[str]) -> dict:
+    """What a fold's stored test prediction must have been made from to be averaged as it is."""
+    from pipeline.manifests import ids_digest
+
+    return {"done": done_token, "tta": list(tta), "test_fingerprint": fingerprint, "ids": ids_digest(ids)}
+
+
 def parse_tta(text: str | None, default: list[str]) -> list[str]:
     if text is None:
         return list(default)
@@ -100,11 +147,12 @@ def finished_inputs(cfg: Config, run: Path) -> dict[str, str]:
 
 def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | None = None,
                 device: str | None = None) -> Path:
-    """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path."""
+    """Average every fold's TTA probabilities over the test images; returns test_probs.npy's path.
+    A fold whose own current prediction is stored (predict_fold_test) is read, not predicted."""
     from tqdm import tqdm
 
     from pipeline.data import fingerprint_test_images, load_test
-    from pipeline.manifests import write_predictions
+    from pipeline.manifests import read_current_fold_predictions, write_predictions
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -119,10 +167,18 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.run.threads, cfg.run.deterministic)
     started = time.perf_counter()
     total = np.zeros(test.images.shape, dtype=np.float32)
+    from_folds: list[int] = []  # folds whose own stored prediction was averaged
     with tqdm(total=len(folds) * len(test.ids), desc=f"predict {cfg.name} ({len(folds)} folds x {flips})",
               unit="img", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
         for fold in folds:  # each fold weighs the same, however many snapshots it averages
-            total += fold_probs(cfg, fold, test.images, rt, flips, bar)
+            key = fold_prediction_key(inputs[f"fold{fold}"], flips, fingerprint, test.ids)
+            stored = read_current_fold_predictions(run, fold, key, len(test.ids))
+            if stored is None:
+                total += fold_prediction(cfg, fold, test.images, rt, flips, bar)
+            else:
+                from_folds.append(fold)
+                total += stored
+                bar.update(len(test.ids))
     probs = (total / len(folds)).astype(np.float16)
     if not np.isfinite(probs).all():
         raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
@@ -132,8 +188,9 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     write_predictions(run, test.ids, probs, {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
         "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),
-        "inputs": inputs,
+        "inputs": inputs, "from_fold_files": from_folds,
     })
-    print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA "
+    stored = f" ({len(from_folds)} read from the folds' own predictions)" if from_folds else ""
+    print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA{stored} "
           f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")
     return run / "test_probs.npy"

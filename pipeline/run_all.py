@@ -57,7 +57,8 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     if not from_nothing and not all(done.exists() for done in fold_files):
         (run / WALL_FILE).unlink(missing_ok=True)
     print(f"== train: {run}")
-    train_folds(cfg, resume=True, force=force)
+    # each fold predicts the test set as it finishes, in its own process (its GPU): predict averages
+    train_folds(cfg, resume=True, force=force, predict_test=True)
 
     # 3. tune threshold and min area on the OOF, unless tune.json was made from these very fold
     # results with this config (pipeline/manifests.py: digests, never modification times)

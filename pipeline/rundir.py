@@ -11,6 +11,9 @@
         oof.npy       float16 validation probabilities (101x101) of the fold's final model(s)
         oof_ids.txt   their ids, one per line, in the same order
         done.json     written last: the fold is complete (its training digest, its files' sha256)
+        test_probs.npy     the fold's own test prediction (float16, `all`: predicted in the fold's
+        test_predict.json  process as it finishes), named by digest in test_predict.json with the
+                           done.json and test set it was made from; `predict` averages these
 
 A fold is reused only if it was trained with the same `training_digest`: the hash of every
 config key that decides the trained weights. No torch here: tune, show and the leaderboard
@@ -54,7 +57,7 @@ def is_training_key(key: str) -> bool:
 # of the digest at that value, so the older runs stay reusable.
 NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
                     "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
-                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu"}
+                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu", "model.input_norm": "none"}
 
 
 def training_digest(cfg: Config) -> str:
@@ -92,6 +95,8 @@ class FoldDir:
     train_out = property(lambda self: self.path / "train.out")  # a --parallel-folds worker's output
     pseudo = property(lambda self: self.path / "pseudo.npz")  # pipeline/pseudo.py's label cache
     branched_from = property(lambda self: self.path / "branched_from.json")
+    test_probs = property(lambda self: self.path / PROBS_FILE)  # pipeline/predict.py's predict_fold_test
+    test_predict = property(lambda self: self.path / FOLD_PREDICT_FILE)  # its manifest (manifests.py)
 
     def snapshot(self, cycle: int) -> Path:
         return self.path / f"snapshot{cycle}.pt"
@@ -189,5 +194,6 @@ def read_log(path: Path) -> list[dict]:
 PROBS_FILE = "test_probs.npy"
 IDS_FILE = "test_ids.txt"
 PREDICT_FILE = "predict.json"
+FOLD_PREDICT_FILE = "test_predict.json"
 TUNE_FILE = "tune.json"
 OOF_FILES = ("oof.npy", "oof_ids.txt")

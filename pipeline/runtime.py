@@ -8,9 +8,13 @@ One place decides the fast path so train, predict and the benchmarks agree:
 - CPU: bf16 autocast when the CPU has native bf16 (AVX-512 BF16 / AMX; measured
   ~2.5x fp32 training speed on a small UNet here) and channels_last (~1.5x).
 
-Precision names: "off" is fp32 throughout, TF32 matmuls/convolutions included (TF32 keeps
-10 mantissa bits); "tf32" is fp32 storage with TF32 tensor-core maths; "bf16" / "fp16"
-autocast (the remaining fp32 ops may use TF32).
+Precision names (set_cuda_flags): "off" is fp32 throughout with TF32 disabled, so matmuls and
+convolutions keep fp32's 23 mantissa bits; "tf32" is fp32 storage with TF32 tensor-core maths
+(10 mantissa bits); "bf16" / "fp16" autocast (the ops left in fp32 may use TF32).
+
+channels_last "auto" is on for the CPU and for GPUs of compute capability 7.0 and later (tensor
+cores: V100, T4, A100, H100); below that (P100, 6.0) NHWC convolutions have no fast cuDNN
+kernels, so "auto" keeps NCHW there.
 
 What is promised on CUDA (the CPU is exact: resumed == uninterrupted, bit for bit):
 by default cudnn.benchmark picks the fastest convolution algorithms per run and several
@@ -161,6 +165,19 @@ def check_gpu_supported(dev: torch.device) -> None:
                         "or a torch built for it")
 
 
+# NHWC convolutions run on tensor cores (Volta, 7.0, and later); older GPUs have no fast kernels for them
+CHANNELS_LAST_MIN_CAPABILITY = (7, 0)
+
+
+def channels_last_for(setting: str, device: torch.device) -> bool:
+    """train.channels_last: "on", "off", or "auto" (the CPU, and GPUs of CHANNELS_LAST_MIN_CAPABILITY+)."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type != "cuda":
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) >= CHANNELS_LAST_MIN_CAPABILITY
+
+
 def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device: str | None = None,
                     threads: int = 0, deterministic: bool = False) -> Runtime:
     if device is None:
@@ -181,5 +198,5 @@ def resolve_runtime(precision: str = "auto", channels_last: str = "auto", device
     else:
         set_cuda_flags(precision, deterministic)
 
-    use_channels_last = channels_last == "on" or (channels_last == "auto")
+    use_channels_last = channels_last_for(channels_last, dev)
     return Runtime(device=dev, amp_dtype=amp_dtype, channels_last=use_channels_last)

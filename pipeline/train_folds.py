@@ -12,7 +12,17 @@ as many processes as fit. With more than one GPU and more than one fold the fold
 by default, one per GPU (Kaggle's T4 x2 would otherwise leave one idle); torchrun (DDP) stays
 the way to train one fold on several GPUs. Each fold is seeded on its own (loader.epoch_seed), so the
 weights are the same as when the folds run one after another with the same thread count.
-Every fold's output goes to runs/<name>/fold<k>/train.out.
+Every fold's output goes to runs/<name>/fold<k>/train.out; the parent reports each fold's
+epochs from the records the fold writes (its log.csv rows, LOG_COLUMNS), never from the text it
+prints, so a reworded message cannot break progress. A fold process that fails cancels the
+folds not started yet; the ones running finish (their work is kept), and every failure is
+reported, in one line, once they have.
+
+`predict_test` (what `all` asks for): each fold predicts the test set of `cfg.data` with its
+own checkpoints right after training, in its own process and on its own GPU, into
+fold<k>/test_probs.npy (pipeline/predict.py's predict_fold_test); `predict` then only averages
+the folds' files that are current. `train` alone does not: its data folder need not hold the
+test set the run will be submitted on.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +42,7 @@ from pipeline import fileio
 from pipeline.config import Config, check_folds
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
-from pipeline.rundir import FoldDir, fold_is_done, prepare_run_dir, read_done
+from pipeline.rundir import FoldDir, fold_is_done, prepare_run_dir, read_done, read_log
 
 
 def load_training_data(cfg: Config, dist: DistContext = DistContext()):
@@ -58,22 +69,25 @@ def load_training_data(cfg: Config, dist: DistContext = DistContext()):
 
 
 def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parallel_folds: bool = False,
-                device: str | None = None, fold_worker: bool = False) -> list[dict]:
+                device: str | None = None, fold_worker: bool = False, predict_test: bool = False) -> list[dict]:
     """Train every requested fold that is not already complete (under a per-fold lock).
 
     Under torchrun (WORLD_SIZE > 1) every process runs this; the folds are trained one
     after another, each by all processes together. `fold_worker`: this process is one of
     `--parallel-folds`' per-fold processes, whose parent has written the run's config.yaml
     (the worker's own config differs in its fold, threads and parallel_folds: not the run's).
+    `predict_test`: each fold trained here also predicts the test set (module docstring).
     """
     check_folds(cfg.folds, cfg.n_folds, f"{cfg.name}: folds")  # before config.yaml is written
     import torch
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not fold_worker and int(os.environ.get("RANK", "0")) == 0:
+        resolve_pretrained_weights(cfg)  # once, before any fold (or fold process) starts
     if world_size == 1 and not fold_worker and (
             parallel_folds or cfg.run.parallel_folds
             or fans_out_by_default(torch.cuda.device_count(), len(cfg.fold_list()), world_size, device)):
-        return train_folds_in_parallel(cfg, resume=resume, force=force)
+        return train_folds_in_parallel(cfg, resume=resume, force=force, predict_test=predict_test)
 
     from pipeline.runtime import resolve_runtime
     from pipeline.train_fold import train_fold
@@ -100,6 +114,10 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
                                     what=f"fold {fold} of run {cfg.name}") if dist.is_main else contextlib.nullcontext()
             with lock:
                 results.append(train_fold(cfg, fold, data, fold_ids, rt, resume=resume and not force, dist=dist))
+                if predict_test and not dist.enabled:  # under DDP `predict` does it, on one process
+                    from pipeline.predict import predict_fold_test
+
+                    predict_fold_test(cfg, fold, rt)
         results.sort(key=lambda d: d["fold"])
         scores = [d["best_score"] for d in results]
         if dist.is_main:
@@ -162,7 +180,33 @@ def fold_process_env(environ: dict[str, str]) -> dict[str, str]:
     return dict(environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
 
 
-def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = False) -> list[dict]:
+def resolve_pretrained_weights(cfg: Config) -> None:
+    """model.pretrained: find (or download) the encoder's weights here, once. Offline without
+    them that is one line now, before any fold starts, not a minute of Hugging Face retries in
+    every fold process; with HF_HUB_OFFLINE set the hub answers from its cache at once."""
+    if not cfg.model.pretrained:
+        return
+    from pipeline.models import create_model
+
+    create_model(cfg.model)  # reads weights_path, or fills timm's hub cache the fold processes then read
+
+
+def fold_command(cfg: Config, fold: int, threads: int, *, resume: bool, force: bool, predict_test: bool) -> list[str]:
+    """The `python -m pipeline train` command line of one fold process."""
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(cfg.run_dir / "config.yaml"),
+               "--folds", str(fold), "--set", f"run.threads={threads}", "--set", "run.parallel_folds=false",
+               "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}", "--fold-worker"]
+    if not resume:
+        command.append("--restart")
+    if force:
+        command.append("--force")
+    if predict_test:
+        command.append("--predict-test")
+    return command
+
+
+def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = False,
+                            predict_test: bool = False) -> list[dict]:
     import torch
 
     prepare_run_dir(cfg, force=force)
@@ -178,52 +222,97 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
-    config_path = cfg.run_dir / "config.yaml"
     where = (f"on GPUs {','.join(gpus)}, {-(-workers // len(gpus))} per GPU at most" if n_gpus
              else f"{threads} CPU threads each")
     print(f"{cfg.name}: training folds {folds} in {workers} parallel processes ({where})")
+    failed = threading.Event()  # set by the first failure: folds not started yet are not started
 
-    def run_fold(fold: int) -> None:
+    def run_fold(fold: int) -> str | None:
+        """None when the fold finished; else why not (its failure, or "cancelled")."""
         slot = slots.get()
         try:
+            if failed.is_set():
+                return "cancelled"
             env = fold_process_env(dict(os.environ))
             env.pop("WORLD_SIZE", None)
             if n_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = slot_gpu(slot, gpus)
-            command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path),
-                       "--folds", str(fold), "--set", f"run.threads={threads}", "--set", "run.parallel_folds=false",
-                       "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}", "--fold-worker"]
-            if not resume:
-                command.append("--restart")
-            if force:
-                command.append("--force")
-            log_path = FoldDir.of(cfg, fold).train_out
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "w", encoding="utf-8") as log:
-                code = run_echoing_epochs(command, env, log)
+            if cfg.model.pretrained and not cfg.model.weights_path:
+                env["HF_HUB_OFFLINE"] = "1"  # resolve_pretrained_weights filled the cache: no fold asks the network
+            command = fold_command(cfg, fold, threads, resume=resume, force=force, predict_test=predict_test)
+            folder = FoldDir.of(cfg, fold)
+            folder.path.mkdir(parents=True, exist_ok=True)
+            with open(folder.train_out, "w", encoding="utf-8") as log:
+                code = run_fold_process(command, env, log, EpochReporter(folder, cfg.train.epochs))
             if code != 0:
-                lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-                raise PipelineError(f"{log_path}: fold {fold} failed: {lines[-1] if lines else f'exit {code}'}")
+                failed.set()
+                lines = folder.train_out.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+                why = f"{folder.train_out}: {lines[-1] if lines else f'exit {code}'}"
+                print(f"fold {fold}: failed ({why}); folds not started yet are cancelled", flush=True)
+                return why
             done = read_done(cfg, fold)
             print(f"fold {fold}: done, best val score {done['best_score']:.4f} ({done['seconds']:.0f}s)", flush=True)
+            return None
         finally:
             slots.put(slot)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(run_fold, fold) for fold in folds]:
-            future.result()
+        outcomes = dict(zip(folds, [future.result() for future in [pool.submit(run_fold, fold) for fold in folds]]))
+    check_fold_outcomes(cfg, outcomes)
     return [read_done(cfg, k) for k in cfg.fold_list()]
 
 
-def run_echoing_epochs(command: list[str], env: dict[str, str], log) -> int:
-    """Run one fold's process with all its output in `log`, and its per-epoch summary lines
-    (and errors) echoed here too, so the parallel run shows its progress, not only its end."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                          encoding="utf-8", errors="replace") as process:
-        for line in process.stdout:  # universal newlines: tqdm's \r redraws arrive as lines too
-            log.write(line)
-            log.flush()
-            text = line.strip()
-            if text.startswith(("error:", "Traceback")) or (" epoch " in text and "train_loss" in text):
-                print(text, flush=True)
-        return process.wait()
+def check_fold_outcomes(cfg: Config, outcomes: dict[int, str | None]) -> None:
+    """One line naming every failed fold (and the cancelled ones) when any failed."""
+    failures = [f"fold {fold} failed: {why}" for fold, why in outcomes.items() if why not in (None, "cancelled")]
+    cancelled = [fold for fold, why in outcomes.items() if why == "cancelled"]
+    if failures:
+        raise PipelineError("; ".join(failures) + (f"; folds {cancelled} cancelled, not started" if cancelled else "")
+                            + f" — fix it and rerun: finished folds of {cfg.name} are kept")
+
+
+class EpochReporter:
+    """Follows a fold process through the records it writes (fold<k>/log.csv, one row per
+    epoch, replaced whole) and prints each new epoch here: the protocol is the log's columns,
+    not the words of the fold's printed lines. Rows already there when the process started
+    (a resumed fold's earlier epochs) are not repeated."""
+
+    def __init__(self, folder: FoldDir, epochs: int):
+        self.folder, self.epochs = folder, epochs
+        self.seen = {tuple(row.items()) for row in self._rows()}
+
+    def _rows(self) -> list[dict]:
+        try:
+            return read_log(self.folder.log)
+        except PipelineError:  # a damaged log is the fold's to report: progress just pauses
+            return []
+
+    def __call__(self) -> None:
+        for row in self._rows():
+            key = tuple(row.items())
+            if key not in self.seen:
+                self.seen.add(key)
+                print(epoch_record_line(self.folder.fold, row, self.epochs), flush=True)
+
+
+def epoch_record_line(fold: int, row: dict, epochs: int) -> str:
+    """A log.csv row as the parent's progress line: every column the row fills, by name."""
+    fields = "  ".join(f"{name} {value}" for name, value in row.items() if name != "epoch" and value not in ("", None))
+    return f"fold {fold} epoch {int(row['epoch']):3d}/{epochs}  {fields}"
+
+
+POLL_SECONDS = 1.0
+
+
+def run_fold_process(command: list[str], env: dict[str, str], log, report) -> int:
+    """Run one fold's process with all its output in `log`; `report()` every POLL_SECONDS while
+    it runs, and once after it ends, passes on its progress records."""
+    with subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env) as process:
+        while True:
+            try:
+                code = process.wait(timeout=POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                report()
+    report()
+    return code

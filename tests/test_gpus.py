@@ -52,14 +52,14 @@ def test_each_fold_process_gets_one_gpu_of_the_inherited_mask(synth_data, tmp_pa
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     launched = {}
 
-    def fake_fold_process(command, env, log):
+    def fake_fold_process(command, env, log, report):
         fold = int(command[command.index("--folds") + 1])
         launched[fold] = env["CUDA_VISIBLE_DEVICES"]
         fileio.write_json(cfg.run_dir / f"fold{fold}" / "done.json",
                           {"fold": fold, "best_score": 0.5, "seconds": 1.0})
         return 0
 
-    monkeypatch.setattr(train_folds, "run_echoing_epochs", fake_fold_process)
+    monkeypatch.setattr(train_folds, "run_fold_process", fake_fold_process)
     results = train_folds.train_folds_in_parallel(cfg)
     assert [r["fold"] for r in results] == [0, 1, 2]
     assert set(launched) == {0, 1, 2} and set(launched.values()) <= {"2", "3"}

@@ -304,7 +304,8 @@ def test_pretrained_without_weights_path_loads_timms_download_with_the_one_chann
     assert torch.equal(model.encoder.conv1.weight, adapt_input_conv(1, imagenet["conv1.weight"]))
 
 
-def test_pretrained_offline_is_one_line_saying_how_to_give_a_local_file(dead_network):
+def test_pretrained_offline_is_one_line_saying_how_to_give_a_local_file(dead_network, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(PipelineError) as info:
         create_model(ModelConfig(name="unet_resnet18", pretrained=True))
     message = str(info.value)
@@ -313,6 +314,40 @@ def test_pretrained_offline_is_one_line_saying_how_to_give_a_local_file(dead_net
     assert message.startswith("model.pretrained: cannot download timm's resnet18 ImageNet weights")
     assert "LocalEntryNotFoundError" in message and "set model.weights_path" in message
     assert "kaggle weights-dataset --encoder resnet18" in message
+
+
+def test_pretrained_with_hf_hub_offline_says_the_cache_lacks_the_weights(dead_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError) as info:
+        create_model(ModelConfig(name="unet_resnet18", pretrained=True))
+    message = str(info.value)
+    assert "\n" not in message and "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in message
+    assert "set model.weights_path" in message
+
+
+def test_imagenet_input_norm_feeds_the_encoder_its_pretrained_statistics():
+    """model.input_norm: imagenet is x -> (x - mean) / std before the encoder, with timm's
+    pretrained_cfg statistics (averaged over RGB for one channel); the checkpoint keys are those
+    of the plain model, so predict (which builds the model from the run's config) agrees."""
+    plain_cfg = ModelConfig(name="unet_resnet18", decoder_channels=[32, 16, 16, 8, 8])
+    normed_cfg = ModelConfig(name="unet_resnet18", decoder_channels=[32, 16, 16, 8, 8], input_norm="imagenet")
+    torch.manual_seed(0)
+    plain = create_model(plain_cfg).eval()
+    normed = create_model(normed_cfg).eval()
+    assert normed.state_dict().keys() == plain.state_dict().keys()
+    normed.load_state_dict(plain.state_dict())
+    mean, std = sum((0.485, 0.456, 0.406)) / 3, sum((0.229, 0.224, 0.225)) / 3
+    x = padded_batch()
+    with torch.no_grad():
+        assert torch.allclose(normed(x)["mask"], plain((x - mean) / std)["mask"], atol=1e-5)
+        assert not torch.allclose(normed(x)["mask"], plain(x)["mask"], atol=1e-3)
+    three = create_model(ModelConfig(name="unet_resnet18", in_chans=3, input_norm="imagenet"))
+    assert three.input_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_seed_unet_refuses_imagenet_input_norm():
+    with pytest.raises(PipelineError, match="model.input_norm imagenet: seed_unet"):
+        create_model(ModelConfig(name="seed_unet", input_norm="imagenet"))
 
 
 def test_a_checkpoint_to_load_next_needs_no_download(dead_network):

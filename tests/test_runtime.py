@@ -81,6 +81,25 @@ def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, cuda_
     assert rt.amp_dtype == expected and rt.channels_last
 
 
+@pytest.mark.parametrize("capability, setting, expected", [
+    ((6, 0), "auto", False),  # P100: no fast NHWC convolutions
+    ((6, 1), "auto", False),
+    ((7, 0), "auto", True),  # V100
+    ((7, 5), "auto", True),  # T4
+    ((9, 0), "auto", True),
+    ((6, 0), "on", True),  # asked for: kept
+    ((9, 0), "off", False)])
+def test_channels_last_auto_is_off_below_compute_capability_7(monkeypatch, cuda_flags, capability, setting, expected):
+    # a torch built for these older GPUs too (Kaggle's is not: see the arch check's tests)
+    fake_gpu(monkeypatch, native_bf16=capability >= (8, 0), capability=capability,
+             arch_list=["sm_60", "sm_61", "sm_70", *KAGGLE_TORCH_ARCHS])
+    assert resolve_runtime("fp16", setting, "cuda").channels_last is expected
+
+
+def test_channels_last_auto_is_on_for_the_cpu():
+    assert resolve_runtime("off", "auto", "cpu", 1).channels_last
+
+
 def test_fp16_gets_an_enabled_grad_scaler_and_bf16_and_fp32_none():
     def scaler(precision):
         return resolve_runtime(precision, "off", "cpu", 1).grad_scaler().is_enabled()

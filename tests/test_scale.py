@@ -15,6 +15,7 @@ import torch
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config, save_config
 from pipeline.fileio import read_json
+from pipeline.predict import predict_run
 from pipeline.train_folds import plan_workers, train_folds
 from pipeline.rundir import FoldDir
 from tests.test_train import tiny_config
@@ -67,7 +68,7 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys, mon
     # asked for by the config (as cpu_best does): the fold processes must not fan out again
     parallel = tiny_config(synth_data, tmp_path / "par", *overrides, f"folds_csv={sequential.folds_path()}",
                            "train.parallel_folds=true", "train.fold_workers=2")
-    train_folds(parallel)
+    train_folds(parallel, predict_test=True)  # as `all` does: each fold process predicts the test set
     out = capsys.readouterr().out
     assert "in 2 parallel processes" in out
     # each fold's per-epoch line is echoed by the parent, not only written to its train.out
@@ -76,6 +77,17 @@ def test_parallel_folds_equal_sequential_folds(synth_data, tmp_path, capsys, mon
         a = load_checkpoint(FoldDir.of(sequential, fold).best)["model"]
         b = load_checkpoint(FoldDir.of(parallel, fold).best)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), f"fold {fold} differs"
+        assert FoldDir.of(parallel, fold).test_predict.is_file() and not FoldDir.of(sequential, fold).test_probs.exists()
+    # predict averages the folds' own predictions, and gets the test_probs.npy it computes itself
+    predict_run(sequential.run_dir)
+    predict_run(parallel.run_dir)
+    assert read_json(parallel.run_dir / "predict.json")["from_fold_files"] == [0, 1]
+    assert read_json(sequential.run_dir / "predict.json")["from_fold_files"] == []
+    assert np.array_equal(np.load(parallel.run_dir / "test_probs.npy"), np.load(sequential.run_dir / "test_probs.npy"))
+    # a fold prediction made with other TTA is not averaged: the fold is predicted again
+    predict_run(parallel.run_dir, tta="none")
+    assert read_json(parallel.run_dir / "predict.json")["from_fold_files"] == []
+    capsys.readouterr()
     # the run's config is the parent's, not that of whichever fold process wrote last (which
     # had folds: [k], threads: 1, parallel_folds: false, and left tune/predict seeing one fold)
     assert load_config(parallel.run_dir / "config.yaml") == parallel

@@ -246,7 +246,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
 
     assert set(NEUTRAL_DEFAULTS) == {"train.ema_decay", "model.residual", "loss.image_only", "model.global_context",
                                      "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit",
-                                     "loss.lovasz_hinge"}
+                                     "loss.lovasz_hinge", "model.input_norm"}
     cfg = tiny_config(synth_data, tmp_path)
     before = {k: v for k, v in flatten(cfg).items() if is_training_key(k) and k not in NEUTRAL_DEFAULTS}
     assert training_digest(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
@@ -256,6 +256,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     assert training_digest(tiny_config(synth_data, tmp_path, "model.global_context=true")) != training_digest(cfg)
     assert training_digest(tiny_config(synth_data, tmp_path, "pseudo.teacher=runs/x")) != training_digest(cfg)
     assert training_digest(tiny_config(synth_data, tmp_path, "augment.rotate_limit=10")) != training_digest(cfg)
+    assert training_digest(tiny_config(synth_data, tmp_path, "model.input_norm=imagenet")) != training_digest(cfg)
 
 
 def test_run_trained_fold_by_fold_records_every_fold_for_tune_and_predict(synth_data, tmp_path):

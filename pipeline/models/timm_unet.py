@@ -21,13 +21,16 @@ skip-less steps. Options from the top TGS solutions (1st and 4th place):
 Weights (`model.pretrained: true`): from `model.weights_path` when set (a local timm weights
 file, or a folder holding one), else timm's own ImageNet download (Hugging Face hub, cached).
 Either way timm's loader reads them and adapts the first conv to `in_chans` (the TGS images
-are one channel: the RGB filters are summed). Offline, the download stops with one line
-saying how to give a local file instead.
+are one channel: the RGB filters are summed). `model.input_norm: imagenet` maps the [0,1]
+input to the statistics the weights were trained with (input_statistics). Offline, the download stops with one line
+saying how to give a local file instead; with HF_HUB_OFFLINE set the hub answers from its cache
+at once, and `train` resolves the weights once, before any fold (pipeline/train_folds.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -86,6 +89,11 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set as huggingface_hub reads it: the hub answers from its cache only, at once."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def offline_hint(encoder_name: str) -> str:
     return (f"offline, set model.weights_path to a local {encoder_name} weights file or a folder holding one "
             f"(fetch it where there is internet: python -m pipeline kaggle weights-dataset --encoder {encoder_name} "
@@ -113,6 +121,9 @@ def create_encoder(encoder_name: str, in_chans: int, weights: str | None = None)
     except Exception as exc:  # timm/torch raise many types for a bad file or an unsupported model
         if weights:
             raise PipelineError(f"{weights}: cannot load as {encoder_name} weights ({_first_line(exc)})") from None
+        if weights is not None and is_network_error(exc) and hub_offline():
+            raise PipelineError(f"model.pretrained: timm's {encoder_name} ImageNet weights are not in the Hugging Face "
+                                f"cache and HF_HUB_OFFLINE is set; {offline_hint(encoder_name)}") from None
         if weights is not None and is_network_error(exc):
             raise PipelineError(f"model.pretrained: cannot download timm's {encoder_name} ImageNet weights "
                                 f"({type(exc).__name__}: {_first_line(exc)}); {offline_hint(encoder_name)}") from None
@@ -143,12 +154,33 @@ class DecoderBlock(nn.Module):
         return self.attention(self.conv(x))
 
 
+def input_statistics(encoder: nn.Module, in_chans: int) -> tuple[list[float], list[float]]:
+    """(mean, std) per input channel of the encoder's pretrained weights (timm's pretrained_cfg,
+    ImageNet's by default). A one-channel input, whose RGB filters timm sums, gets the channel
+    averages: the summed filter then sees roughly what each RGB filter saw."""
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    mean, std = list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD))
+    if in_chans != len(mean):
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    return mean, std
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 class TimmUNet(nn.Module):
     def __init__(self, encoder: nn.Module, encoder_name: str, decoder_channels: list[int], *, scse: bool = False,
                  hypercolumn: bool = False, deep_supervision: bool = False, residual: bool = False,
-                 global_context: bool = False):
+                 global_context: bool = False, input_norm: tuple[list[float], list[float]] | None = None):
         super().__init__()
         self.encoder = encoder
+        # model.input_norm: part of the model, so training, validation, predict and every
+        # checkpoint see the same inputs; not persistent, so checkpoints keep their keys
+        self.normalise = input_norm is not None
+        if input_norm is not None:
+            mean, std = (torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1) for values in input_norm)
+            self.register_buffer("input_mean", mean, persistent=False)
+            self.register_buffer("input_std", std, persistent=False)
         channels = list(encoder.feature_info.channels())
         reductions = list(encoder.feature_info.reduction())
         n_steps = decoder_plan(reductions, encoder_name)
@@ -178,6 +210,8 @@ class TimmUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         input_size = tuple(x.shape[-2:])
+        if self.normalise:
+            x = (x - self.input_mean) / self.input_std
         features = self.encoder(x)
         decoded: list[torch.Tensor] = []
         y = self.context(features[-1])
@@ -206,6 +240,7 @@ def build_timm_unet(cfg: ModelConfig, encoder_name: str, load_pretrained: bool =
     # load_pretrained=False: a checkpoint's state dict comes next, so nothing is read or downloaded
     weights = cfg.weights_path if (cfg.pretrained and load_pretrained) else None
     encoder = create_encoder(encoder_name, cfg.in_chans, weights)
+    norm = input_statistics(encoder, cfg.in_chans) if cfg.input_norm == "imagenet" else None
     return TimmUNet(encoder, encoder_name, list(cfg.decoder_channels), scse=cfg.scse,
                     hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision, residual=cfg.residual,
-                    global_context=cfg.global_context)
+                    global_context=cfg.global_context, input_norm=norm)
