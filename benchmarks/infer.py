@@ -2,7 +2,7 @@
 
     python -m benchmarks.infer [--config configs/cpu_best.yaml] [--data /work/shared/tgs] [--images 128]
 
-The config's model (random weights: speed does not depend on them) predicts the first N test
+The config's model (its precision as `predict` resolves it; random weights: speed does not depend on them) predicts the first N test
 images through `predict_probs`, as `predict` runs it, under each variant: gradient mode
 (torch.no_grad, the old path, or torch.inference_mode), batch size, channels_last, threads.
 Variants alternate round by round, so load from other processes spreads over all of them;
@@ -60,7 +60,7 @@ def measure(config: str, data: str, n_images: int, rounds: int) -> dict:
     plain = predict_probs.__wrapped__  # the function under no decorator: the grad mode is ours
     for round_ in range(rounds + 1):  # round 0 warms every variant up
         for index, v in enumerate(rows):
-            rt = resolve_runtime("off", "on" if v["channels_last"] else "off", "cpu", v["threads"])
+            rt = resolve_runtime(cfg.train.precision, "on" if v["channels_last"] else "off", "cpu", v["threads"])
             model = model.to(memory_format=rt.memory_format())
             mode = torch.no_grad() if v["grad"] == "no_grad" else torch.inference_mode()
             started = time.perf_counter()
@@ -68,19 +68,20 @@ def measure(config: str, data: str, n_images: int, rounds: int) -> dict:
                 plain(model, images, cfg, rt, v["batch"], cfg.predict.tta)
             if round_:
                 rates[index].append(len(images) / (time.perf_counter() - started))
+    precision = resolve_runtime(cfg.train.precision, "off", "cpu", cores).describe()
     base = statistics.median(rates[0])
     table = [{**v, "img_s": round(statistics.median(r), 1), "vs_before": round(statistics.median(r) / base, 2)}
              for v, r in zip(rows, rates)]
     return {"host": socket.gethostname(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "config": cfg.name, "model": cfg.model.name, "size": cfg.input.size, "tta": list(cfg.predict.tta),
-            "images": len(images), "rounds": rounds, "cores": cores, "torch": torch.__version__,
+            "images": len(images), "rounds": rounds, "runtime": precision, "cores": cores, "torch": torch.__version__,
             "load_average": os.getloadavg()[0], "rows": table}
 
 
 def markdown(result: dict) -> str:
     lines = [f"{result['config']} ({result['model']}, {result['size']}x{result['size']}, TTA "
              f"{'+'.join(result['tta'])}), {result['images']} sample test images, median of {result['rounds']} "
-             f"rounds; {result['cores']} cores, load average {result['load_average']:.1f}; {result['date']}",
+             f"rounds; {result.get('runtime', '')}; {result['cores']} cores, load average {result['load_average']:.1f}; {result['date']}",
              "", "| variant | images/s (TTA included) | vs before |", "| --- | ---: | ---: |"]
     lines += [f"| {_label(r)}{' (before)' if i == 0 else ''} | {r['img_s']:.1f} | {r['vs_before']:.2f}x |"
               for i, r in enumerate(result["rows"])]
