@@ -39,7 +39,6 @@ def _label(v: dict) -> str:
 
 
 def measure(config: str, data: str, n_images: int, rounds: int) -> dict:
-    import numpy as np
     import torch
 
     from pipeline.config import load_config
