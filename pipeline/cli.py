@@ -19,7 +19,24 @@ from pipeline.errors import PipelineError
 DEFAULT_CONFIG = "configs/cpu_quick.yaml"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth showing (not None,
+    False or []) and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text or default in (None, False, argparse.SUPPRESS)
+                or default == [] or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -64,6 +81,8 @@ def _image_count(text: str) -> int:
     return value
 
 
+FOLDS_RULE = ("Folds file: the config's folds_csv, else folds/<data folder name>-k<n_folds>-s<seed>.csv "
+              "(made on first use; `tgs folds --data DIR --k K --seed S` writes the same path).")
 MAX_SYNTH_IMAGES = 100_000  # synth holds every image in memory while it draws them (~0.1 MB each)
 
 
@@ -81,9 +100,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_folds(args: argparse.Namespace) -> int:
     from pipeline.folds import fold_summary, make_folds_for_dir
 
-    folds = make_folds_for_dir(args.data, k=args.k, seed=args.seed, out=args.out)
+    from pipeline.config import default_folds_csv
+
+    out = args.out or default_folds_csv(args.data, args.k, args.seed)
+    folds = make_folds_for_dir(args.data, k=args.k, seed=args.seed, out=out)
     print(fold_summary(folds))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -115,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import check_folds, load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch is imported
+    if args.data is not None:
+        cfg.data = args.data
     from pipeline.train_folds import train_folds
 
     if args.folds is not None:
@@ -193,7 +217,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.diff:
         print(diff_runs(args.diff[0], args.diff[1], runs_dir=args.runs_dir))
     else:
-        print(format_leaderboard(args.file, top=args.top))
+        print(format_leaderboard(args.file, top=args.top, data=args.data))
+        from pipeline.leaderboardpage import write_leaderboard_page
+
+        page = write_leaderboard_page(args.file, runs_dir=args.runs_dir)
+        if page is not None:
+            print(f"page: {page}")
     return 0
 
 
@@ -209,41 +238,51 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
+    from pipeline import __version__
+
+    parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> "
+                     "submission. `tgs COMMAND --help` describes a command and its options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
 
     p = sub.add_parser("synth", help="write a synthetic seismic-like dataset in the competition layout")
     p.add_argument("--out", required=True, help="output folder (train/, test/, train.csv, depths.csv)")
-    p.add_argument("--n-train", type=_image_count, default=800)
-    p.add_argument("--n-test", type=_image_count, default=200)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--n-train", type=_image_count, default=800, help="training images (with masks) to draw")
+    p.add_argument("--n-test", type=_image_count, default=200, help="test images to draw")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed: the same seed draws the same images")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("folds", help="stratified k-fold split by salt-coverage class")
+    p = sub.add_parser("folds", help="stratified k-fold split by salt-coverage class",
+                       description="Stratified k-fold split by salt-coverage class. " + FOLDS_RULE)
     p.add_argument("--data", required=True, help="dataset folder (train/masks or train.csv)")
-    p.add_argument("--k", type=_positive_int, default=5)
-    p.add_argument("--seed", type=_seed, default=42)
-    p.add_argument("--out", default="folds/folds.csv")
+    p.add_argument("--k", type=_positive_int, default=5, help="number of folds (a config's n_folds)")
+    p.add_argument("--seed", type=_seed, default=42, help="shuffling seed (a config's seed)")
+    p.add_argument("--out", default=None, help="the CSV to write (default: folds/<data folder name>-k<K>-s<SEED>.csv, "
+                   "the file train and all read for that data, k and seed)")
     p.set_defaults(func=cmd_folds)
 
     p = sub.add_parser("rle", help="encode mask PNGs to an id,rle_mask CSV or decode one")
     rle_sub = p.add_subparsers(dest="rle_command", required=True, parser_class=_Parser, metavar="encode|decode")
     q = rle_sub.add_parser("encode", help="mask PNGs -> id,rle_mask CSV")
-    q.add_argument("--masks", required=True)
-    q.add_argument("--out", required=True)
+    q.add_argument("--masks", required=True, help="folder of mask PNGs (<id>.png)")
+    q.add_argument("--out", required=True, help="the CSV to write")
     q.set_defaults(func=cmd_rle_encode)
     q = rle_sub.add_parser("decode", help="id,rle_mask CSV -> mask PNGs")
-    q.add_argument("--csv", required=True)
-    q.add_argument("--out", required=True)
+    q.add_argument("--csv", required=True, help="an id,rle_mask CSV (train.csv or a submission)")
+    q.add_argument("--out", required=True, help="folder for the mask PNGs (<id>.png)")
     q.set_defaults(func=cmd_rle_decode)
 
     p = sub.add_parser("score", help="competition score of a prediction CSV against a truth CSV")
-    p.add_argument("--truth", required=True)
-    p.add_argument("--pred", required=True)
+    p.add_argument("--truth", required=True, help="id,rle_mask CSV of the true masks (e.g. train.csv)")
+    p.add_argument("--pred", required=True, help="id,rle_mask CSV of the predicted masks, the same ids")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("train", help="train the config's folds (resumes from last.pt by default)")
+    p = sub.add_parser("train", help="train the config's folds (resumes from last.pt by default)",
+                       description="Train the config's folds into runs/<name>/ (resumes from last.pt by default). "
+                       + FOLDS_RULE)
     _config_args(p)
+    p.add_argument("--data", default=None, help="dataset folder in the Kaggle layout (default: the config's data)")
     p.add_argument("--folds", type=_folds_arg, default=None, help="e.g. 0,1 (default: the config's)")
     p.add_argument("--restart", action="store_true", help="ignore last.pt and start the folds afresh")
     p.add_argument("--force", action="store_true", help="retrain folds that are already complete")
@@ -261,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset folder, as given to `all` (default: the config's)")
     p.set_defaults(func=cmd_branch)
 
-    p = sub.add_parser("all", help="end to end: folds, train, tune, predict, submit, leaderboard")
+    p = sub.add_parser("all", help="end to end: folds, train, tune, predict, submit, show, leaderboard",
+                       description="End to end: folds, train, tune, predict, submit, show (pictures: "
+                       "runs/<name>/show/index.html), leaderboard (runs/index.html); each stage skipped when "
+                       "its output is up to date. " + FOLDS_RULE)
     _config_args(p)
     p.add_argument("--data", default=None, help="dataset folder in the Kaggle layout (default: the config's)")
     p.add_argument("--force", action="store_true", help="recompute every stage")
@@ -272,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="run folders on the same folds, e.g. runs/a runs/b")
     p.add_argument("--name", required=True, help="the blend's run name: writes <runs-dir>/NAME and submissions/NAME.csv")
     p.add_argument("--weights", default="auto", help="'auto' (searched on the OOF, nested; default) or e.g. 1,2")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="folder holding the runs; the blend is written into it")
     p.add_argument("--data", default=None, help="dataset folder with test/images (default: the first run's)")
     p.add_argument("--force", action="store_true", help="remake the blend (also one of other runs under NAME)")
     p.add_argument("--submission", default=None, help="submission path (default: submissions/NAME.csv)")
@@ -283,33 +325,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("predict", help="fold-averaged TTA probabilities for the test images")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_best")
     p.add_argument("--data", default=None, help="dataset folder with test/images (default: the run's)")
     p.add_argument("--tta", default=None, help="comma list from none,hflip,vflip,hvflip (default: config's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("submit", help="threshold, RLE-encode and write submissions/<run>.csv")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, help="run dir, tuned and predicted, e.g. runs/cpu_best")
     p.add_argument("--out", default=None, help="default: submissions/<run name>.csv")
     p.add_argument("--data", default=None, help="dataset folder with test/images (default: the run's)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("check-submission", help="validate a submission CSV against a test image folder")
-    p.add_argument("--csv", required=True)
+    p.add_argument("--csv", required=True, help="the submission CSV (id,rle_mask)")
     p.add_argument("--test", required=True, help="dataset folder (with test/images) or the images folder")
     p.set_defaults(func=cmd_check_submission)
 
-    p = sub.add_parser("leaderboard", help="rank every tuned run by CV")
-    p.add_argument("--file", default="submissions/leaderboard.csv")
-    p.add_argument("--top", type=_positive_int, default=0, help="show only the best N")
+    p = sub.add_parser("leaderboard", help="rank every tuned run by CV, within its dataset; write runs/index.html",
+                       description="Rank every tuned run by tuned CV within its dataset (scores on different data "
+                       "are not comparable), and write the page <runs-dir>/index.html: every run ranked, links to "
+                       "each run's pictures, tuned CV against training minutes.")
+    p.add_argument("--file", default="submissions/leaderboard.csv", help="the leaderboard CSV (tune adds each run's row)")
+    p.add_argument("--top", type=_positive_int, default=0, help="show only the best N of each dataset (0: all)")
+    p.add_argument("--data", default=None, help="only runs on this dataset: its folder name or path (e.g. tgs or data/tgs)")
     p.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="config keys in which two runs differ")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="folder holding the runs (for --diff and the page)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("show", help="PNG grids: worst OOF predictions, test samples, training curves")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", default=None)
+    p.add_argument("--run", required=True, help="run dir, e.g. runs/cpu_best")
+    p.add_argument("--data", default=None, help="dataset folder the run trained on (default: the run's config's data)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("kaggle", help="download, submit, and build/push the Kaggle kernel")

@@ -198,6 +198,12 @@ class TuneConfig:
     empty_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])
 
 
+def default_folds_csv(data: str | Path, k: int, seed: int) -> Path:
+    """The one rule for a folds file's path when none is given (`folds`, `train`, `all`): one
+    split per dataset, k and seed, so two datasets or two k never share a file."""
+    return Path("folds") / f"{Path(data).resolve().name}-k{k}-s{seed}.csv"
+
+
 @dataclass
 class Config:
     name: str = "experiment"
@@ -225,7 +231,7 @@ class Config:
     def folds_path(self) -> Path:
         if self.folds_csv:
             return Path(self.folds_csv)
-        return Path("folds") / f"{Path(self.data).resolve().name}-k{self.n_folds}-s{self.seed}.csv"
+        return default_folds_csv(self.data, self.n_folds, self.seed)
 
     def fold_list(self) -> list[int]:
         return list(self.folds) if self.folds else list(range(self.n_folds))

@@ -365,6 +365,29 @@ def fingerprint_test_images(data_dir: str | os.PathLike) -> str:
     return f"{len(ids)}-{digest.hexdigest()[:16]}"
 
 
+def dataset_identity(data_dir: str | os.PathLike) -> dict[str, str]:
+    """Which data a run used: {"name": the folder's name, "fingerprint": "<count>-<hash>"}.
+
+    The fingerprint is a sha256 over the sorted (train/images or train/masks, id, file size)
+    of the training PNGs: cheap (a listing and a stat per file, no reads), the same for a
+    copy of the folder elsewhere, different for the 3,001-image sample and the full 4,000 or
+    a synthetic set. "" when the folder has no train/ images (moved or deleted)."""
+    data = Path(data_dir)
+    digest = hashlib.sha256()
+    count = 0
+    for sub in ("images", "masks"):
+        folder = data / "train" / sub
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            sizes = sorted((e.name, e.stat().st_size) for e in entries if e.name.endswith(".png") and e.is_file())
+        for name, size in sizes:
+            digest.update(f"{sub}/{name}\t{size}\n".encode())
+        count += len(sizes) if sub == "images" else 0
+    name = data.resolve().name
+    return {"name": name, "fingerprint": f"{count}-{digest.hexdigest()[:12]}" if count else ""}
+
+
 # ---------------------------------------------------------------- depths
 
 

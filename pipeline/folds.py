@@ -132,7 +132,7 @@ def _train_ids_and_masks(data_dir: Path) -> tuple[list[str], np.ndarray]:
 
 
 def make_folds_for_dir(data_dir: str | os.PathLike, k: int = 5, seed: int = 42,
-                       out: str | os.PathLike = "folds/folds.csv") -> pd.DataFrame:
+                       out: str | os.PathLike | None = None) -> pd.DataFrame:
     """make_folds over a dataset folder's train masks; writes `out` atomically and returns it."""
     from pipeline.fileio import write_csv
 

@@ -5,6 +5,12 @@ its end-to-end wall time (`wall.json` in the run dir, shown as wall_min) when it
 from nothing, so a budget ("60 minutes on 2 cores") is read off the table. The file is rewritten
 atomically under a lock, so runs that finish at the same moment (parallel folds, two
 terminals) all land. `diff_runs` answers "what did I change between these two?".
+
+Scores on different data are not comparable (a synthetic set scores above real data), so
+every row names its dataset (`data`: the folder's name, `data_fingerprint`: a hash of its
+training files, pipeline.data.dataset_identity, kept in the run's data.json from its first
+tune) and runs are ranked within a dataset. `write_leaderboard_page` writes
+`runs/index.html`: every run ranked, links to its pictures, tuned CV against training minutes.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from pipeline.errors import PipelineError
 COLUMNS = [
     "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "empty_threshold", "min_area", "tta",
     "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes", "members",
+    "data", "data_fingerprint",
 ]
+DATA_FILE = "data.json"  # {"name": .., "fingerprint": ..}: the data the run was tuned on
+PAGE_NAME = "index.html"  # <runs dir>/index.html
 WALL_FILE = "wall.json"  # {"minutes": .., "config_digest": ..}: written by `pipeline all`
 DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
 # What the text table shows, and how: (column, header, right-aligned)
 TABLE_COLUMNS = [
-    ("run", "run", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
+    ("run", "run", False), ("data", "data", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
     ("cv_tuned", "cv_tuned", True), ("cv_at_05", "cv@0.5", True), ("threshold", "thr", True),
     ("empty_threshold", "empty_thr", True), ("min_area", "min_area", True), ("tta", "tta", False),
     ("train_minutes", "train_min", True), ("wall_minutes", "wall_min", True), ("date", "date (UTC)", False),
@@ -124,6 +133,7 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
     folds = cfg.fold_list()
     digest = cfg.digest()
     members = _blend_members(run)
+    data = run_data_identity(run, cfg.data)
     return {
         "run": cfg.name,
         # a blend's config is its first member's, renamed: its model and loss describe no one model
@@ -144,7 +154,29 @@ def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
         "run_dir": str(run),
         "wall_minutes": _wall_minutes(run, digest),
         "members": members,
+        "data": data.get("name", ""),
+        "data_fingerprint": data.get("fingerprint", ""),
     }
+
+
+def run_data_identity(run: Path, data_dir: str) -> dict[str, str]:
+    """The run's data.json, written from its config's data folder the first time it is asked
+    for (tune), so the row keeps naming the data the run used after the folder moves."""
+    from pipeline.data import dataset_identity
+    from pipeline.fileio import read_json, write_json
+
+    path = run / DATA_FILE
+    if path.exists():
+        try:
+            recorded = read_json(path)
+            if isinstance(recorded, dict) and isinstance(recorded.get("name"), str):
+                return {"name": recorded["name"], "fingerprint": str(recorded.get("fingerprint", ""))}
+        except PipelineError:
+            pass  # damaged: made again below
+    identity = dataset_identity(data_dir)
+    if identity["fingerprint"]:  # only a folder that is there names the data
+        write_json(path, identity)
+    return identity
 
 
 def _blend_members(run: Path) -> str:
@@ -212,6 +244,30 @@ def rank_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return sorted(rows, key=_cv, reverse=True)
 
 
+def dataset_key(row: dict[str, str]) -> str:
+    """'name' or 'name:fingerprint': the dataset a row is ranked within ("?" before the column)."""
+    name, fingerprint = row.get("data", ""), row.get("data_fingerprint", "")
+    if not name:
+        return "?"
+    return f"{name}:{fingerprint}" if fingerprint else name
+
+
+def by_dataset(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """Rows grouped by dataset, each group ranked by cv_tuned; the group with the most runs first."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in rank_rows(rows):
+        groups.setdefault(dataset_key(row), []).append(row)
+    return dict(sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])))
+
+
+def matches_data(row: dict[str, str], wanted: str) -> bool:
+    """--data: a folder name (tgs), a path to it (data/tgs), or a fingerprint's start."""
+    wanted = wanted.strip()
+    name = Path(wanted.rstrip("/")).name if wanted else ""
+    return bool(wanted) and (row.get("data") in (wanted, name) or
+                             (len(wanted) >= 4 and row.get("data_fingerprint", "").startswith(wanted)))
+
+
 def record_run(run_dir: str | Path, tune_result: dict[str, Any],
                leaderboard_csv: str | Path = DEFAULT_LEADERBOARD) -> dict[str, str]:
     """Append the run's row, or replace the row of a run with the same name; returns the row."""
@@ -254,15 +310,25 @@ def _table(rows: list[dict[str, str]]) -> str:
     return "\n".join([fmt(header), rule] + [fmt(cells) for cells in body])
 
 
-def format_leaderboard(csv_path: str | Path = DEFAULT_LEADERBOARD, top: int = 0) -> str:
-    """A fixed-width text table of the runs, best cv_tuned first (top > 0: only the best N)."""
+def format_leaderboard(csv_path: str | Path = DEFAULT_LEADERBOARD, top: int = 0, data: str | None = None) -> str:
+    """Fixed-width text tables of the runs, one per dataset, best cv_tuned first (top > 0: only
+    the best N of each; data: only that dataset's runs)."""
     path = Path(csv_path)
-    rows = rank_rows(read_leaderboard(path))
+    rows = read_leaderboard(path)
     if not rows:
         return f"{path}: no runs yet — tune one with `python -m pipeline tune --run runs/NAME`"
-    shown = rows[:top] if top > 0 else rows
-    footer = f"{len(shown)} of {len(rows)} runs" if len(shown) < len(rows) else f"{len(rows)} runs"
-    return f"{_table(shown)}\n({footer}, ranked by cv_tuned; {path})"
+    if data is not None:
+        rows = [row for row in rows if matches_data(row, data)]
+        if not rows:
+            return f"{path}: no runs on data {data!r}"
+    groups = by_dataset(rows)
+    parts = []
+    for key, group in groups.items():
+        shown = group[:top] if top > 0 else group
+        footer = f"{len(shown)} of {len(group)} runs" if len(shown) < len(group) else f"{len(group)} runs"
+        heading = f"data {key}\n" if len(groups) > 1 else ""
+        parts.append(f"{heading}{_table(shown)}\n({footer}, ranked by cv_tuned within data {key}; {path})")
+    return "\n\n".join(parts)
 
 
 # ---------------------------------------------------------------- run diffs

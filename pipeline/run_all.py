@@ -1,4 +1,4 @@
-"""The whole pipeline as one command: folds -> train -> tune -> predict -> submit -> leaderboard.
+"""The whole pipeline as one command: folds -> train -> tune -> predict -> submit -> show -> leaderboard.
 
 Each stage is skipped when its output is whole and made from what the run holds now (the
 manifests of pipeline/manifests.py: done.json, tune.json and predict.json name their inputs and
@@ -88,19 +88,23 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     if from_nothing:  # the leaderboard row gains the wall time (tune wrote the row without it)
         save_wall_minutes(run, minutes, cfg.digest())
         record_run(run, read_json(run / "tune.json"))
+    from pipeline.leaderboardpage import write_leaderboard_page
+
+    board = write_leaderboard_page("submissions/leaderboard.csv", runs_dir=cfg.runs_dir)
     print()
     print(format_leaderboard("submissions/leaderboard.csv", top=10))
     note = "" if from_nothing else " (this call; the run existed before it)"
     print(f"\n{cfg.name}: done in {minutes:.1f} min{note}")
-    print(where_things_are(run, path, page))
+    print(where_things_are(run, path, page, board))
     return path
 
 
-def where_things_are(run: Path, submission: Path, page: Path) -> str:
+def where_things_are(run: Path, submission: Path, page: Path, board: Path | None = None) -> str:
     """The closing lines of `all`: what a user opens next."""
+    board_page = f", {board}" if board is not None else ""
     return "\n".join([
         f"  submission   {submission}",
-        "  leaderboard  submissions/leaderboard.csv  (tgs leaderboard)",
+        f"  leaderboard  submissions/leaderboard.csv{board_page}  (tgs leaderboard)",
         f"  pictures     {page}  (tables and pictures on one page)",
         f"  log          {run / 'log.txt'}",
     ])

@@ -2,16 +2,19 @@
 
 Writes into `runs/<name>/show/`:
     oof_worst.png     the worst-scored OOF images, each beside its probability map (gray image,
-                      truth outline blue, prediction outline orange; title: id, salt coverage,
-                      image score)
+                      the submitted mask filled in translucent sky blue, the truth outlined in
+                      yellow; title: id, salt coverage, image score)
     oof_by_class.png  a few OOF examples of every coverage class
-    test_samples.png  test images with the predicted mask outline (after `predict`)
+    test_samples.png  test images with the predicted mask filled (after `predict`)
     threshold.png     the OOF CV against the mask threshold, the tuned rule marked (after `tune`)
     curves.png        per fold: train/val loss, val_score and the learning rate per epoch
     index.html        the run's tables (tune.json, folds, config) and the pictures on one page
 Masks are binarised with the tuned post-processing (threshold, empty threshold, min area,
-blank images) when tune.json exists, else at 0.5. Outline colours are the Okabe-Ito blue and
-orange, told apart with every common colour-vision deficiency (red and green are not).
+blank images) when tune.json exists, else at 0.5. A prediction is a fill, so a full mask
+(`1 10201`) shows as a tinted tile and the salt side of its edge is plain; the truth is an
+outline, so both show at once. Okabe-Ito sky blue (fill) and yellow (outline): a blue-yellow
+pair, which red-green colour-vision deficiencies keep apart, and both light enough to read
+on dark and mid grey seismic (the old blue outline was lost on it).
 matplotlib is imported here only, on its Agg (file-only) backend.
 """
 
@@ -37,8 +40,11 @@ N_PER_CLASS = 4
 N_TEST = 16
 CURVES_INCHES = (15.0, 4.0)
 THRESHOLD_INCHES = (8.0, 4.0)
-TRUTH_COLOR = "#0072B2"  # Okabe-Ito blue
-PRED_COLOR = "#E69F00"  # Okabe-Ito orange
+TRUTH_COLOR = "#F0E442"  # Okabe-Ito yellow: the truth's outline
+TRUTH_WIDTH = 1.5
+PRED_COLOR = "#56B4E9"  # Okabe-Ito sky blue: the prediction's fill
+PRED_ALPHA = 0.45
+PLOT_COLORS = ("#0072B2", "#E69F00")  # Okabe-Ito blue and orange: lines on a white plot
 PROB_CMAP = "cividis"  # perceptually uniform and colour-blind safe
 PROB_TRUTH_COLOR = "white"  # the truth outline on the probability map
 
@@ -72,7 +78,16 @@ def _save(fig, path: Path) -> Path:
 
 def _outline(ax, mask: np.ndarray, color: str) -> None:
     if mask.any() and not mask.all():  # contour needs both levels present
-        ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.0)
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=TRUTH_WIDTH)
+
+
+def _fill(ax, mask: np.ndarray, color: str, alpha: float) -> None:
+    """The mask's pixels tinted (the rest untouched): a full mask tints the whole tile."""
+    from matplotlib.colors import to_rgb
+
+    overlay = np.zeros((*mask.shape, 4), np.float32)
+    overlay[mask.astype(bool)] = (*to_rgb(color), alpha)
+    ax.imshow(overlay, interpolation="nearest")
 
 
 def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
@@ -88,10 +103,10 @@ def _tile_grid(tiles: list[dict], rows: int, cols: int, path: Path) -> Path:
             ax.imshow(tile["probs"], cmap=PROB_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
         else:
             ax.imshow(tile["image"], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if tile.get("pred") is not None:  # under the truth's outline
+            _fill(ax, tile["pred"], PRED_COLOR, PRED_ALPHA)
         if tile.get("truth") is not None:
             _outline(ax, tile["truth"], PROB_TRUTH_COLOR if "probs" in tile else TRUTH_COLOR)
-        if tile.get("pred") is not None:
-            _outline(ax, tile["pred"], PRED_COLOR)
         ax.set_title(tile["title"], fontsize=7, pad=2)
         ax.set_axis_off()
     return _save(fig, path)
@@ -263,13 +278,13 @@ def draw_threshold(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, 
         rule_label = f"min area {post.min_area}"
     fig = _figure(*THRESHOLD_INCHES)
     ax = fig.subplots()
-    ax.plot(thresholds, plain, "-", color=TRUTH_COLOR, label="mask threshold only (min area 0)")
-    ax.plot(thresholds, rule, "--", color=PRED_COLOR, label=f"with the tuned {rule_label}")
+    ax.plot(thresholds, plain, "-", color=PLOT_COLORS[0], label="mask threshold only (min area 0)")
+    ax.plot(thresholds, rule, "--", color=PLOT_COLORS[1], label=f"with the tuned {rule_label}")
     cv_at_05, cv_tuned = tuned.get("cv_at_05"), tuned.get("cv_tuned")
     if isinstance(cv_at_05, (int, float)):
         ax.plot([0.5], [cv_at_05], "o", color="black", label=f"untuned: 0.50 -> {cv_at_05:.4f}")
     if isinstance(cv_tuned, (int, float)):
-        ax.plot([post.threshold], [cv_tuned], "*", color=PRED_COLOR, markersize=14, markeredgecolor="black",
+        ax.plot([post.threshold], [cv_tuned], "*", color=PLOT_COLORS[1], markersize=14, markeredgecolor="black",
                 label=f"tuned: {post.describe()} -> {cv_tuned:.4f}")
         ax.axvline(post.threshold, color="gray", linewidth=0.8, linestyle=":")
     ax.set(title=f"OOF CV against the threshold ({len(ids)} images)", xlabel="mask threshold", ylabel="CV",

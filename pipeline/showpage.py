@@ -16,13 +16,13 @@ from pipeline.errors import PipelineError
 from pipeline.rundir import FoldDir
 
 CAPTIONS = {
-    "oof_worst.png": "The worst-scored out-of-fold images. Left: the image, truth outlined in blue, the "
-                     "submitted mask in orange. Right: the model's probability map (dark 0, yellow 1), "
-                     "truth outlined in white.",
+    "oof_worst.png": "The worst-scored out-of-fold images. Left: the image, the submitted mask filled in "
+                     "translucent blue, the truth outlined in yellow. Right: the model's probability map "
+                     "(dark 0, yellow 1), truth outlined in white.",
     "oof_by_class.png": "A few out-of-fold images of every salt-coverage class (0 = empty, 1 = up to 10% "
-                        "salt, ..., 10 = over 90%).",
-    "test_samples.png": "Test images with the predicted mask outlined in orange (half with salt predicted, "
-                        "half without).",
+                        "salt, ..., 10 = over 90%); prediction filled blue, truth outlined yellow.",
+    "test_samples.png": "Test images with the predicted mask filled in translucent blue (half with salt "
+                        "predicted, half without).",
     "threshold.png": "The out-of-fold CV against the mask threshold; the star is the rule `tune` chose.",
     "curves.png": "Per fold: train and validation loss, the validation score at threshold 0.5, and the "
                   "learning rate, per epoch.",

@@ -173,7 +173,7 @@ def test_cli_leaderboard_and_diff(tmp_path, capsys):
     board = tmp_path / "leaderboard.csv"
     record_run(make_run(tmp_path, "base").run_dir, tune_result(0.8), leaderboard_csv=board)
     make_run(tmp_path, "other", lr=0.01)
-    assert main(["leaderboard", "--file", str(board)]) == 0
+    assert main(["leaderboard", "--file", str(board), "--runs-dir", str(tmp_path / "runs")]) == 0
     assert "base" in capsys.readouterr().out
     assert main(["leaderboard", "--diff", "base", "other", "--runs-dir", str(tmp_path / "runs")]) == 0
     assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().out
@@ -198,9 +198,104 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
 
     board = tmp_path / "leaderboard.csv"
     record_run(make_run(tmp_path, "one").run_dir, tune_result(0.8), leaderboard_csv=board)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "leaderboard", "--file", str(board)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "leaderboard", "--file", str(board),
+                             "--runs-dir", str(tmp_path / "runs")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the process prints anything
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141
     assert "Traceback" not in stderr and stderr == ""
+
+
+# ---------------------------------------------------------------- datasets and the page
+
+
+def make_dataset(root, name: str, n: int):
+    """A folder in the Kaggle layout whose train PNGs have distinct sizes (only listed and stat'ed)."""
+    folder = root / "datasets" / name
+    for sub in ("images", "masks"):
+        (folder / "train" / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (folder / "train" / sub / f"id{i}.png").write_bytes(b"x" * (10 + i))
+    return folder
+
+
+def record_on(root, board, name: str, data, cv: float) -> Config:
+    cfg = make_run(root, name)
+    cfg.data = str(data)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    record_run(cfg.run_dir, tune_result(cv), leaderboard_csv=board)
+    return cfg
+
+
+def test_dataset_identity_is_the_folder_name_and_a_fingerprint_of_its_training_files(tmp_path):
+    from pipeline.data import dataset_identity
+
+    sample = make_dataset(tmp_path, "tgs", 3)
+    copy = tmp_path / "elsewhere" / "tgs"
+    import shutil
+
+    shutil.copytree(sample, copy)
+    assert dataset_identity(sample) == dataset_identity(copy)  # a copy is the same data
+    assert dataset_identity(sample)["name"] == "tgs" and dataset_identity(sample)["fingerprint"].startswith("3-")
+    (copy / "train" / "images" / "id9.png").write_bytes(b"more")
+    assert dataset_identity(copy)["fingerprint"] != dataset_identity(sample)["fingerprint"]
+    assert dataset_identity(tmp_path / "gone") == {"name": "gone", "fingerprint": ""}
+
+
+def test_runs_are_ranked_within_their_dataset_and_filtered_by_data(tmp_path):
+    """The synthetic demo (0.553) ranked above a real-data run (0.535): scores on different data
+    are not comparable, so each dataset gets its own ranking."""
+    board = tmp_path / "leaderboard.csv"
+    demo, tgs = make_dataset(tmp_path, "demo", 2), make_dataset(tmp_path, "tgs", 4)
+    record_on(tmp_path, board, "demo", demo, 0.553)
+    real = record_on(tmp_path, board, "cpu_best", tgs, 0.535)
+    record_on(tmp_path, board, "cpu_quick", tgs, 0.50)
+    rows = {r["run"]: r for r in read_leaderboard(board)}
+    assert rows["cpu_best"]["data"] == "tgs" and rows["demo"]["data"] == "demo"
+    assert rows["cpu_best"]["data_fingerprint"] == rows["cpu_quick"]["data_fingerprint"] != rows["demo"]["data_fingerprint"]
+    assert json.loads((real.run_dir / "data.json").read_text())["name"] == "tgs"  # recorded in the run
+
+    text = format_leaderboard(board)
+    tgs_part, demo_part = text.split("\n\n")  # the dataset with more runs first
+    assert tgs_part.startswith("data tgs:") and demo_part.startswith("data demo:")
+    ranked = [line.split()[:3] for line in tgs_part.splitlines()[3:5]]
+    assert ranked == [["1", "cpu_best", "tgs"], ["2", "cpu_quick", "tgs"]]
+    assert demo_part.splitlines()[3].split()[:2] == ["1", "demo"]
+
+    for wanted in ("tgs", str(tgs), str(tgs) + "/", rows["cpu_best"]["data_fingerprint"][:8]):
+        only = format_leaderboard(board, data=wanted)
+        assert "cpu_best" in only and "demo" not in only and "\n\n" not in only, wanted
+    assert "no runs on data 'nope'" in format_leaderboard(board, data="nope")
+
+
+def test_a_run_keeps_naming_its_data_after_the_folder_moves(tmp_path):
+    board = tmp_path / "leaderboard.csv"
+    data = make_dataset(tmp_path, "tgs", 2)
+    cfg = record_on(tmp_path, board, "one", data, 0.6)
+    first = read_leaderboard(board)[0]["data_fingerprint"]
+    data.rename(tmp_path / "moved")
+    record_run(cfg.run_dir, tune_result(0.61), leaderboard_csv=board)  # re-tuned after the move
+    assert read_leaderboard(board)[0]["data_fingerprint"] == first != ""
+
+
+def test_leaderboard_page_ranks_every_run_links_its_pictures_and_plots_cv_against_minutes(tmp_path, capsys):
+    from pipeline.cli import main
+
+    board = tmp_path / "leaderboard.csv"
+    demo, tgs = make_dataset(tmp_path, "demo", 2), make_dataset(tmp_path, "tgs", 4)
+    shown = record_on(tmp_path, board, "cpu_best", tgs, 0.535)
+    record_on(tmp_path, board, "demo", demo, 0.553)
+    (shown.run_dir / "show").mkdir()
+    (shown.run_dir / "show" / "index.html").write_text("<html></html>")
+    runs = tmp_path / "runs"
+    assert main(["leaderboard", "--file", str(board), "--runs-dir", str(runs)]) == 0
+    assert f"page: {runs / 'index.html'}" in capsys.readouterr().out
+    page = (runs / "index.html").read_text()
+    sections = {part.split(":")[0]: part for part in page.split("<h2>data ")[1:]}
+    assert "cpu_best" in sections["tgs"] and "demo</td>" not in sections["tgs"]
+    assert "<td>demo</td>" in sections["demo"] and "cpu_best" not in sections["demo"]
+    assert '<a href="cpu_best/show/index.html">show</a>' in page  # relative: the folder can move
+    assert page.count(">show</a>") == 1  # the demo run has no pictures yet
+    assert 'src="data:image/png;base64,' in page and "training minutes" in page
+    assert "<script" not in page

@@ -58,19 +58,37 @@ def near(pixels: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 30) -> 
     return (np.abs(pixels.astype(int) - np.array(rgb)) <= tolerance).all(axis=-1)
 
 
-def test_worst_grid_outlines_in_colour_blind_safe_blue_and_orange_beside_probability_maps(shown):
+def test_worst_grid_fills_predictions_and_outlines_truth_in_a_colour_blind_safe_pair(shown):
     _, paths = shown
     with Image.open(paths[0]) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 10
-    truth_blue, pred_orange = near(pixels, (0, 114, 178)), near(pixels, (230, 159, 0))
-    assert truth_blue.sum() > 50 and pred_orange.sum() > 50  # truth and prediction outlines are drawn
+    truth_yellow = near(pixels, (240, 228, 66))
+    # a translucent sky-blue fill over grey: blue well above red, whatever the grey underneath
+    tinted = (pixels[..., 2].astype(int) - pixels[..., 0] > 40) & (pixels[..., 1].astype(int) - pixels[..., 0] > 15)
+    assert truth_yellow.sum() > 50 and tinted.sum() > 2000  # outlines drawn, predicted areas filled
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
     green = (pixels[..., 1] > 200) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
     assert red.sum() == 0 and green.sum() == 0  # no red-green pair for deuteranopes to confuse
     # the second tile of each pair is a probability map: cividis' dark blue fills the low probabilities
     second_tile = pixels[:, 200:400]
     assert near(second_tile, (0, 34, 78), tolerance=25).mean() > 0.3
+
+
+def test_a_full_predicted_mask_shows_as_a_tinted_tile_not_nothing(tmp_path):
+    """`1 10201` (all salt) used to draw no outline at all: the tile looked empty."""
+    from pipeline.show import _tile_grid
+
+    grey = np.full((101, 101), 128, np.uint8)
+    path = _tile_grid([{"image": grey, "pred": np.ones((101, 101), bool), "title": "full"},
+                       {"image": grey, "pred": np.zeros((101, 101), bool), "title": "empty"}], 1, 2,
+                      tmp_path / "grid.png")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    width = pixels.shape[1] // 2
+    full, empty = pixels[60:180, 20:width - 20], pixels[60:180, width + 20:-20]
+    assert (full[..., 2] - full[..., 0] > 40).mean() > 0.95  # the whole tile tinted blue
+    assert (np.abs(empty - 128) <= 2).all(axis=-1).mean() > 0.95  # an empty prediction leaves the grey alone
 
 
 def test_page_puts_the_tables_and_every_picture_on_one_page(shown):

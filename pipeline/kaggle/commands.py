@@ -87,12 +87,12 @@ def add_commands(parser: argparse.ArgumentParser, *, parser_class: type[argparse
     (one-line argparse errors, --config/--set) so every command reads the same."""
     sub = parser.add_subparsers(dest="kaggle_command", required=True, parser_class=parser_class, metavar="command")
     p = sub.add_parser("download", help="download and unpack the competition data, then verify it")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the data (Kaggle layout), e.g. data/tgs")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("submit", help="check a submission CSV, then submit it to the competition")
-    p.add_argument("--csv", required=True)
-    p.add_argument("-m", "--message", required=True)
+    p.add_argument("--csv", required=True, help="the submission CSV (id,rle_mask)")
+    p.add_argument("-m", "--message", required=True, help="the submission's description on Kaggle")
     p.add_argument("--test", default=None, help="test folder to check against (default: skip id check)")
     p.set_defaults(func=cmd_submit)
 
@@ -101,8 +101,8 @@ def add_commands(parser: argparse.ArgumentParser, *, parser_class: type[argparse
     q = ksub.add_parser("build", help="render kernels/<purpose>/ with the pipeline bundled")
     config_args(q)
     q.add_argument("--user", required=True, help="your Kaggle user name")
-    q.add_argument("--slug", default="tgs-salt-pipeline-train")
-    q.add_argument("--out", default=KERNEL_DIR)
+    q.add_argument("--slug", default="tgs-salt-pipeline-train", help="the kernel's slug on Kaggle")
+    q.add_argument("--out", default=KERNEL_DIR, help="folder for the rendered kernel")
     q.add_argument("--gpu", default="NvidiaTeslaT4", help="machine_shape: NvidiaTeslaT4 (T4 x2, the default) or "
                    "NvidiaL4; not NvidiaTeslaP100 (Kaggle's torch has no sm_60 kernels)")
     q.add_argument("--pseudo-round", action="store_true",
@@ -116,16 +116,16 @@ def add_commands(parser: argparse.ArgumentParser, *, parser_class: type[argparse
     q.set_defaults(func=cmd_kernel_build)
 
     q = ksub.add_parser("push", help="kaggle kernels push -p on the rendered folder")
-    q.add_argument("--dir", default=KERNEL_DIR)
+    q.add_argument("--dir", default=KERNEL_DIR, help="the rendered kernel folder (kernel build --out)")
     q.set_defaults(func=cmd_kernel_push)
 
     q = ksub.add_parser("status", help="kaggle kernels status of the rendered kernel")
-    q.add_argument("--dir", default=KERNEL_DIR)
+    q.add_argument("--dir", default=KERNEL_DIR, help="the rendered kernel folder (kernel build --out)")
     q.set_defaults(func=cmd_kernel_status)
 
     q = ksub.add_parser("output", help="fetch the kernel's output (its submission.csv)")
-    q.add_argument("--dir", default=KERNEL_DIR)
-    q.add_argument("--out", default="kernels/output")
+    q.add_argument("--dir", default=KERNEL_DIR, help="the rendered kernel folder (kernel build --out)")
+    q.add_argument("--out", default="kernels/output", help="folder for the kernel's output files")
     q.set_defaults(func=cmd_kernel_output)
 
     p = sub.add_parser("weights-dataset", help="a Kaggle dataset with a timm encoder's ImageNet weights, for "
