@@ -3,7 +3,7 @@
     python -m benchmarks.host_step [--config configs/gpu_best.yaml] [--steps 30] [--set KEY=VALUE ...]
 
 A GPU only stays busy while Python queues kernels faster than it runs them, and never waits
-for it. This measures, on the CPU and for the config's real step (`train.train_one_epoch`:
+for it. This measures, on the CPU and for the config's real step (`train_fold.run_steps`:
 `to_batch`, the config's loss with its deep-supervision heads, GradScaler, optimizer, progress
 bar, on uint8 batches as the loader hands them over):
 
@@ -105,10 +105,9 @@ def stage_epochs(cfg) -> dict[str, int]:
     return {cfg.loss.name: 0}
 
 
-def run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt):
-    model, optimizer, scaler, loss_fn = parts
+def run_epoch(run_steps, parts, loader, epoch, cfg, rt):
     with contextlib.redirect_stderr(io.StringIO()):  # the bar still draws, as in a logged run
-        return train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, "bench")
+        return run_steps(parts.model, loader, parts, cfg, rt, epoch, "bench")
 
 
 def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
@@ -116,7 +115,7 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
     from pipeline.models import create_model
     from pipeline.runtime import resolve_runtime
     from pipeline.optim import build_optimizer
-    from pipeline.train_fold import train_one_epoch
+    from pipeline.train_fold import Training, run_steps
 
     rt = resolve_runtime("off", "off", "cpu", 1)
     torch.manual_seed(0)
@@ -124,7 +123,8 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
     with torch.no_grad():
         example = real(torch.zeros(2, cfg.model.in_chans, cfg.input.size, cfg.input.size))
     stub = ShapeStub(example)
-    parts = (stub, build_optimizer(cfg, stub), rt.grad_scaler(), SegLoss(cfg.loss, cfg.model.deep_supervision))
+    parts = Training(model=stub, optimizer=build_optimizer(cfg, stub), scheduler=None, scaler=rt.grad_scaler(),
+                     loss_fn=SegLoss(cfg.loss, cfg.model.deep_supervision), ema=None)
     loader = Batches(make_batches(cfg.train.batch_size, steps))
     result: dict = {"batch": cfg.train.batch_size, "size": cfg.input.size, "stages": {}}
 
@@ -141,18 +141,18 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
 
     stub_ms = 1000 * statistics.median(stub_alone() for _ in range(repeats))
     for name, epoch in stage_epochs(cfg).items():
-        run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)  # warm-up
+        run_epoch(run_steps, parts, loader, epoch, cfg, rt)  # warm-up
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)
+            run_epoch(run_steps, parts, loader, epoch, cfg, rt)
             times.append((time.perf_counter() - started) / steps)
         from benchmarks.syncs import count_host_syncs
 
         with count_host_syncs() as syncs:
-            run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)
+            run_epoch(run_steps, parts, loader, epoch, cfg, rt)
         with OpCounter() as ops:
-            run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)
+            run_epoch(run_steps, parts, loader, epoch, cfg, rt)
         result["stages"][name] = {
             "epoch": epoch,
             "host_ms_per_step": round(1000 * statistics.median(times) - stub_ms, 3),

@@ -21,6 +21,7 @@ def tiny_config(data, tmp_path, *overrides):
         "name=tiny", "n_folds=3", "folds=[0]", "model.n_filters=4", "train.batch_size=16",
         "train.epochs=2", "train.scheduler=none", "train.early_stop_patience=0", "train.threads=2",
         "train.precision=off", "train.channels_last=off", "augment.shift_scale=0",
+        "run.checkpoint_seconds=0",  # last.pt after every epoch: the kill tests resume from any
         *overrides,
     ])
 
