@@ -137,3 +137,37 @@ def test_checkpoint_every_in_an_old_run_config_loads_and_a_new_one_is_told_its_s
         load_config(None, ["run.checkpoint_every=2"])
     with pytest.raises(PipelineError, match="run.checkpoint_seconds"):
         load_config(None, ["run.checkpoint_seconds=-1"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_fp16_step_with_its_scaler_on_reads_nothing_per_step_once_the_optimizer_is_fused(optimizer):
+    """GradScaler.step reads found_inf on the host every step unless the optimizer takes it on
+    the device (fused: what build_optimizer picks on CUDA, forced here on the CPU)."""
+    from benchmarks.syncs import step_syncs
+
+    cfg = load_config(None, [*TINY_DEEP, f"train.optimizer={optimizer}"])
+    fused, unfused = step_syncs(cfg, steps=4, fused=True), step_syncs(cfg, steps=4, fused=False)
+    assert fused["scaler_enabled"] and fused["per_step"] == 0, fused
+    # the found_inf read per step that fused removes (unfused Adam also reads its step count here,
+    # a CPU tensor on CUDA too)
+    assert unfused["per_step"] >= 1, unfused
+
+
+def test_the_ema_update_reads_nothing_back_per_step_and_averages_as_torchs_did():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pipeline.optim import build_ema
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ours, torchs = build_ema(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9),
+                                                        use_buffers=True)
+    with count_host_syncs() as syncs:
+        for step in range(3):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+                model[1].running_mean.add_(step)
+            ours.update_parameters(model)
+    assert sum(syncs.values()) == 0
+    fresh = build_ema(model, 0.9)
+    fresh.load_state_dict(ours.state_dict())  # AveragedModel's layout: module.*, n_averaged
+    assert fresh.updates == 3 and set(ours.state_dict()) == set(torchs.state_dict())
