@@ -15,6 +15,8 @@ bar, on uint8 batches as the loader hands them over):
 - for the real model: ops per training step (forward + backward + optimizer) and FLOPs per
   image (torch.utils.flop_counter, counted on a batch of 2);
 
+with --compile MODES, the real model's step eager and under torch.compile (`compiled_step_ms`:
+host ms on the CPU at a small batch, where dispatch dominates; the build time apart);
 then an estimate of the config's wall time on one GPU (`estimate`): device time from FLOPs at an
 assumed fraction of peak, host time from ops x a per-op launch cost, overlapped when the step
 has no sync, added up when it has. Point PYTHONPATH at another checkout to measure it the same
@@ -282,12 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mfu", type=float, default=0.25)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--compile", default="", metavar="MODES",
+                        help="also time the real model's step eager and with torch.compile in these modes "
+                             "(e.g. default,reduce-overhead): CPU host ms, small batch; building takes minutes")
     args = parser.parse_args(argv)
     from pipeline.config import load_config
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.set)
     measured = host_step(cfg, args.steps, args.repeats)
+    if args.compile:
+        measured["compile"] = [compiled_step_ms(cfg, mode) for mode in ["off", *args.compile.split(",")]]
     measured["estimate"] = {f"{p}_processes": {f"mfu_{m}": estimate(measured, cfg, mfu=m, fold_processes=p)
                                                for m in (0.15, args.mfu, 0.4)} for p in (1, 3, 5)}
     text = json.dumps(measured, indent=1)
@@ -304,3 +311,39 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def compiled_step_ms(cfg, mode: str, steps: int = 5, size: int | None = None, batch: int = 2) -> dict:
+    """CPU ms per real training step (forward, loss, backward, optimizer) of the config's model,
+    eager or torch.compile(mode=...), at a small batch and input so that the host's share
+    (dispatch, Python) dominates: host time, not a GPU figure. The build time is reported apart."""
+    from pipeline.losses import SegLoss
+    from pipeline.models import create_model
+    from pipeline.optim import build_optimizer
+
+    size = size or (32 if cfg.model.name != "seed_unet" else 16)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, load_pretrained=False).train()
+    optimizer = build_optimizer(cfg, model)
+    loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
+    step_model = model if mode == "off" else torch.compile(model, mode=mode)
+    x = torch.rand(batch, cfg.model.in_chans, size, size)
+    target = (torch.rand(batch, 1, size, size) > 0.5).float()
+
+    def step():
+        out = step_model(x)
+        loss, _ = loss_fn({k: v for k, v in out.items()}, target, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    started = time.perf_counter()
+    step()
+    build_s = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return {"mode": mode, "ms_per_step": round(1000 * statistics.median(times), 2), "first_step_s": round(build_s, 1),
+            "batch": batch, "size": size}
