@@ -163,6 +163,10 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
             "ops_per_step": round(sum(ops.counts.values()) / steps, 1),
         }
     result["stub_ms_per_step"] = round(stub_ms, 3)
+    from benchmarks.syncs import step_syncs
+
+    # the fp16 path (T4-class GPUs): GradScaler on, the optimizer fused as build_optimizer makes it on CUDA
+    result["fp16_scaler_syncs_per_step"] = step_syncs(cfg, steps=3, fused=True)["per_step"]
     result.update(model_cost(cfg, real))
     result["cpu_dispatch_us_per_op"] = dispatch_cost_us()
     return result

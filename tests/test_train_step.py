@@ -66,6 +66,7 @@ def test_host_step_benchmark_measures_the_configs_real_step_and_estimates_a_gpu_
     for stage in measured["stages"].values():
         assert stage["syncs_per_step"] < 0.7 and stage["ops_per_step"] > 10 and stage["host_ms_per_step"] > -5
     assert measured["model_ops_per_step"] > 50 and measured["train_gflop_per_image"] > 0
+    assert measured["fp16_scaler_syncs_per_step"] == 0
     one, three = (estimate(measured, cfg, fold_processes=p) for p in (1, 3))
     assert 0 < three["train_minutes"] <= one["train_minutes"]
     assert one["train_steps"] == 5 * 2 * (3200 // 8)
