@@ -98,12 +98,14 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     from pipeline.distributed import DistContext
     from pipeline.runtime import Runtime
     from pipeline.loader import SaltDataset
-    from pipeline.train_fold import epoch_loader, fold_loader
+    from pipeline.rundir import FoldDir
+    from pipeline.train_fold import FoldContext, epoch_loader, fold_loader
 
     cfg = copy.deepcopy(cfg)
     cfg.run.num_workers = workers
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
     dataset = SaltDataset(images, masks, build_train_transform(cfg.augment, seed=cfg.seed))
+    ctx = FoldContext(cfg, 0, rt, DistContext(), FoldDir.of(cfg, 0), "")  # nothing is written
     count, produced, epochs, first_batch_s = 0, 0, 0, []
     started = time.perf_counter()
     cpu_started, children_started = time.process_time(), _children_cpu_s()
@@ -111,8 +113,8 @@ def loader_rate(cfg, images, masks, workers: int, seconds: float) -> dict:
     while True:
         # a fresh fold loader per epoch: its workers end with the epoch, so their CPU time is counted
         # (training keeps them for the fold: pipeline/loader.py; that saves the start-up, not the work)
-        fold_batches = fold_loader(dataset, cfg, rt, DistContext())
-        loader = epoch_loader(fold_batches, cfg, fold=0, epoch=epochs, dist=DistContext())
+        fold_batches = fold_loader(ctx, dataset)
+        loader = epoch_loader(ctx, fold_batches, epochs)
         epoch_started = time.perf_counter()
         batches = iter(loader)
         for index, (image_batch, _) in enumerate(batches):

@@ -3,7 +3,7 @@
     python -m benchmarks.host_step [--config configs/gpu_best.yaml] [--steps 30] [--set KEY=VALUE ...]
 
 A GPU only stays busy while Python queues kernels faster than it runs them, and never waits
-for it. This measures, on the CPU and for the config's real step (`train.train_one_epoch`:
+for it. This measures, on the CPU and for the config's real step (`train_fold.run_steps`:
 `to_batch`, the config's loss with its deep-supervision heads, GradScaler, optimizer, progress
 bar, on uint8 batches as the loader hands them over):
 
@@ -15,6 +15,8 @@ bar, on uint8 batches as the loader hands them over):
 - for the real model: ops per training step (forward + backward + optimizer) and FLOPs per
   image (torch.utils.flop_counter, counted on a batch of 2);
 
+with --compile MODES, the real model's step eager and under torch.compile (`compiled_step_ms`:
+host ms on the CPU at a small batch, where dispatch dominates; the build time apart);
 then an estimate of the config's wall time on one GPU (`estimate`): device time from FLOPs at an
 assumed fraction of peak, host time from ops x a per-op launch cost, overlapped when the step
 has no sync, added up when it has. Point PYTHONPATH at another checkout to measure it the same
@@ -105,10 +107,9 @@ def stage_epochs(cfg) -> dict[str, int]:
     return {cfg.loss.name: 0}
 
 
-def run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt):
-    model, optimizer, scaler, loss_fn = parts
+def run_epoch(run_steps, parts, loader, epoch, cfg, rt):
     with contextlib.redirect_stderr(io.StringIO()):  # the bar still draws, as in a logged run
-        return train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, "bench")
+        return run_steps(parts.model, loader, parts, cfg, rt, epoch, "bench")
 
 
 def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
@@ -116,7 +117,7 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
     from pipeline.models import create_model
     from pipeline.runtime import resolve_runtime
     from pipeline.optim import build_optimizer
-    from pipeline.train_fold import train_one_epoch
+    from pipeline.train_fold import Training, run_steps
 
     rt = resolve_runtime("off", "off", "cpu", 1)
     torch.manual_seed(0)
@@ -124,7 +125,8 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
     with torch.no_grad():
         example = real(torch.zeros(2, cfg.model.in_chans, cfg.input.size, cfg.input.size))
     stub = ShapeStub(example)
-    parts = (stub, build_optimizer(cfg, stub), rt.grad_scaler(), SegLoss(cfg.loss, cfg.model.deep_supervision))
+    parts = Training(model=stub, optimizer=build_optimizer(cfg, stub), scheduler=None, scaler=rt.grad_scaler(),
+                     loss_fn=SegLoss(cfg.loss, cfg.model.deep_supervision), ema=None)
     loader = Batches(make_batches(cfg.train.batch_size, steps))
     result: dict = {"batch": cfg.train.batch_size, "size": cfg.input.size, "stages": {}}
 
@@ -141,18 +143,18 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
 
     stub_ms = 1000 * statistics.median(stub_alone() for _ in range(repeats))
     for name, epoch in stage_epochs(cfg).items():
-        run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)  # warm-up
+        run_epoch(run_steps, parts, loader, epoch, cfg, rt)  # warm-up
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)
+            run_epoch(run_steps, parts, loader, epoch, cfg, rt)
             times.append((time.perf_counter() - started) / steps)
         from benchmarks.syncs import count_host_syncs
 
         with count_host_syncs() as syncs:
-            run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)
+            run_epoch(run_steps, parts, loader, epoch, cfg, rt)
         with OpCounter() as ops:
-            run_epoch(train_one_epoch, parts, loader, epoch, cfg, rt)
+            run_epoch(run_steps, parts, loader, epoch, cfg, rt)
         result["stages"][name] = {
             "epoch": epoch,
             "host_ms_per_step": round(1000 * statistics.median(times) - stub_ms, 3),
@@ -161,6 +163,10 @@ def host_step(cfg, steps: int = 30, repeats: int = 5) -> dict:
             "ops_per_step": round(sum(ops.counts.values()) / steps, 1),
         }
     result["stub_ms_per_step"] = round(stub_ms, 3)
+    from benchmarks.syncs import step_syncs
+
+    # the fp16 path (T4-class GPUs): GradScaler on, the optimizer fused as build_optimizer makes it on CUDA
+    result["fp16_scaler_syncs_per_step"] = step_syncs(cfg, steps=3, fused=True)["per_step"]
     result.update(model_cost(cfg, real))
     result["cpu_dispatch_us_per_op"] = dispatch_cost_us()
     return result
@@ -282,12 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mfu", type=float, default=0.25)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--compile", default="", metavar="MODES",
+                        help="also time the real model's step eager and with torch.compile in these modes "
+                             "(e.g. default,reduce-overhead): CPU host ms, small batch; building takes minutes")
     args = parser.parse_args(argv)
     from pipeline.config import load_config
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.set)
     measured = host_step(cfg, args.steps, args.repeats)
+    if args.compile:
+        measured["compile"] = [compiled_step_ms(cfg, mode) for mode in ["off", *args.compile.split(",")]]
     measured["estimate"] = {f"{p}_processes": {f"mfu_{m}": estimate(measured, cfg, mfu=m, fold_processes=p)
                                                for m in (0.15, args.mfu, 0.4)} for p in (1, 3, 5)}
     text = json.dumps(measured, indent=1)
@@ -304,3 +315,39 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def compiled_step_ms(cfg, mode: str, steps: int = 5, size: int | None = None, batch: int = 2) -> dict:
+    """CPU ms per real training step (forward, loss, backward, optimizer) of the config's model,
+    eager or torch.compile(mode=...), at a small batch and input so that the host's share
+    (dispatch, Python) dominates: host time, not a GPU figure. The build time is reported apart."""
+    from pipeline.losses import SegLoss
+    from pipeline.models import create_model
+    from pipeline.optim import build_optimizer
+
+    size = size or (32 if cfg.model.name != "seed_unet" else 16)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, load_pretrained=False).train()
+    optimizer = build_optimizer(cfg, model)
+    loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
+    step_model = model if mode == "off" else torch.compile(model, mode=mode)
+    x = torch.rand(batch, cfg.model.in_chans, size, size)
+    target = (torch.rand(batch, 1, size, size) > 0.5).float()
+
+    def step():
+        out = step_model(x)
+        loss, _ = loss_fn({k: v for k, v in out.items()}, target, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    started = time.perf_counter()
+    step()
+    build_s = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return {"mode": mode, "ms_per_step": round(1000 * statistics.median(times), 2), "first_step_s": round(build_s, 1),
+            "batch": batch, "size": size}

@@ -46,7 +46,7 @@ process-to-process drift (about +-5%) that the ours/peer ratio does not.
 `--data` also times the augmentation + batching loader. `--config CFG` (repeatable) also times
 the pipeline's own training step for that config: its model options, `to_batch` from uint8
 batches (pinned on CUDA, as the DataLoader hands them over), its loss with the deep-supervision
-heads, its optimizer, GradScaler, precision and memory format, through `train.train_one_epoch`
+heads, its optimizer, GradScaler, precision and memory format, through `train_fold.run_steps`
 itself; and its inference as `predict` runs it (`predict_probs`, its TTA, its batch size). The
 rows above time a bare UNet with Adam/BCE on tensors already on the device: a ceiling; this row
 is what a run gets from the model side (the loader's workers come on top, see --data).
@@ -471,15 +471,16 @@ def measure_pipeline(config_path: str, overrides: list[str], steps: int, repeats
         from pipeline.predict import predict_probs
         from pipeline.runtime import resolve_runtime
         from pipeline.optim import build_optimizer
-        from pipeline.train_fold import train_one_epoch
+        from pipeline.train_fold import Training, run_steps
 
         cfg = load_config(config_path, overrides)
         dev = _setup(device)
         rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, str(dev), os.cpu_count() or 1)
         torch.manual_seed(0)
         model = create_model(cfg.model, load_pretrained=False).to(rt.device, memory_format=rt.memory_format())
-        optimizer, scaler = build_optimizer(cfg, model), rt.grad_scaler()
-        loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
+        optimizer = build_optimizer(cfg, model)
+        parts = Training(model=model, optimizer=optimizer, scheduler=None, scaler=rt.grad_scaler(),
+                         loss_fn=SegLoss(cfg.loss, cfg.model.deep_supervision), ema=None)
         batches = make_batches(cfg.train.batch_size, steps)
         if rt.is_cuda:
             batches = [(images.pin_memory(), masks.pin_memory()) for images, masks in batches]
@@ -489,20 +490,19 @@ def measure_pipeline(config_path: str, overrides: list[str], steps: int, repeats
             epochs["stage2"] = cfg.loss.stage2_from_epoch
         result = {"config": cfg.name, "device": rt.describe(), "batch": cfg.train.batch_size}
         for stage, epoch in epochs.items():
-            train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, "warm-up", show_progress=False)
+            run_steps(model, loader, parts, cfg, rt, epoch)  # warm-up
             rates = []
             for _ in range(repeats):
                 started = time.perf_counter()  # the epoch ends by reading its loss: synchronised
-                train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg, rt, epoch, "bench",
-                                show_progress=False)
+                run_steps(model, loader, parts, cfg, rt, epoch)
                 rates.append(steps * cfg.train.batch_size / (time.perf_counter() - started))
             result[f"train_img_s_{stage}"] = round(statistics.median(rates), 1)
         images = np.concatenate([b[0].numpy() for b in batches])
-        predict_probs(model, images, cfg, rt, cfg.predict.batch_size, cfg.predict.tta)
+        predict_probs(model, images, cfg, rt, cfg.predict.tta)
         rates = []
         for _ in range(repeats):
             started = time.perf_counter()  # predict_probs copies every batch back: synchronised
-            predict_probs(model, images, cfg, rt, cfg.predict.batch_size, cfg.predict.tta)
+            predict_probs(model, images, cfg, rt, cfg.predict.tta)
             rates.append(len(images) / (time.perf_counter() - started))
         result["infer_img_s"] = round(statistics.median(rates), 1)
         result["tta"] = list(cfg.predict.tta)

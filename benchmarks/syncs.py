@@ -68,3 +68,29 @@ def count_host_syncs():
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+def step_syncs(cfg, steps: int = 5, *, fused: bool) -> dict:
+    """Host syncs per training step of `cfg`'s real step (train_fold.run_steps, the model a
+    ShapeStub) on the fp16 path, GradScaler enabled, as on a GPU without native bf16 (T4):
+    `fused` chooses the optimizer build_optimizer takes on CUDA (True) or the unfused one."""
+    from benchmarks.host_step import Batches, ShapeStub, make_batches
+    from pipeline.losses import SegLoss
+    from pipeline.models import create_model
+    from pipeline.optim import build_optimizer
+    from pipeline.runtime import resolve_runtime
+    from pipeline.train_fold import Training, run_steps
+
+    rt = resolve_runtime("fp16", "off", "cpu", 1)
+    with torch.no_grad():
+        example = create_model(cfg.model, load_pretrained=False).train()(
+            torch.zeros(2, cfg.model.in_chans, cfg.input.size, cfg.input.size))
+    stub = ShapeStub(example)
+    parts = Training(model=stub, optimizer=build_optimizer(cfg, stub, fused=fused), scheduler=None,
+                     scaler=rt.grad_scaler(), loss_fn=SegLoss(cfg.loss, cfg.model.deep_supervision), ema=None)
+    loader = Batches(make_batches(cfg.train.batch_size, steps))
+    with count_host_syncs() as counts:
+        run_steps(stub, loader, parts, cfg, rt, 0)
+    ends = 2  # the epoch's own two reads at its end: the finite check and the mean loss
+    return {"scaler_enabled": parts.scaler.is_enabled(), "fused": fused,
+            "per_step": (sum(counts.values()) - ends) / steps, "by_kind": dict(counts)}

@@ -6,7 +6,8 @@ metric and the training digest travel inside the checkpoint, never in its name.
 
     best.pt, snapshot<c>.pt   {"model", "epoch", "val_score", "config_digest", "fold"}
     last.pt, prev.pt, stage1.pt  the resume state: {"model", "optimizer", "scheduler", "scaler",
-                                 "state" (LoopState), "config_digest", "fold"[, "ema"]}
+                                 "precision" (resolved: fp32/tf32/bf16/fp16), "state" (LoopState),
+                                 "config_digest", "fold"[, "ema"]}
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
 
 class CheckpointSaver:
     """Writes what one fold keeps after an epoch: best.pt when the score improved, the cycle's
-    snapshot when it is the cycle's best, last.pt when asked (every run.checkpoint_every epochs;
-    the one before kept as prev.pt, the fallback when last.pt is found damaged), and stage1.pt at
-    the switch to the stage-2 loss."""
+    snapshot when it is the cycle's best (both only when they change), last.pt when asked (by time,
+    run.checkpoint_seconds, and at the end of each loss stage and of the fold: see
+    train_fold.last_checkpoint_due; the one before kept as prev.pt, the fallback when last.pt is
+    found damaged), and stage1.pt at the switch to the stage-2 loss."""
 
     def __init__(self, folder: FoldDir, digest: str):
         self.folder = folder

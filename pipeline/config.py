@@ -109,10 +109,8 @@ class TrainConfig:
     # "off" (fp32, no TF32); "tf32" (fp32 with TF32 maths on CUDA); "bf16"; "fp16"
     precision: str = "auto"
     channels_last: str = "auto"  # "auto" | "on" | "off"
-    compile: bool = False
     limit_train: int = 0  # smoke runs: use only this many training images (0 = all)
     grad_clip: float = 0.0
-    sync_bn: bool = False  # DDP only: SyncBatchNorm across processes
     # Validate (and keep checkpoints by the metric) only from this epoch on (1-based; 0 = every
     # epoch): early epochs are never the best ones, and validation is ~13% of an epoch's time.
     validate_from: int = 0
@@ -145,9 +143,20 @@ class RunConfig:
     # so `pipeline branch` can start stage-2 variants of this run without repeating stage 1.
     # Without a stage 1 (loss.stage2_from_epoch <= 0, as in smoke tests) nothing is kept.
     keep_stage1: bool = False
-    # Write the resume checkpoint (last.pt, ~100-200 MB for a ResNet34 UNet, fsynced) every this
-    # many epochs, and at the last: at most this many epochs are lost to a kill. 1 = every epoch.
-    checkpoint_every: int = 1
+    # Write the resume checkpoint (last.pt, ~100-200 MB for a ResNet34 UNet, fsynced) at the end
+    # of an epoch once this many seconds have passed since the last write, and always at the end
+    # of each loss stage and of the fold: a kill loses at most this many seconds of training
+    # (plus the epoch under way), which a resume trains again to the same weights. 0 = every epoch.
+    checkpoint_seconds: float = 60.0
+    # torch.compile the training step's model: "off", or a torch.compile mode ("default",
+    # "reduce-overhead": CUDA graphs, which take the per-kernel launch cost off a fixed-shape
+    # step; "max-autotune": also searches kernels, slow to build). Same weights up to float
+    # rounding, so it is a run: key. Older configs spell it train.compile: true/false.
+    compile: str = "off"
+    # DDP only: SyncBatchNorm, i.e. BatchNorm statistics over the global batch, as one process
+    # computes them (the weights the training digest names); false: per-process statistics over
+    # batch_size / processes images (faster, another model). Older configs: train.sync_bn.
+    sync_bn: bool = True
     # CUDA only: repeatable to the bit on the same GPU model and software (deterministic cuDNN
     # and torch kernels, fixed cuBLAS workspace; slower). Off, a GPU run repeats, and a resumed
     # run matches an uninterrupted one, only to within training noise (pipeline/runtime.py).
@@ -161,12 +170,19 @@ class RunConfig:
 
 # The keys that moved from train: to run: (`train.threads` in an old config.yaml or a --set
 # is run.threads).
-LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard")
+LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard",
+                   "compile", "sync_bn")
 # run: keys that came after Config.digest's payload was fixed: left out of it
-UNHASHED_RUN_KEYS = ("tensorboard", "checkpoint_every", "deterministic")
+UNHASHED_RUN_KEYS = ("tensorboard", "checkpoint_seconds", "deterministic", "compile", "sync_bn")
 # (section, key): value of keys that came later still, left out of Config.digest at the value
 # that reproduces what runs made before them did (their tune.json and leaderboard rows stay current)
 UNHASHED_AT_NEUTRAL = {("model", "input_norm"): "none"}
+# Keys hashed under train: before they moved to run: (neither changes which model is trained):
+# both digests keep them at the value every earlier run had, so those runs stay reusable.
+MOVED_TRAIN_KEYS = {"compile": False, "sync_bn": False}
+# run: keys a newer version dropped: an older run's config.yaml still loads (the value is unused)
+RETIRED_RUN_KEYS = ("checkpoint_every",)  # epochs between last.pt writes: run.checkpoint_seconds now
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -243,13 +259,13 @@ class Config:
         """A short hash of what determines the trained weights (for stale-state checks)."""
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
         # hashed where they were before the run: section existed, so older runs keep their digest
-        # (only the keys that were there then: later run: keys -- tensorboard, checkpoint_every,
+        # (only the keys that were there then: later run: keys -- tensorboard, checkpoint_seconds,
         # deterministic -- never change the weights and are not hashed)
         run = {k: v for k, v in payload.pop("run", {}).items() if k not in UNHASHED_RUN_KEYS}
         for (section, key), neutral in UNHASHED_AT_NEUTRAL.items():
             if payload.get(section, {}).get(key) == neutral:
                 del payload[section][key]
-        payload["train"] = {**payload.get("train", {}), **run}
+        payload["train"] = {**payload.get("train", {}), **run, **MOVED_TRAIN_KEYS}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -263,6 +279,7 @@ VALID_CHOICES = {
     "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
     "train.precision": {"auto", "off", "tf32", "bf16", "fp16"},
     "train.channels_last": {"auto", "on", "off"},
+    "run.compile": set(COMPILE_MODES),
 }
 VALID_TTA = {"none", "hflip", "vflip", "hvflip"}
 
@@ -452,7 +469,7 @@ NUMBER_RANGES: dict[str, _Range] = {
     "train.limit_train": _Range(0, 10**9),
     "train.grad_clip": _Range(0.0, 1e6),
     "run.fold_workers": _CORES,
-    "run.checkpoint_every": _Range(1, 1_000_000),  # epochs between last.pt writes
+    "run.checkpoint_seconds": _Range(0.0, 1e9),  # seconds between last.pt writes
     "train.validate_from": _COUNT,
     "train.ema_decay": _Range(0.0, 1.0, high_open=True),
     "predict.batch_size": _Range(1, 65536),
@@ -550,6 +567,9 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise PipelineError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=3")
     key, raw = assignment.split("=", 1)
     key = _legacy_run_key(key.strip())
+    if key == "run.checkpoint_every":
+        raise PipelineError(f"--set {assignment!r}: run.checkpoint_every (epochs) was replaced by "
+                            "run.checkpoint_seconds (seconds between last.pt writes)")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -570,11 +590,23 @@ def _legacy_run_key(key: str) -> str:
     return f"run.{name}" if section == "train" and name in LEGACY_RUN_KEYS else key
 
 
+def _legacy_run_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Older spellings of run: values: compile as a bool (true = torch.compile's default mode;
+    YAML also reads a bare `off` as false), and retired keys dropped."""
+    run = values.get("run")
+    if not isinstance(run, dict):
+        return values
+    run = {k: v for k, v in run.items() if k not in RETIRED_RUN_KEYS}
+    if isinstance(run.get("compile"), bool):
+        run["compile"] = "default" if run["compile"] else "off"
+    return {**values, "run": run}
+
+
 def _move_legacy_run_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     """A config written before the run: section, with its speed keys under train:, as run.*."""
     train = values.get("train")
     if not isinstance(train, dict) or not any(k in train for k in LEGACY_RUN_KEYS):
-        return values
+        return _legacy_run_values(values)
     run = values.get("run") or {}
     if not isinstance(run, dict):
         return values  # _build says run: must be a mapping
@@ -585,7 +617,7 @@ def _move_legacy_run_keys(values: dict[str, Any], source: str) -> dict[str, Any]
                 raise PipelineError(f"{source}: both 'train.{key}' and 'run.{key}' given; keep 'run.{key}'")
             run[key] = train[key]
     moved = {k: v for k, v in train.items() if k not in LEGACY_RUN_KEYS}
-    return {**values, "train": moved, "run": run}
+    return _legacy_run_values({**values, "train": moved, "run": run})
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:

@@ -57,6 +57,14 @@ class DistContext:
         torch.distributed.all_gather_object(parts, array)
         return np.concatenate(parts, axis=0)
 
+    def broadcast_buffers(self, module) -> None:
+        """Every rank takes rank 0's buffers of `module` (BatchNorm running statistics), on the
+        buffers' own device (a model's: NCCL on GPUs)."""
+        if not self.enabled:
+            return
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value

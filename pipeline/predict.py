@@ -29,7 +29,7 @@ FLIP_DIMS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad on the CPU)
-def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_size: int,
+def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime,
                   tta: tuple[str, ...] | list[str] = ("none",), bar=None, *,
                   out: np.ndarray | None = None, weight: float = 1.0) -> np.ndarray:
     """Probabilities at 101x101 (float32 [N,101,101]); TTA flips are undone before averaging.
@@ -37,10 +37,11 @@ def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime, batch_siz
     With `out` (float32 or float16 [N,101,101]) the probabilities, times `weight`, are added into it batch
     by batch and `out` is returned: folds and snapshots then average into one buffer instead
     of each returning a full copy (18,000 test images are 734 MB a copy). `bar` moves by one
-    per image and TTA pass, so it advances within a fold."""
+    per image and TTA pass, so it advances within a fold. Batches are cfg.predict.batch_size."""
     from pipeline.geometry import restore, to_batch
 
     model.eval()
+    batch_size = cfg.predict.batch_size
     accumulate = out is not None
     if out is None:
         out = np.empty(images.shape, dtype=np.float32)
@@ -89,7 +90,7 @@ def fold_probs(cfg: Config, fold: int, images: np.ndarray, rt: Runtime, tta: tup
     models = load_fold_models(cfg, fold, rt)
     target = np.zeros(images.shape, dtype=np.float32) if out is None else out
     for model in models:
-        predict_probs(model, images, cfg, rt, cfg.predict.batch_size, tta, bar, out=target,
+        predict_probs(model, images, cfg, rt, tta, bar, out=target,
                       weight=weight / len(models))
     return target
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import fileio
-from pipeline.config import Config, dump_yaml, flatten, load_config, save_config
+from pipeline.config import MOVED_TRAIN_KEYS, Config, dump_yaml, flatten, load_config, save_config
 from pipeline.errors import PipelineError
 
 # val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
@@ -64,6 +64,7 @@ def training_digest(cfg: Config) -> str:
     """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
     relevant = {k: v for k, v in flatten(cfg).items()
                 if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
+    relevant.update({f"train.{k}": v for k, v in MOVED_TRAIN_KEYS.items()})  # now run: keys, see config.py
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

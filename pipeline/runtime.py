@@ -67,10 +67,16 @@ class Runtime:
         # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def describe(self) -> str:
+    @property
+    def precision(self) -> str:
+        """The resolved precision ("auto" no more): fp32, tf32, bf16 or fp16."""
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         if self.is_cuda and self.amp_dtype is None and torch.backends.cuda.matmul.allow_tf32:
             precision = "tf32"
+        return precision
+
+    def describe(self) -> str:
+        precision = self.precision
         name = torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"
         threads = "" if self.is_cuda else f", {torch.get_num_threads()} threads"
         return f"{name} ({precision}{', channels_last' if self.channels_last else ''}{threads})"

@@ -25,7 +25,7 @@ from pipeline.checkpoints import CheckpointSaver, first_non_finite, fold_checkpo
 from pipeline.config import Config
 from pipeline.distributed import DistContext
 from pipeline.errors import PipelineError
-from pipeline.geometry import restore, to_batch
+from pipeline.geometry import to_batch
 from pipeline.loader import SaltDataset, TrainLoader, epoch_seed
 from pipeline.manifests import fold_file_digests
 from pipeline.optim import build_ema, build_optimizer, build_scheduler, step_scheduler
@@ -78,25 +78,28 @@ def progress(total: int, desc: str, disable: bool = False):
                 mininterval=0.5 if interactive else 10.0, file=sys.stderr)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: Runtime, epoch: int,
-                    desc: str, show_progress: bool = True, after_step=None) -> float:
-    """One pass over `loader`; the mean training loss.
+def run_steps(step_model, loader, parts: "Training", cfg: Config, rt: Runtime, epoch: int,
+              desc: str | None = None) -> float:
+    """The optimizer steps of one pass over `loader` (and the EMA's update after each); the mean
+    training loss. `step_model` is what the steps run through (parts.model, or it wrapped in DDP
+    or torch.compile); `desc` names the progress bar (None: no bar).
 
     Nothing in a step reads a value back from the device (on a GPU that would stall the queue
     of kernels every step): the loss sum and the first non-finite loss are kept on the device
     and read once at the end; the progress bar's loss at most once per its refresh interval.
     A non-finite loss therefore stops the epoch at its end rather than at once: no checkpoint
     of it is written either way, and the previous epoch's last.pt stays the one to resume."""
-    model.train()
+    optimizer, scaler, loss_fn, ema = parts.optimizer, parts.scaler, parts.loss_fn, parts.ema
+    step_model.train()
     total_images = 0
     total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
     first_bad_loss = torch.zeros((), device=rt.device)  # stays 0 (finite) while every loss is
-    with progress(len(loader.sampler), desc, disable=not show_progress) as bar:
+    with progress(len(loader.sampler), desc or "", disable=desc is None) as bar:
         shown = time.monotonic()
         for images, masks in loader:
             x, target = to_batch(images, masks, cfg, rt)
             with rt.autocast():
-                outputs = model(x)
+                outputs = step_model(x)
             outputs = {k: _to_float(v) for k, v in outputs.items()}
             loss, _ = loss_fn(outputs, target, epoch)
             detached = loss.detach()
@@ -106,11 +109,11 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, cfg: Config, rt: 
             scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            if after_step is not None:
-                after_step()
+            if ema is not None:
+                ema.update_parameters(parts.model)
             total_loss += detached.double() * len(images)
             total_images += len(images)
             bar.update(len(images))
@@ -136,80 +139,110 @@ class NonFiniteLoss(Exception):
 
 
 @torch.no_grad()
-def validate(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: Config, rt: Runtime, epoch: int,
-             batch_size: int) -> tuple[np.ndarray, float]:
-    """Validation probabilities at 101x101 and the mean loss, from one forward pass per batch."""
-    model.eval()
-    probs = np.empty(images.shape, dtype=np.float32)
+def validate(model, images: np.ndarray, masks: np.ndarray, loss_fn, cfg: Config, rt: Runtime,
+             epoch: int) -> tuple[np.ndarray, float]:
+    """Validation probabilities at 101x101 (predict.predict_probs: as the test set is predicted,
+    without TTA) and the mean loss of the config's loss on them against the 101x101 masks."""
+    from pipeline.predict import predict_probs
+
+    probs = predict_probs(model, images, cfg, rt)
+    return probs, validation_loss(probs, masks, loss_fn, epoch)
+
+
+def validation_loss(probs: np.ndarray, masks: np.ndarray, loss_fn, epoch: int) -> float:
+    """The epoch's mask loss (no deep-supervision heads: inference has none) of the 101x101
+    probabilities, over the image itself, the logits clamped at +-13.8 (float32 sigmoids saturate)."""
     total = 0.0
-    for start in range(0, len(images), batch_size):
-        x, target = to_batch(torch.from_numpy(images[start:start + batch_size]),
-                             torch.from_numpy(masks[start:start + batch_size]), cfg, rt)
-        with rt.autocast():
-            logits = model(x)["mask"]
-        logits = logits.float()
-        loss, _ = loss_fn({"mask": logits}, target, epoch)
-        total += float(loss) * len(x)
-        probs[start:start + len(x)] = restore(torch.sigmoid(logits), cfg.input.mode)[:, 0].cpu().numpy()
-    return probs, total / max(len(images), 1)
+    for start in range(0, len(probs), 256):
+        p = torch.from_numpy(probs[start:start + 256])[:, None].clamp(1e-6, 1 - 1e-6)
+        target = (torch.from_numpy(masks[start:start + 256])[:, None] > 0).float()
+        loss, _ = loss_fn.mask_loss(torch.logit(p), target, loss_fn.loss_name(epoch))
+        total += float(loss) * len(p)
+    return total / max(len(probs), 1)
 
 
 # ---------------------------------------------------------------- one fold
+
+
+@dataclass(frozen=True)
+class FoldContext:
+    """What every step of one fold's training shares: the config, which fold, where it runs
+    (device and precision; its process among DDP's), where it writes, and the digest its
+    checkpoints carry."""
+
+    cfg: Config
+    fold: int
+    rt: Runtime
+    dist: DistContext
+    folder: FoldDir
+    digest: str
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on the main process only."""
+        if self.dist.is_main:
+            print(*args, **kwargs)
 
 
 def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, *, resume: bool = True,
                dist: DistContext = DistContext()) -> dict:
     """Train fold `fold` (its validation ids are those with fold_ids == fold); returns done.json."""
     t = cfg.train
-    folder = FoldDir.of(cfg, fold)
-    folder.path.mkdir(parents=True, exist_ok=True)
+    ctx = FoldContext(cfg, fold, rt, dist, FoldDir.of(cfg, fold), training_digest(cfg))
+    ctx.folder.path.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        fileio.remove_stale_temp_files(folder.path)  # this process holds the fold's lock: no live writer
-    digest = training_digest(cfg)
-    say = print if dist.is_main else _silent
+        fileio.remove_stale_temp_files(ctx.folder.path)  # this process holds the fold's lock: no live writer
 
-    split = fold_data(cfg, fold, data, fold_ids, rt, dist, digest, use_cache=resume, say=say)
-    parts = build_training(cfg, fold, rt, dist)
-    state, log_rows = resume_or_start_afresh(folder, parts, digest, resume=resume, dist=dist, say=say,
-                                             epochs=t.epochs)
-    step_model = wrap_for_steps(parts.model, cfg, rt, dist)
-    saver = CheckpointSaver(folder, digest)
-    batches = fold_loader(split.train_set, cfg, rt, dist)  # its workers live for the fold
+    split = fold_data(ctx, data, fold_ids, use_cache=resume)
+    parts = build_training(ctx)
+    state, log_rows = resume_or_start_afresh(ctx, parts, resume=resume)
+    step_model = wrap_for_steps(ctx, parts.model)
+    saver = CheckpointSaver(ctx.folder, ctx.digest)
+    batches = fold_loader(ctx, split.train_set)  # its workers live for the fold
+    last_written = time.monotonic()
 
-    say(f"fold {fold}: {len(split.train_set)} train / {len(split.val_index)} val images on {rt.describe()}"
-        + (f" x {dist.world_size} processes" if dist.enabled else ""))
+    ctx.say(f"fold {fold}: {len(split.train_set)} train / {len(split.val_index)} val images on {rt.describe()}"
+            + (f" x {dist.world_size} processes" if dist.enabled else ""))
     while state.epoch < t.epochs:
         epoch, started = state.epoch, time.perf_counter()
-        loader = epoch_loader(batches, cfg, fold, epoch, dist)
-        train_loss = train_epoch(step_model, loader, parts, cfg, rt, epoch, folder, dist)
-        scores = validate_epoch(parts, split, cfg, rt, epoch, folder, dist)
+        train_loss = train_epoch(ctx, step_model, parts, epoch_loader(ctx, batches, epoch), epoch)
+        scores = validate_epoch(ctx, parts, split, epoch)
         lr = parts.optimizer.param_groups[0]["lr"]
         step_scheduler(parts.scheduler, scores.score)
         seconds = time.perf_counter() - started
         improved, snapshot = state.record(epoch, scores, seconds, t)
         stopping = bool(t.early_stop_patience) and state.epochs_without_improvement >= t.early_stop_patience
+        result = EpochResult(epoch, lr, train_loss, scores, improved, seconds)
+        write_last = last_checkpoint_due(cfg, state, stopping, time.monotonic() - last_written)
 
         if dist.is_main:
             if improved:
-                keep_best_oof(folder, split, data.ids, scores.probs)
-            saver.save(weights=parts.eval_model.state_dict(), resume=parts.resume_state(state), epoch=epoch,
-                       val_score=scores.score, best=improved, snapshot=snapshot,
-                       stage1=cfg.run.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch,
-                       last=state.epoch % cfg.run.checkpoint_every == 0 or state.epoch >= t.epochs or stopping)
-            log_rows.append(log_row(epoch, lr, train_loss, scores, seconds, with_raw=parts.ema is not None))
-            write_log(folder.log, log_rows)
+                keep_best_oof(ctx.folder, split, data.ids, scores.probs)
+            saver.save(weights=parts.eval_model.state_dict(), resume=parts.resume_state(state, rt),
+                       epoch=epoch, val_score=scores.score, best=improved, snapshot=snapshot,
+                       stage1=cfg.run.keep_stage1 and state.epoch == cfg.loss.stage2_from_epoch, last=write_last)
+            log_rows.append(log_row(result, with_raw=parts.ema is not None))
+            write_log(ctx.folder.log, log_rows)
             runlog.tensorboard_epoch(cfg, fold, log_rows[-1])
-        say(epoch_line(fold, epoch, t, lr, train_loss, scores, improved, seconds), flush=True)
+        if write_last:
+            last_written = time.monotonic()
+        ctx.say(epoch_line(fold, t, result), flush=True)
         dist.barrier()
 
         if stopping:
-            say(f"fold {fold}: early stop, no improvement for {t.early_stop_patience} epochs")
+            ctx.say(f"fold {fold}: early stop, no improvement for {t.early_stop_patience} epochs")
             break
-    return finish_fold(cfg, fold, folder, split, rt, state, digest, dist)
+    return finish_fold(ctx, split, state)
 
 
-def _silent(*args, **kwargs) -> None:
-    """`say` on every process but the main one."""
+def last_checkpoint_due(cfg: Config, state: LoopState, stopping: bool, seconds_since: float) -> bool:
+    """Write last.pt after this epoch? Once run.checkpoint_seconds have passed since the last
+    write (a ~200 MB fsynced file every ~1 s epoch would cost more than the epoch), and always
+    at the end of a loss stage and of the fold. A kill therefore loses at most that many seconds
+    of training plus the epoch under way; the resume trains them again to the same weights
+    (every epoch is seeded from (seed, fold, epoch))."""
+    fold_ends = stopping or state.epoch >= cfg.train.epochs
+    stage_ends = state.epoch == cfg.loss.stage2_from_epoch
+    return fold_ends or stage_ends or seconds_since >= cfg.run.checkpoint_seconds
 
 
 # ---------------------------------------------------------------- the steps of train_fold
@@ -226,14 +259,14 @@ class FoldData:
     val_shard: slice  # this process's share of the validation images (all of them without DDP)
 
 
-def fold_data(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, dist: DistContext, digest: str,
-              *, use_cache: bool, say) -> FoldData:
+def fold_data(ctx: FoldContext, data, fold_ids: np.ndarray, *, use_cache: bool) -> FoldData:
     """In-memory arrays: validation = this fold's ids; training = the others (train.limit_train
     of them in smoke runs), plus the test images the teacher labels (pseudo.teacher)."""
     from pipeline.augment import build_train_transform
 
-    val_index = np.flatnonzero(fold_ids == fold)
-    train_index = np.flatnonzero(fold_ids != fold)
+    cfg = ctx.cfg
+    val_index = np.flatnonzero(fold_ids == ctx.fold)
+    train_index = np.flatnonzero(fold_ids != ctx.fold)
     if cfg.train.limit_train:
         train_index = train_index[: cfg.train.limit_train]
     train_images, train_masks = data.images[train_index], data.masks[train_index]
@@ -241,14 +274,15 @@ def fold_data(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, d
         from pipeline.pseudo import pseudo_labels
 
         # a fold started afresh (--restart, --force) labels afresh
-        pseudo_images, pseudo_masks = pseudo_labels(cfg, fold, [data.ids[i] for i in val_index], rt, digest,
-                                                    use_cache=use_cache, write_cache=dist.is_main, say=say)
+        pseudo_images, pseudo_masks = pseudo_labels(cfg, ctx.fold, [data.ids[i] for i in val_index], ctx.rt,
+                                                    ctx.digest, use_cache=use_cache, write_cache=ctx.dist.is_main,
+                                                    say=ctx.say)
         train_images = np.concatenate([train_images, pseudo_images])
         train_masks = np.concatenate([train_masks, pseudo_masks])
     transform = build_train_transform(cfg.augment, seed=cfg.seed)
     return FoldData(train_set=SaltDataset(train_images, train_masks, transform), val_index=val_index,
                     val_images=data.images[val_index], val_masks=data.masks[val_index],
-                    val_shard=dist.shard(len(val_index)))  # each rank predicts one shard, then they are gathered
+                    val_shard=ctx.dist.shard(len(val_index)))  # each rank predicts one shard, then they are gathered
 
 
 @dataclass
@@ -260,17 +294,19 @@ class Training:
     scheduler: object  # an lr scheduler, or None
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
-    ema: nn.Module | None  # train.ema_decay's AveragedModel, or None
+    ema: nn.Module | None  # train.ema_decay's WeightEMA (pipeline/optim.py), or None
 
     @property
     def eval_model(self) -> nn.Module:
         """The weights validated and kept in best.pt: the average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def resume_state(self, state: LoopState) -> dict:
+    def resume_state(self, state: LoopState, rt: Runtime) -> dict:
+        """last.pt's payload; `precision` is the resolved one ("auto" hashes alike on every
+        GPU, so a resume may run in another: see load_resume_state)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict(), "state": vars(state).copy(),
+                "scaler": self.scaler.state_dict(), "precision": rt.precision, "state": vars(state).copy(),
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load_resume_state(self, checkpoint: dict) -> LoopState:
@@ -278,21 +314,36 @@ class Training:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and checkpoint.get("scheduler") is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        load_scaler(self.scaler, checkpoint.get("scaler") or {})
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["ema"])
         return LoopState(**checkpoint["state"])
 
 
-def build_training(cfg: Config, fold: int, rt: Runtime, dist: DistContext) -> Training:
-    """Model, optimizer, schedule, loss scaler, loss and EMA: identical init for identical (seed, fold)."""
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """The saved loss scale, where there is one to take: a run that did not scale its losses
+    (bf16 or fp32: a disabled scaler saves {}) leaves an fp16 resume's scaler at its start, as
+    a fresh run's (GradScaler.load_state_dict raises on {}); a disabled scaler ignores any."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
+def build_training(ctx: FoldContext) -> Training:
+    """Model, optimizer, schedule, loss scaler, loss and EMA: identical init for identical (seed, fold).
+    Under DDP on GPUs, SyncBatchNorm (run.sync_bn): BatchNorm over the global batch, as one
+    process trains it; torch has no CPU kernel for it, so CPU processes (gloo) keep their own."""
     from pipeline.losses import SegLoss
     from pipeline.models import create_model
 
-    torch.manual_seed(epoch_seed(cfg.seed, fold, -1))
+    cfg, rt = ctx.cfg, ctx.rt
+    torch.manual_seed(epoch_seed(cfg.seed, ctx.fold, -1))
     model = create_model(cfg.model)
-    if dist.enabled and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ctx.dist.enabled and cfg.run.sync_bn:
+        if rt.is_cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            ctx.say(f"fold {ctx.fold}: BatchNorm per process ({cfg.train.batch_size // ctx.dist.world_size} images): "
+                    "torch's SyncBatchNorm runs on GPUs only")
     model = model.to(rt.device, memory_format=rt.memory_format())
     optimizer = build_optimizer(cfg, model)
     return Training(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
@@ -300,71 +351,75 @@ def build_training(cfg: Config, fold: int, rt: Runtime, dist: DistContext) -> Tr
                     ema=build_ema(model, cfg.train.ema_decay))
 
 
-def resume_or_start_afresh(folder: FoldDir, parts: Training, digest: str, *, resume: bool, dist: DistContext,
-                           say, epochs: int) -> tuple[LoopState, list[dict]]:
+def resume_or_start_afresh(ctx: FoldContext, parts: Training, *, resume: bool) -> tuple[LoopState, list[dict]]:
     """(loop state, log rows so far): from the newest good resume checkpoint, or, starting
     afresh, with every file of an earlier training of the fold removed."""
-    checkpoint = load_resume_checkpoint(folder, digest) if resume else None
+    folder = ctx.folder
+    checkpoint = load_resume_checkpoint(folder, ctx.digest) if resume else None
     if checkpoint is not None:
         state = parts.load_resume_state(checkpoint)
         # the log may be one epoch ahead of the checkpoint if the kill fell between the two writes
         rows = [row for row in read_log(folder.log) if int(row["epoch"]) <= state.epoch]
-        say(f"fold {folder.fold}: resuming at epoch {state.epoch + 1}/{epochs} (best {state.best_score:.4f})")
+        ctx.say(f"fold {folder.fold}: resuming at epoch {state.epoch + 1}/{ctx.cfg.train.epochs} "
+                f"(best {state.best_score:.4f})")
+        saved = checkpoint.get("precision")
+        if saved is not None and saved != ctx.rt.precision:
+            ctx.say(f"fold {folder.fold}: {folder.last.name} was trained in {saved}, resuming in {ctx.rt.precision}"
+                    + (" (the loss scale starts afresh)" if parts.scaler.is_enabled() else ""))
     else:
         state, rows = LoopState(), []
-        if dist.is_main:
+        if ctx.dist.is_main:
             for stale in folder.training_files():
                 stale.unlink(missing_ok=True)
-    dist.barrier()
+    ctx.dist.barrier()
     return state, rows
 
 
-def wrap_for_steps(model: nn.Module, cfg: Config, rt: Runtime, dist: DistContext) -> nn.Module:
-    """The module the optimizer steps through: DDP across processes, compiled when asked."""
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.is_cuda else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
+def wrap_for_steps(ctx: FoldContext, model: nn.Module) -> nn.Module:
+    """The module the optimizer steps through: DDP across processes, compiled when asked
+    (run.compile: a fixed-shape step, so "reduce-overhead" can replay it as CUDA graphs)."""
+    if ctx.dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.rt.device.index] if ctx.rt.is_cuda else None)
+    if ctx.cfg.run.compile != "off":
+        model = torch.compile(model, mode=ctx.cfg.run.compile)
     return model
 
 
-def fold_loader(train_set: SaltDataset, cfg: Config, rt: Runtime, dist: DistContext) -> TrainLoader:
+def fold_loader(ctx: FoldContext, train_set: SaltDataset) -> TrainLoader:
     """The fold's batches (pipeline/loader.py): with run.num_workers, workers that live for the
     fold (persistent) and are re-seeded every epoch through the sampler."""
-    t = cfg.train
+    t, dist = ctx.cfg.train, ctx.dist
     return TrainLoader(train_set, batch_size=max(1, t.batch_size // dist.world_size),  # the global batch
-                       num_workers=cfg.run.num_workers, drop_last=len(train_set) > t.batch_size,
-                       pin_memory=rt.is_cuda, world_size=dist.world_size, rank=dist.rank)
+                       num_workers=ctx.cfg.run.num_workers, drop_last=len(train_set) > t.batch_size,
+                       pin_memory=ctx.rt.is_cuda, world_size=dist.world_size, rank=dist.rank)
 
 
-def epoch_loader(batches: TrainLoader, cfg: Config, fold: int, epoch: int, dist: DistContext):
+def epoch_loader(ctx: FoldContext, batches: TrainLoader, epoch: int):
     """The epoch's batches, seeded from (seed, fold, epoch): shuffling, augmentation and dropout
     do not depend on history, so a resumed fold ends with the weights of an uninterrupted one."""
-    seed = epoch_seed(cfg.seed, fold, epoch)
-    torch.manual_seed(seed + dist.rank)
-    batches.dataset.transform.set_random_seed(seed + dist.rank)
+    seed = epoch_seed(ctx.cfg.seed, ctx.fold, epoch)
+    torch.manual_seed(seed + ctx.dist.rank)
+    batches.dataset.transform.set_random_seed(seed + ctx.dist.rank)
     return batches.epoch(seed)
 
 
-def train_epoch(step_model: nn.Module, loader, parts: Training, cfg: Config, rt: Runtime, epoch: int,
-                folder: FoldDir, dist: DistContext) -> float:
-    """One epoch of optimizer steps; the mean train loss over every process. A non-finite loss or
-    weight stops training with one line (last.pt, if any, still holds the last good epoch)."""
-    ema, model = parts.ema, parts.model
+def train_epoch(ctx: FoldContext, step_model: nn.Module, parts: Training, loader, epoch: int) -> float:
+    """run_steps plus what an epoch adds: the progress bar, the non-finite checks (loss and
+    weights: training stops with one line, last.pt, if any, still holds the last good epoch)
+    and the mean loss over every process."""
+    model = parts.model
     try:
-        loss = train_one_epoch(step_model, loader, parts.optimizer, parts.scaler, parts.loss_fn, cfg, rt, epoch,
-                               f"fold {folder.fold} epoch {epoch + 1}/{cfg.train.epochs}",
-                               show_progress=dist.is_main,
-                               after_step=(lambda: ema.update_parameters(model)) if ema else None)
+        loss = run_steps(step_model, loader, parts, ctx.cfg, ctx.rt, epoch,
+                         f"fold {ctx.fold} epoch {epoch + 1}/{ctx.cfg.train.epochs}" if ctx.dist.is_main else None)
     except NonFiniteLoss as exc:
-        diverged(folder, epoch, str(exc))
+        diverged(ctx.folder, epoch, str(exc))
     # a finite loss does not make finite weights: the epoch's last step may have overflowed
     bad = first_non_finite(model.state_dict())
     if bad is None and parts.eval_model is not model:
         bad = first_non_finite(parts.eval_model.state_dict())
     if bad is not None:
-        diverged(folder, epoch, f"weight {bad} became NaN or infinite")
-    return dist.mean(loss)
+        diverged(ctx.folder, epoch, f"weight {bad} became NaN or infinite")
+    return ctx.dist.mean(loss)
 
 
 def diverged(folder: FoldDir, epoch: int, what: str):
@@ -387,25 +442,30 @@ class EpochScores:
     probs: np.ndarray | None = None  # every validation image's probabilities, gathered
 
 
-def validate_epoch(parts: Training, split: FoldData, cfg: Config, rt: Runtime, epoch: int, folder: FoldDir,
-                   dist: DistContext) -> EpochScores:
+def validate_epoch(ctx: FoldContext, parts: Training, split: FoldData, epoch: int) -> EpochScores:
     """The validated weights' scores (shards gathered across processes, so every process takes
-    the same decisions), and the raw weights' score beside an EMA's."""
+    the same decisions), and the raw weights' score beside an EMA's. Under DDP every process
+    first takes rank 0's BatchNorm statistics: each updated its own in the epoch's last step
+    (and the EMA averaged them), and rank 0's are the ones best.pt keeps."""
     from pipeline.metric import competition_score
 
+    cfg, dist = ctx.cfg, ctx.dist
     if epoch + 1 < cfg.train.validate_from:
         return EpochScores(validated=False)
+    dist.broadcast_buffers(parts.model)
+    if parts.ema is not None:
+        dist.broadcast_buffers(parts.ema.module)
     images, masks, shard = split.val_images, split.val_masks, split.val_shard
-    shard_probs, shard_loss = validate(parts.eval_model, images[shard], masks[shard], parts.loss_fn, cfg, rt,
-                                       epoch, cfg.predict.batch_size)
+    shard_probs, shard_loss = validate(parts.eval_model, images[shard], masks[shard], parts.loss_fn, cfg, ctx.rt,
+                                       epoch)
     probs = dist.gather_concat(shard_probs)
     if not np.isfinite(probs).all():  # NaN > 0.5 is False: it would score as all-empty masks (0.4)
-        diverged(folder, epoch, "validation probabilities are NaN or infinite")
-    scores = EpochScores(validated=True, score=competition_score(masks, probs > 0.5), loss=dist.mean(shard_loss),
-                         probs=probs)
+        diverged(ctx.folder, epoch, "validation probabilities are NaN or infinite")
+    # each shard's mean loss weighs by its size
+    loss = dist.mean(shard_loss * len(shard_probs) * dist.world_size / max(len(probs), 1))
+    scores = EpochScores(validated=True, score=competition_score(masks, probs > 0.5), loss=loss, probs=probs)
     if parts.ema is not None:
-        raw_probs, _ = validate(parts.model, images[shard], masks[shard], parts.loss_fn, cfg, rt, epoch,
-                                cfg.predict.batch_size)
+        raw_probs, _ = validate(parts.model, images[shard], masks[shard], parts.loss_fn, cfg, ctx.rt, epoch)
         scores.score_raw = competition_score(masks, dist.gather_concat(raw_probs) > 0.5)
     return scores
 
@@ -416,37 +476,49 @@ def keep_best_oof(folder: FoldDir, split: FoldData, ids, probs: np.ndarray) -> N
     fileio.write_text(folder.oof_ids, "\n".join(ids[i] for i in split.val_index) + "\n")
 
 
-def log_row(epoch: int, lr: float, train_loss: float, scores: EpochScores, seconds: float, *,
-            with_raw: bool) -> dict:
-    return {"epoch": epoch + 1, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch did: its log row and printed line say it."""
+
+    epoch: int  # 0-based
+    lr: float
+    train_loss: float
+    scores: EpochScores
+    improved: bool
+    seconds: float
+
+
+def log_row(result: EpochResult, *, with_raw: bool) -> dict:
+    scores = result.scores
+    return {"epoch": result.epoch + 1, "lr": f"{result.lr:.3g}", "train_loss": f"{result.train_loss:.5f}",
             "val_loss": f"{scores.loss:.5f}", "val_score": f"{scores.score:.5f}",
-            "val_score_raw": f"{scores.score_raw:.5f}" if with_raw else "", "seconds": f"{seconds:.1f}"}
+            "val_score_raw": f"{scores.score_raw:.5f}" if with_raw else "", "seconds": f"{result.seconds:.1f}"}
 
 
-def epoch_line(fold: int, epoch: int, t, lr: float, train_loss: float, scores: EpochScores, improved: bool,
-               seconds: float) -> str:
+def epoch_line(fold: int, t, result: EpochResult) -> str:
     """The epoch's one printed line (the parallel runner echoes these: ' epoch ' and 'train_loss')."""
+    scores = result.scores
     if scores.validated:
-        validated = (f"val_loss {scores.loss:.4f}  val_score {scores.score:.4f}{' *' if improved else '  '}"
+        validated = (f"val_loss {scores.loss:.4f}  val_score {scores.score:.4f}{' *' if result.improved else '  '}"
                      + (f"  (raw weights {scores.score_raw:.4f})" if t.ema_decay else ""))
     else:
         validated = f"(validation from epoch {t.validate_from})"
-    return (f"fold {fold} epoch {epoch + 1:3d}/{t.epochs}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
-            f"{validated}  {seconds:5.1f}s")
+    return (f"fold {fold} epoch {result.epoch + 1:3d}/{t.epochs}  lr {result.lr:.2e}  "
+            f"train_loss {result.train_loss:.4f}  {validated}  {result.seconds:5.1f}s")
 
 
-def finish_fold(cfg: Config, fold: int, folder: FoldDir, split: FoldData, rt: Runtime, state: LoopState,
-                digest: str, dist: DistContext) -> dict:
-    """The fold's final OOF (as the test set will be predicted), then done.json, written last."""
-    done = {"fold": fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
+def finish_fold(ctx: FoldContext, split: FoldData, state: LoopState) -> dict:
+    """The fold's end, in one place: its final OOF (as the test set will be predicted), then
+    done.json, written last."""
+    done = {"fold": ctx.fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "finished": round(time.time(), 1),
-            "config_digest": digest}
-    if dist.is_main:
-        done.update(write_final_oof(cfg, fold, split.val_images, split.val_masks, rt))
+            "config_digest": ctx.digest}
+    if ctx.dist.is_main:
+        done.update(write_final_oof(ctx.cfg, ctx.fold, split.val_images, split.val_masks, ctx.rt))
         # the fold's files as finished: tune and predict check them against this (manifests.py)
-        done["files"] = fold_file_digests(folder.path, fold_checkpoints(cfg, fold))
-        fileio.write_json(folder.done, done)
-    dist.barrier()
+        done["files"] = fold_file_digests(ctx.folder.path, fold_checkpoints(ctx.cfg, ctx.fold))
+        fileio.write_json(ctx.folder.done, done)
+    ctx.dist.barrier()
     return done
 
 

@@ -86,3 +86,10 @@ def dead_network(monkeypatch) -> list[str]:
     monkeypatch.setattr(_builder, "load_state_dict_from_hf", unreachable)
     monkeypatch.setattr(_builder, "load_state_dict_from_url", unreachable)
     return asked
+
+
+def batched(cfg, batch_size: int):
+    """`cfg` predicting `batch_size` images at a time (predict_probs reads cfg.predict.batch_size)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, batch_size=batch_size))

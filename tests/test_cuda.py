@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from tests.conftest import batched
 
 pytestmark = [
     pytest.mark.cuda,
@@ -122,12 +123,12 @@ def test_predict_on_cuda_matches_the_cpu_within_tolerance(synth_data, tmp_path):
     images = load_train(synth_data).images[:40]
     torch.manual_seed(0)
     model = create_model(cfg.model).eval()
-    cpu = predict_probs(model, images, cfg, resolve_runtime("off", "off", "cpu"), 16, ("none", "hflip"))
+    cpu = predict_probs(model, images, batched(cfg, 16), resolve_runtime("off", "off", "cpu"), ("none", "hflip"))
     gpu_rt = resolve_runtime("off", "on", "cuda")  # fp32 (no TF32: precision off), channels_last
-    gpu32 = predict_probs(model.to(gpu_rt.device, memory_format=gpu_rt.memory_format()), images, cfg, gpu_rt, 16,
-                          ("none", "hflip"))
+    gpu32 = predict_probs(model.to(gpu_rt.device, memory_format=gpu_rt.memory_format()), images, batched(cfg, 16),
+                          gpu_rt, ("none", "hflip"))
     amp_rt = resolve_runtime("auto", "on", "cuda")  # what training and predict pick on this GPU
-    gpu_amp = predict_probs(model, images, cfg, amp_rt, 16, ("none", "hflip"))
+    gpu_amp = predict_probs(model, images, batched(cfg, 16), amp_rt, ("none", "hflip"))
     assert gpu32.shape == gpu_amp.shape == cpu.shape == (40, 101, 101)
     assert np.abs(gpu32 - cpu).max() < 2e-2, np.abs(gpu32 - cpu).max()
     assert np.abs(gpu_amp - cpu).max() < 5e-2, np.abs(gpu_amp - cpu).max()

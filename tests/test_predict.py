@@ -11,6 +11,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.predict import parse_tta, predict_probs
 from pipeline.runtime import resolve_runtime
+from tests.conftest import batched
 
 
 class PixelModel(nn.Module):
@@ -63,8 +64,8 @@ FP32 = dict(precision="off", channels_last="off", device="cpu")
 def test_tta_of_a_flip_equivariant_model_equals_the_plain_prediction(cfg, images, tta):
     rt = resolve_runtime(**FP32)
     model = PixelModel()
-    plain = predict_probs(model, images, cfg, rt, batch_size=4)
-    with_tta = predict_probs(model, images, cfg, rt, batch_size=4, tta=tta)
+    plain = predict_probs(model, images, batched(cfg, 4), rt)
+    with_tta = predict_probs(model, images, batched(cfg, 4), rt, tta=tta)
     assert plain.shape == (7, 101, 101)
     np.testing.assert_allclose(with_tta, plain, atol=1e-6)
 
@@ -74,9 +75,9 @@ def test_hflip_tta_averages_the_model_with_its_mirror_image(cfg, images):
     sigmoid(model(x)) and mirror(sigmoid(model(mirror(x))))."""
     rt = resolve_runtime(**FP32)
     model = LeftLeaningModel()
-    plain = predict_probs(model, images, cfg, rt, batch_size=3)
-    mirrored = predict_probs(model, images[:, :, ::-1].copy(), cfg, rt, batch_size=3)[:, :, ::-1]
-    with_tta = predict_probs(model, images, cfg, rt, batch_size=3, tta=["none", "hflip"])
+    plain = predict_probs(model, images, batched(cfg, 3), rt)
+    mirrored = predict_probs(model, images[:, :, ::-1].copy(), batched(cfg, 3), rt)[:, :, ::-1]
+    with_tta = predict_probs(model, images, batched(cfg, 3), rt, tta=["none", "hflip"])
     assert not np.allclose(plain, with_tta, atol=1e-3)  # the model is not equivariant
     np.testing.assert_allclose(with_tta, (plain + mirrored) / 2, atol=1e-6)
 
@@ -84,8 +85,8 @@ def test_hflip_tta_averages_the_model_with_its_mirror_image(cfg, images):
 def test_batch_size_does_not_change_the_prediction(cfg, images):
     rt = resolve_runtime(**FP32)
     model = LeftLeaningModel()
-    one = predict_probs(model, images, cfg, rt, batch_size=1, tta=["none", "hflip"])
-    all_at_once = predict_probs(model, images, cfg, rt, batch_size=64, tta=["none", "hflip"])
+    one = predict_probs(model, images, batched(cfg, 1), rt, tta=["none", "hflip"])
+    all_at_once = predict_probs(model, images, batched(cfg, 64), rt, tta=["none", "hflip"])
     np.testing.assert_allclose(one, all_at_once, atol=1e-6)
 
 
@@ -93,8 +94,8 @@ def test_resize_mode_tta_is_undone_at_101(images):
     cfg = Config()
     cfg.input.mode, cfg.input.size = "resize", 128
     rt = resolve_runtime(**FP32)
-    probs = predict_probs(PixelModel(), images, cfg, rt, batch_size=4, tta=["none", "hflip"])
-    plain = predict_probs(PixelModel(), images, cfg, rt, batch_size=4)
+    probs = predict_probs(PixelModel(), images, batched(cfg, 4), rt, tta=["none", "hflip"])
+    plain = predict_probs(PixelModel(), images, batched(cfg, 4), rt)
     assert probs.shape == (7, 101, 101)
     np.testing.assert_allclose(probs, plain, atol=1e-5)
 
@@ -150,15 +151,15 @@ class CountingBar:
 def test_progress_moves_every_batch_and_counts_each_tta_pass(cfg, images):
     """The bar moved only when a fold ended (0/36000 for ten minutes on 18,000 images)."""
     bar = CountingBar()
-    predict_probs(PixelModel(), images, cfg, resolve_runtime(**FP32), batch_size=3, tta=["none", "hflip"], bar=bar)
+    predict_probs(PixelModel(), images, batched(cfg, 3), resolve_runtime(**FP32), tta=["none", "hflip"], bar=bar)
     assert sum(bar.updates) == len(images) * 2 and len(bar.updates) == 6  # 3 batches x 2 flips
 
 
 def test_accumulating_into_a_buffer_adds_the_weighted_prediction_in_place(cfg, images):
     rt = resolve_runtime(**FP32)
-    plain = predict_probs(LeftLeaningModel(), images, cfg, rt, batch_size=3, tta=["none", "hflip"])
+    plain = predict_probs(LeftLeaningModel(), images, batched(cfg, 3), rt, tta=["none", "hflip"])
     buffer = np.full(images.shape, 0.25, np.float32)
-    returned = predict_probs(LeftLeaningModel(), images, cfg, rt, batch_size=3, tta=["none", "hflip"],
+    returned = predict_probs(LeftLeaningModel(), images, batched(cfg, 3), rt, tta=["none", "hflip"],
                              out=buffer, weight=0.5)
     assert returned is buffer
     np.testing.assert_allclose(buffer, 0.25 + 0.5 * plain, atol=1e-6)
@@ -201,7 +202,7 @@ def test_predict_holds_one_buffer_not_a_copy_per_fold(tmp_path, monkeypatch):
     rt = resolve_runtime(**FP32)
     from pipeline.data import load_test
 
-    expected = predict_probs(PixelModel(), load_test(cfg.data).images, cfg, rt, 64, cfg.predict.tta)
+    expected = predict_probs(PixelModel(), load_test(cfg.data).images, batched(cfg, 64), rt, cfg.predict.tta)
     one_float32_copy = n * 101 * 101 * 4
     tracemalloc.start()
     try:

@@ -8,6 +8,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.pseudo import pseudo_labels, select_confident, uncertain_share
 from tests.test_train import tiny_config
+from tests.conftest import batched
 
 
 def test_uncertain_share_counts_pixels_strictly_inside_the_band():
@@ -89,7 +90,7 @@ def test_pseudo_labels_are_the_teachers_tuned_masks_of_its_same_fold_model(synth
     images, masks = pseudo_labels(cfg, 0, val_ids, rt, "d", write_cache=False)
     test = load_test(synth_data)
     (model,) = load_fold_models(teacher, 0, rt)
-    probs = predict_probs(model, test.images, teacher, rt, 64, teacher.predict.tta)
+    probs = predict_probs(model, test.images, batched(teacher, 64), rt, teacher.predict.tta)
     assert np.array_equal(images, test.images)
     assert np.array_equal(masks, read_tuned(teacher.run_dir).apply(probs, blank=is_blank(test.images)))
 

@@ -13,6 +13,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.train_folds import train_folds
 from pipeline.rundir import read_log
+from tests.conftest import batched
 
 
 def tiny_config(data, tmp_path, *overrides):
@@ -21,6 +22,7 @@ def tiny_config(data, tmp_path, *overrides):
         "name=tiny", "n_folds=3", "folds=[0]", "model.n_filters=4", "train.batch_size=16",
         "train.epochs=2", "train.scheduler=none", "train.early_stop_patience=0", "train.threads=2",
         "train.precision=off", "train.channels_last=off", "augment.shift_scale=0",
+        "run.checkpoint_seconds=0",  # last.pt after every epoch: the kill tests resume from any
         *overrides,
     ])
 
@@ -201,7 +203,7 @@ def test_snapshots_keep_each_cycles_best_and_average_them_into_the_oof(synth_dat
     images = load_train(synth_data, ids).images
     rt = resolve_runtime("off", "off", "cpu", 2)
     models = load_fold_models(cfg, 0, rt)
-    expected = np.mean([predict_probs(m, images, cfg, rt, 64, cfg.predict.tta) for m in models], axis=0)
+    expected = np.mean([predict_probs(m, images, batched(cfg, 64), rt, cfg.predict.tta) for m in models], axis=0)
     np.testing.assert_allclose(np.load(fold_dir(cfg) / "oof.npy").astype(np.float32), expected, atol=1e-3)
 
 

@@ -14,11 +14,13 @@
 - `SaltPresentHead`: image-level "is there any salt" logit from a feature map, and
   `StageHeads`: 1x1 mask heads on intermediate decoder outputs (deep supervision).
 - `Dropout`: element-wise dropout, as nn.Dropout, with a faster random mask on CPU.
+- `UNetTricks`: which of the above a UNet carries, one object both UNets take.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,6 +29,23 @@ from torch.nn import functional as F
 
 HYPERCOLUMN_CHANNELS = 32  # default width of the hypercolumn head
 DROPOUT_LEVELS = 32768  # the CPU mask compares 15-bit uniform integers: p is kept to 1/32768
+
+
+@dataclass(frozen=True)
+class UNetTricks:
+    """The TGS winners' additions a UNet carries (model.scse, .hypercolumn, ...): one argument
+    for both UNets instead of five flags each."""
+
+    scse: bool = False
+    hypercolumn: bool = False
+    deep_supervision: bool = False
+    residual: bool = False
+    global_context: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "UNetTricks":
+        """The tricks a ModelConfig asks for."""
+        return cls(cfg.scse, cfg.hypercolumn, cfg.deep_supervision, cfg.residual, cfg.global_context)
 
 
 def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:

@@ -30,16 +30,17 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.models.blocks import (SCSE, DoubleConv, Dropout, GlobalContext, HypercolumnHead, SaltPresentHead,
-                                    StageHeads)
+                                    StageHeads, UNetTricks)
 
 DEPTH = 4  # pooling steps: inputs must be a multiple of 2**DEPTH = 16
 
 
 class SeedUNet(nn.Module):
     def __init__(self, in_chans: int = 1, n_filters: int = 16, dropout: float = 0.1, keras_bug: bool = False,
-                 deep_supervision: bool = False, *, residual: bool = False, scse: bool = False,
-                 hypercolumn: bool = False, global_context: bool = False):
+                 tricks: UNetTricks = UNetTricks()):
         super().__init__()
+        scse, hypercolumn, deep_supervision = tricks.scse, tricks.hypercolumn, tricks.deep_supervision
+        residual, global_context = tricks.residual, tricks.global_context
         widths = [n_filters * 2**i for i in range(DEPTH + 1)]  # 16, 32, 64, 128, 256
         block = dict(keras_bug=keras_bug, bias=True, residual=residual)
         self.encoder = nn.ModuleList()
@@ -101,6 +102,4 @@ def build_seed_unet(cfg: ModelConfig) -> SeedUNet:
     if cfg.n_filters < 1 or not 0.0 <= cfg.dropout < 1.0:
         raise PipelineError(f"model: seed_unet needs n_filters >= 1 and 0 <= dropout < 1, "
                             f"got n_filters={cfg.n_filters}, dropout={cfg.dropout}")
-    return SeedUNet(cfg.in_chans, cfg.n_filters, cfg.dropout, cfg.keras_bug, cfg.deep_supervision,
-                    residual=cfg.residual, scse=cfg.scse, hypercolumn=cfg.hypercolumn,
-                    global_context=cfg.global_context)
+    return SeedUNet(cfg.in_chans, cfg.n_filters, cfg.dropout, cfg.keras_bug, UNetTricks.of(cfg))

@@ -39,7 +39,8 @@ from torch.nn import functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.blocks import SCSE, DoubleConv, GlobalContext, HypercolumnHead, SaltPresentHead, StageHeads
+from pipeline.models.blocks import (SCSE, DoubleConv, GlobalContext, HypercolumnHead, SaltPresentHead, StageHeads,
+                                    UNetTricks)
 
 
 # What timm's hub download leaves in a folder, then what `kaggle weights-dataset` writes.
@@ -169,10 +170,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class TimmUNet(nn.Module):
-    def __init__(self, encoder: nn.Module, encoder_name: str, decoder_channels: list[int], *, scse: bool = False,
-                 hypercolumn: bool = False, deep_supervision: bool = False, residual: bool = False,
-                 global_context: bool = False, input_norm: tuple[list[float], list[float]] | None = None):
+    def __init__(self, encoder: nn.Module, encoder_name: str, decoder_channels: list[int],
+                 tricks: UNetTricks = UNetTricks(), input_norm: tuple[list[float], list[float]] | None = None):
         super().__init__()
+        scse, hypercolumn, deep_supervision = tricks.scse, tricks.hypercolumn, tricks.deep_supervision
+        residual, global_context = tricks.residual, tricks.global_context
         self.encoder = encoder
         # model.input_norm: part of the model, so training, validation, predict and every
         # checkpoint see the same inputs; not persistent, so checkpoints keep their keys
@@ -241,6 +243,4 @@ def build_timm_unet(cfg: ModelConfig, encoder_name: str, load_pretrained: bool =
     weights = cfg.weights_path if (cfg.pretrained and load_pretrained) else None
     encoder = create_encoder(encoder_name, cfg.in_chans, weights)
     norm = input_statistics(encoder, cfg.in_chans) if cfg.input_norm == "imagenet" else None
-    return TimmUNet(encoder, encoder_name, list(cfg.decoder_channels), scse=cfg.scse,
-                    hypercolumn=cfg.hypercolumn, deep_supervision=cfg.deep_supervision, residual=cfg.residual,
-                    global_context=cfg.global_context, input_norm=norm)
+    return TimmUNet(encoder, encoder_name, list(cfg.decoder_channels), UNetTricks.of(cfg), input_norm=norm)
