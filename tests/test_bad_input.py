@@ -467,9 +467,9 @@ def test_full_disk_during_an_atomic_write_is_one_line_and_leaves_no_temp_file(tm
             def __exit__(self, *exc):
                 self._handle.close()
 
-        monkeypatch.setattr(fileio.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+        monkeypatch.setattr(fileio.atomic.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
     else:
-        monkeypatch.setattr(fileio.os, where, _enospc)
+        monkeypatch.setattr(fileio.atomic.os, where, _enospc)
     assert_names(refusal(fileio.write_json, target, {"threshold": 0.5}), str(target), "No space left on device")
     assert not target.exists()
     assert [p.name for p in target.parent.iterdir()] == []

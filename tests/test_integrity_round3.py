@@ -1,0 +1,158 @@
+"""Integrity, third round (issue 29): nothing stale, nothing destroyed. Outputs never replace what
+is not a regular file; manifests fingerprint the bytes of the data and everything that shapes
+the test probabilities; names are matched by one rule; configs cannot explode; every refusal
+names a command that fixes it; numbers read from files are range-checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import cli, data, fileio
+from pipeline.errors import PipelineError, short_repr
+from tests.fake_run import make_fake_run, private_copy
+
+
+def refusal(call, *args, **kwargs) -> str:
+    with pytest.raises(PipelineError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, repr(message)
+    return message
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) <= 1, err
+    return code, captured.out, err
+
+
+# ---------------------------------------------------------------- 1. what an output may replace
+
+
+def test_output_through_a_symlink_writes_its_target_in_another_folder(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "real.csv").write_text("old\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "link.csv"
+    link.symlink_to(elsewhere / "real.csv")
+    fileio.write_text(link, "new\n")
+    assert link.is_symlink() and (elsewhere / "real.csv").read_text() == "new\n"
+    assert not list(out.glob(".*.tmp")) and not list(elsewhere.glob(".*.tmp"))
+    dangling = out / "dangling.csv"
+    dangling.symlink_to(elsewhere / "made.csv")
+    fileio.write_text(dangling, "x\n")
+    assert dangling.is_symlink() and (elsewhere / "made.csv").read_text() == "x\n"
+
+
+def test_fifo_folder_and_device_are_refused_and_left_as_they_are(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert "FIFO" in refusal(fileio.write_text, fifo, "x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    link = tmp_path / "to-pipe"
+    link.symlink_to(fifo)
+    assert "FIFO" in refusal(fileio.write_bytes, link, b"x")
+    assert link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert "folder" in refusal(fileio.write_text, tmp_path, "x")
+    # a character device: refused before any temp file or rename (never written to /dev itself)
+    assert "character device" in refusal(fileio.write_text, "/dev/null", "x")
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_out_to_a_device_or_stdout_link_is_one_line(tmp_path, capsys, synth_data):
+    code, _, err = run_cli(capsys, "rle", "encode", "--masks", str(synth_data / "train" / "masks"),
+                           "--out", "/dev/null")
+    assert code != 0 and "/dev/null" in err and "not a regular file" in err
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+
+
+def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        from pipeline.fileio import atomic
+
+        atomic._umask = None  # read again under this test's umask
+        fileio.write_text(tmp_path / "new.txt", "x")
+        assert stat.S_IMODE(os.stat(tmp_path / "new.txt").st_mode) == 0o640
+        (tmp_path / "kept.txt").write_text("a")
+        os.chmod(tmp_path / "kept.txt", 0o604)
+        fileio.write_text(tmp_path / "kept.txt", "b")
+        assert stat.S_IMODE(os.stat(tmp_path / "kept.txt").st_mode) == 0o604
+    finally:
+        os.umask(old)
+        atomic._umask = None
+
+
+# ---------------------------------------------------------------- 4. one rule for names
+
+
+@pytest.mark.parametrize("name", ["X.PNG", "X.Png", "X.jpg", "notes.txt", "X.png.bak", ".png"])
+def test_a_file_not_named_id_png_is_refused_in_every_scan(tmp_path, synth_data, name):
+    copy = tmp_path / "d"
+    shutil.copytree(synth_data, copy)
+    for folder in ("test/images", "train/images", "train/masks"):
+        odd = copy / folder / name
+        shutil.copy(next((copy / folder).glob("*.png")), odd)
+        if name == ".png":  # a hidden file: skipped like every dot file
+            assert data.list_image_ids(copy / folder)
+        else:
+            message = refusal(data.list_image_ids, copy / folder)
+            assert name in message and "<id>.png" in message
+        odd.unlink()
+
+
+def test_check_submission_compares_with_sample_submission(tmp_path, synth_data, capsys):
+    copy = tmp_path / "d"
+    shutil.copytree(synth_data, copy)
+    ids = data.list_image_ids(copy / "test" / "images")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("id,rle_mask\n" + "".join(f"{i},\n" for i in ids))
+    (copy / "sample_submission.csv").write_text("id,rle_mask\n" + "".join(f"{i},1 1\n" for i in ids + ["zz"]))
+    code, _, err = run_cli(capsys, "check-submission", "--csv", str(sub), "--test", str(copy))
+    assert code != 0 and "sample_submission.csv" in err and "zz" in err
+
+
+# ---------------------------------------------------------------- 5. configs cannot explode
+
+BOMB = "".join([
+    "name: x\n",
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n',
+    *(f"{b}: &{b} [{','.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdef", "bcdefg")),
+    "train: {epochs: *g}\n",
+])
+
+
+def test_a_yaml_alias_bomb_is_refused_in_a_file_and_in_set(tmp_path, capsys):
+    from pipeline.config import load_config
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    assert len(BOMB) < 600
+    message = refusal(load_config, path)
+    assert "aliases" in message and str(path) in message and len(message) < 300
+    message = refusal(load_config, None, ["train.epochs=[&a [1,1,1,1], &b [*a,*a,*a,*a], [*b,*b]]"])
+    assert "aliases" in message and len(message) < 300
+
+
+def test_a_huge_user_value_is_echoed_short(tmp_path):
+    from pipeline.config import load_config
+
+    message = refusal(load_config, None, ["train.epochs=[" + ",".join(["1"] * 100_000) + "]"])
+    assert "train.epochs" in message and len(message) < 300
+    path = tmp_path / "long.yaml"
+    path.write_text("input:\n  mode: " + "p" * 100_000 + "\n")
+    assert len(refusal(load_config, path)) < 300
+    assert short_repr("x" * 1000, 20) == "'xxxxxxxxxxxxxxxx..." and short_repr(5) == "5"
