@@ -342,7 +342,7 @@ def test_a_full_disk_at_the_leaderboard_lock_is_one_line(tmp_path, monkeypatch, 
         def __getattr__(self, name):
             return full if name in ("write", "flush", "truncate") else getattr(self.handle, name)
 
-    monkeypatch.setattr(fileio, "open", full if when == "open" else (lambda *a, **k: FullHandle(open(*a, **k))),
+    monkeypatch.setattr(fileio.lock, "open", full if when == "open" else (lambda *a, **k: FullHandle(open(*a, **k))),
                         raising=False)
     with pytest.raises(PipelineError) as exc:
         with fileio.file_lock(tmp_path / "leaderboard.csv.lock", what="the leaderboard"):

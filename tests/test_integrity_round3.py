@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import cli, data, fileio
 from pipeline.errors import PipelineError, short_repr
-from tests.fake_run import make_fake_run, private_copy
+from tests.fake_run import make_fake_run
 
 
 def refusal(call, *args, **kwargs) -> str:
@@ -156,3 +156,96 @@ def test_a_huge_user_value_is_echoed_short(tmp_path):
     path.write_text("input:\n  mode: " + "p" * 100_000 + "\n")
     assert len(refusal(load_config, path)) < 300
     assert short_repr("x" * 1000, 20) == "'xxxxxxxxxxxxxxxx..." and short_repr(5) == "5"
+
+
+# ---------------------------------------------------------------- 2, 3. manifests fingerprint what shapes them
+
+
+@pytest.fixture
+def own_run(synth_data, tmp_path, monkeypatch) -> Path:
+    """A fake run made from a private copy of the data (free to change), tuned and predicted."""
+    from tests.fake_run import fake_tune
+
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    monkeypatch.chdir(tmp_path)
+    run = make_fake_run(copy, tmp_path)
+    fake_tune(run, {"threshold": 0.2, "min_area": 0})
+    return run
+
+
+def _swap_pixels(folder: Path) -> None:
+    first, second = sorted(folder.glob("*.png"))[:2]
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+
+
+def test_the_data_fingerprint_follows_bytes_not_sizes_or_times(tmp_path, synth_data):
+    copy = tmp_path / "d"
+    shutil.copytree(synth_data, copy)
+    before = data.fingerprint_data(copy, "test")
+    assert data.fingerprint_data(copy, "test") == before  # cached within the process
+    path = sorted((copy / "test" / "images").glob("*.png"))[0]
+    times = os.stat(path)
+    raw = bytearray(path.read_bytes())
+    raw[-13] ^= 1  # same size; then the old modification time back
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    data._fingerprints.clear()  # as a new process sees it
+    assert data.fingerprint_data(copy, "test") != before
+    train = data.fingerprint_data(copy, "train")
+    (copy / "train.csv").write_text((copy / "train.csv").read_text() + "\n")
+    assert data.fingerprint_data(copy, "train") != train
+
+
+def test_submit_refuses_swapped_test_pixels_and_other_data_with_the_same_ids(own_run, tmp_path):
+    from pipeline.config import load_run_config
+    from pipeline.submit import submit_run
+
+    data_dir = Path(load_run_config(own_run).data)
+    submit_run(own_run)  # accepted as made
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    _swap_pixels(other / "test" / "images")
+    message = refusal(submit_run, own_run, data_dir=other)
+    assert "predict.json" in message and f"predict --run {own_run} --data {other}" in message
+    _swap_pixels(data_dir / "test" / "images")
+    message = refusal(submit_run, own_run)
+    assert "other test images" in message and "predict --run" in message
+
+
+def test_blanked_train_masks_make_tune_json_stale_and_tune_repairs_it(own_run, capsys):
+    from pipeline.config import load_run_config
+    from pipeline.manifests import tune_is_current
+    from pipeline.submit import submit_run
+    from pipeline.tune import tune_run
+
+    cfg = load_run_config(own_run)
+    assert tune_is_current(cfg, own_run)
+    masks = Path(cfg.data) / "train" / "masks"
+    blank = data.mask_png_bytes(np.zeros((101, 101), bool))
+    for path in masks.glob("*.png"):
+        path.write_bytes(blank)
+    assert not tune_is_current(cfg, own_run)  # `all` tunes again
+    message = refusal(submit_run, own_run)
+    assert "other train masks" in message and f"tune --run {own_run}" in message
+    tune_run(own_run, leaderboard_csv=own_run.parent.parent / "lb.csv")  # the hint's command works
+    assert tune_is_current(cfg, own_run)
+    submit_run(own_run)
+
+
+def test_predict_json_records_the_recipe_and_a_tta_change_makes_it_stale(own_run):
+    from pipeline.config import load_run_config, save_config
+    from pipeline.manifests import predictions_are_current
+
+    cfg = load_run_config(own_run)
+    meta = json.loads((own_run / "predict.json").read_text())
+    assert meta["recipe"]["tta"] == cfg.predict.tta and "checkpoints" in meta["recipe"]
+    assert predictions_are_current(cfg, own_run, cfg.data)
+    cfg.predict.tta = ["none", "hflip", "vflip", "hvflip"]  # as `all --set predict.tta=[...]` saves it
+    save_config(cfg, own_run / "config.yaml")
+    assert not predictions_are_current(load_run_config(own_run), own_run, cfg.data)
+    cfg.predict.tta = ["none"]
+    cfg.input.size = 128
+    assert not predictions_are_current(cfg, own_run, cfg.data)
