@@ -446,6 +446,32 @@ NUMBER_RANGES: dict[str, _Range] = {
 }
 
 
+# Numbers that runs write to files and later read back (a hand edit or a damaged file must not
+# slip through where a config value of the same meaning would be refused).
+FILE_NUMBER_RANGES: dict[str, _Range] = {
+    "threshold": _Range(0.0, 1.0),
+    "empty_threshold": _Range(0.0, 1.0),
+    "min_area": _Range(0, 101 * 101),
+    "weights[]": _Range(0.0, 1e6),  # blend weights: normalised after, so only their ratio counts
+    "best_score": _Range(0.0, 1.0),
+    "seconds": _Range(0.0, 1e9),
+}
+
+
+def check_number(source: str, key: str, value: Any, allowed: _Range | None = None) -> float:
+    """`value` if it is a finite number within `allowed` (default: the range of `key` in
+    NUMBER_RANGES or FILE_NUMBER_RANGES); else a one-line PipelineError naming `source` and key.
+    The one check for every number, whether a config's or one read back from a run's files."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PipelineError(f"{source}: '{key}' must be a number, got {short_repr(value)}")
+    if not math.isfinite(value):
+        raise PipelineError(f"{source}: '{key}' must be a finite number, got {value}")
+    allowed = allowed or NUMBER_RANGES.get(key) or FILE_NUMBER_RANGES.get(key)
+    if allowed is not None and not allowed.holds(value):
+        raise PipelineError(f"{source}: '{key}' must be {allowed}, got {_show_number(value)}")
+    return value
+
+
 def _numbers(cfg: Config) -> Iterator[tuple[str, str, float]]:
     """(range key, shown key, value) of every number in the config, list items one by one."""
     for key, value in flatten(cfg).items():
@@ -459,11 +485,7 @@ def _numbers(cfg: Config) -> Iterator[tuple[str, str, float]]:
 
 def _check_numbers(cfg: Config, source: str) -> None:
     for range_key, key, value in _numbers(cfg):
-        allowed = NUMBER_RANGES.get(range_key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PipelineError(f"{source}: '{key}' must be a finite number, got {value}")
-        if allowed is not None and not allowed.holds(value):
-            raise PipelineError(f"{source}: '{key}' must be {allowed}, got {_show_number(value)}")
+        check_number(source, key, value, NUMBER_RANGES.get(range_key))
     if cfg.train.min_lr > cfg.train.lr:
         raise PipelineError(f"{source}: 'train.min_lr' ({_show_number(cfg.train.min_lr)}) must be <= train.lr "
                             f"({_show_number(cfg.train.lr)}): the schedule only lowers the rate")

@@ -249,3 +249,26 @@ def test_predict_json_records_the_recipe_and_a_tta_change_makes_it_stale(own_run
     cfg.predict.tta = ["none"]
     cfg.input.size = 128
     assert not predictions_are_current(cfg, own_run, cfg.data)
+
+
+# ---------------------------------------------------------------- 7. numbers from files
+
+
+@pytest.mark.parametrize("text", ["1e308,1e308", "1e7,1", "nan,1", "-1,2", "inf,1"])
+def test_blend_weights_beyond_range_are_refused(text):
+    from pipeline.blend import parse_weights
+
+    message = refusal(parse_weights, text, 2)
+    assert "--weights" in message and len(message) < 200
+    assert np.allclose(parse_weights("1,3", 2), [0.25, 0.75])
+
+
+@pytest.mark.parametrize("change", [{"threshold": float("nan")}, {"threshold": -0.1}, {"min_area": 1e30},
+                                    {"min_area": 2.5}, {"empty_threshold": 7}, {"threshold": "0.5"}])
+def test_a_hand_edited_tune_json_is_range_checked(tmp_path, change):
+    from pipeline.postprocess import read_tuned
+
+    rule = {"threshold": 0.4, "empty_threshold": 0.4, "min_area": 10, **change}
+    (tmp_path / "tune.json").write_text(json.dumps(rule))
+    message = refusal(read_tuned, tmp_path)
+    assert "tune.json" in message and next(iter(change)) in message and "tune --run" in message
