@@ -272,3 +272,49 @@ def test_a_hand_edited_tune_json_is_range_checked(tmp_path, change):
     (tmp_path / "tune.json").write_text(json.dumps(rule))
     message = refusal(read_tuned, tmp_path)
     assert "tune.json" in message and next(iter(change)) in message and "tune --run" in message
+
+
+# ---------------------------------------------------------------- 6. hints that fix, 8. smaller
+
+
+def test_a_fifo_as_an_input_is_refused_not_waited_on(tmp_path, capsys, synth_data):
+    fifo = tmp_path / "pred.csv"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(capsys, "score", "--truth", str(synth_data / "train.csv"), "--pred", str(fifo))
+    assert code != 0 and "FIFO" in err and str(fifo) in err
+    assert "FIFO" in refusal(fileio.read_npy, fifo)
+
+
+def test_a_damaged_oof_or_removed_checkpoint_makes_the_fold_not_done(own_run):
+    from pipeline.config import load_run_config
+    from pipeline.rundir import FoldDir, fold_is_done
+
+    cfg = load_run_config(own_run)
+    assert fold_is_done(cfg, 1)
+    oof = FoldDir.of(own_run, 1).oof
+    raw = bytearray(oof.read_bytes())
+    raw[-1] ^= 0xFF
+    oof.write_bytes(bytes(raw))
+    assert not fold_is_done(cfg, 1)  # `train`/`all` remake it rather than fail at `show`
+
+
+def test_removed_best_pt_names_a_train_command_that_retrains_that_fold(own_run):
+    from pipeline.checkpoints import fold_checkpoints
+    from pipeline.config import load_run_config
+
+    message = refusal(fold_checkpoints, load_run_config(own_run), 1)
+    assert f"--config {own_run / 'config.yaml'} --folds 1 --restart" in message
+
+
+def test_training_a_blend_run_is_one_line_naming_blend(own_run, capsys):
+    from pipeline.config import load_run_config
+    from pipeline.train_folds import train_folds
+
+    cfg = load_run_config(own_run)
+    for fold in cfg.fold_list():  # as blend writes its folds
+        path = own_run / f"fold{fold}" / "done.json"
+        done = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in done.items() if k != "best_score"} | {"blend": True}))
+    (own_run / "blend.json").write_text(json.dumps({"members": [{"run": "runs/a"}, {"run": "runs/b"}]}))
+    message = refusal(train_folds, cfg)
+    assert "is a blend" in message and "blend --runs runs/a runs/b --name fake" in message
