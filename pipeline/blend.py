@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import Config, check_plain_name, load_run_config, save_config
-from pipeline.errors import PipelineError
+from pipeline.config import Config, check_number, check_plain_name, load_run_config, save_config
+from pipeline.errors import PipelineError, short_repr
 from pipeline.leaderboard import describe_members
 from pipeline.manifests import (check_fold_files, check_predictions_current, finished_folds, fold_file_digests,
                                 read_done_token, read_predict_meta, tune_is_current, write_predictions)
@@ -154,11 +154,13 @@ def parse_weights(text: str, n_members: int) -> np.ndarray | None:
     try:
         weights = np.array([float(part) for part in text.split(",")], dtype=np.float64)
     except ValueError:
-        raise PipelineError(f"--weights {text!r}: expected 'auto' or comma-separated numbers") from None
+        raise PipelineError(f"--weights {short_repr(text)}: expected 'auto' or comma-separated numbers") from None
     if len(weights) != n_members:
-        raise PipelineError(f"--weights {text!r}: {len(weights)} weights for {n_members} runs")
+        raise PipelineError(f"--weights {short_repr(text)}: {len(weights)} weights for {n_members} runs")
     if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-        raise PipelineError(f"--weights {text!r}: weights must be non-negative, finite and not all 0")
+        raise PipelineError(f"--weights {short_repr(text)}: weights must be non-negative, finite and not all 0")
+    for weight in weights:  # 1e308,1e308 would sum to inf and normalise to 0,0
+        check_number(f"--weights {short_repr(text)}", "weights[]", float(weight))
     return weights / weights.sum()
 
 

@@ -79,7 +79,10 @@ def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
     if cfg.train.snapshots and folder.snapshots():
         return folder.snapshots()
     if not folder.best.exists():
-        raise PipelineError(f"{folder.best}: missing (fold {fold} not trained) — run `python -m pipeline train`")
+        # --restart: a finished fold's last.pt would only resume to its end, where best.pt is needed
+        raise PipelineError(f"{folder.best}: missing (fold {fold} not trained, or the file was removed) — run "
+                            f"`python -m pipeline train --config {folder.path.parent / 'config.yaml'} "
+                            f"--folds {fold} --restart`")
     return [folder.best]
 
 

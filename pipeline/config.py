@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, short_repr
 
 
 @dataclass
@@ -289,12 +289,12 @@ def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise PipelineError(f"{source}: '{where}' must be a mapping, got {value!r}")
+            raise PipelineError(f"{source}: '{where}' must be a mapping, got {short_repr(value)}")
         return _build(annotation, value, source, prefix=where + ".")
     if origin in (list, typing.List):
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise PipelineError(f"{source}: '{where}' must be a list, got {value!r}")
+            raise PipelineError(f"{source}: '{where}' must be a list, got {short_repr(value)}")
         return [_coerce(v, item_type, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise AssertionError("config fields must not be unions")
@@ -304,27 +304,27 @@ def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
         # argparse's type=bool turns "False" into True; never here.
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise PipelineError(f"{source}: '{where}' must be true or false, got {value!r}")
+        raise PipelineError(f"{source}: '{where}' must be true or false, got {short_repr(value)}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise PipelineError(f"{source}: '{where}' must be an integer, got {value!r}")
+            raise PipelineError(f"{source}: '{where}' must be an integer, got {short_repr(value)}")
         try:
             return int(value)
         except ValueError:
-            raise PipelineError(f"{source}: '{where}' must be an integer, got {value!r}") from None
+            raise PipelineError(f"{source}: '{where}' must be an integer, got {short_repr(value)}") from None
     if annotation is float:
         if isinstance(value, bool):
-            raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}")
+            raise PipelineError(f"{source}: '{where}' must be a number, got {short_repr(value)}")
         try:
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise PipelineError(f"{source}: '{where}' must be a number, got {value!r}") from None
+            raise PipelineError(f"{source}: '{where}' must be a number, got {short_repr(value)}") from None
     if annotation is str:
         if isinstance(value, bool):
             # YAML 1.1 reads a bare on/off as a boolean; for string fields ("precision: off") mean the word.
             return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
-            raise PipelineError(f"{source}: '{where}' must be a string, got {value!r}")
+            raise PipelineError(f"{source}: '{where}' must be a string, got {short_repr(value)}")
         return str(value)
     raise AssertionError(f"unsupported config annotation {annotation!r}")
 
@@ -355,10 +355,10 @@ def _validate(cfg: Config, source: str) -> Config:
     flat = _flatten(cfg.to_dict())
     for key, allowed in VALID_CHOICES.items():
         if flat[key] not in allowed:
-            raise PipelineError(f"{source}: '{key}' is {flat[key]!r}; choose one of {sorted(allowed)}")
+            raise PipelineError(f"{source}: '{key}' is {short_repr(flat[key])}; choose one of {sorted(allowed)}")
     for aug in cfg.predict.tta:
         if aug not in VALID_TTA:
-            raise PipelineError(f"{source}: 'predict.tta' has {aug!r}; choose from {sorted(VALID_TTA)}")
+            raise PipelineError(f"{source}: 'predict.tta' has {short_repr(aug)}; choose from {sorted(VALID_TTA)}")
     if cfg.n_folds < 2:
         raise PipelineError(f"{source}: 'n_folds' must be at least 2, got {cfg.n_folds}")
     check_folds(cfg.folds, cfg.n_folds, f"{source}: 'folds'")
@@ -366,7 +366,7 @@ def _validate(cfg: Config, source: str) -> Config:
         raise PipelineError(f"{source}: 'input.size' must be >= 101 to pad, got {cfg.input.size}")
     if cfg.loss.image_only and cfg.input.mode != "pad":
         raise PipelineError(f"{source}: 'loss.image_only' needs input.mode pad (a resized input has no padding "
-                            f"to leave out), got {cfg.input.mode!r}")
+                            f"to leave out), got {short_repr(cfg.input.mode)}")
     # seed_unet pools 4 times, timm encoders 5 times: the input must divide evenly
     multiple = 16 if cfg.model.name == "seed_unet" else 32
     if cfg.input.size % multiple:
@@ -480,6 +480,32 @@ NUMBER_RANGES: dict[str, _Range] = {
 }
 
 
+# Numbers that runs write to files and later read back (a hand edit or a damaged file must not
+# slip through where a config value of the same meaning would be refused).
+FILE_NUMBER_RANGES: dict[str, _Range] = {
+    "threshold": _Range(0.0, 1.0),
+    "empty_threshold": _Range(0.0, 1.0),
+    "min_area": _Range(0, 101 * 101),
+    "weights[]": _Range(0.0, 1e6),  # blend weights: normalised after, so only their ratio counts
+    "best_score": _Range(0.0, 1.0),
+    "seconds": _Range(0.0, 1e9),
+}
+
+
+def check_number(source: str, key: str, value: Any, allowed: _Range | None = None) -> float:
+    """`value` if it is a finite number within `allowed` (default: the range of `key` in
+    NUMBER_RANGES or FILE_NUMBER_RANGES); else a one-line PipelineError naming `source` and key.
+    The one check for every number, whether a config's or one read back from a run's files."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PipelineError(f"{source}: '{key}' must be a number, got {short_repr(value)}")
+    if not math.isfinite(value):
+        raise PipelineError(f"{source}: '{key}' must be a finite number, got {value}")
+    allowed = allowed or NUMBER_RANGES.get(key) or FILE_NUMBER_RANGES.get(key)
+    if allowed is not None and not allowed.holds(value):
+        raise PipelineError(f"{source}: '{key}' must be {allowed}, got {_show_number(value)}")
+    return value
+
+
 def _numbers(cfg: Config) -> Iterator[tuple[str, str, float]]:
     """(range key, shown key, value) of every number in the config, list items one by one."""
     for key, value in flatten(cfg).items():
@@ -493,11 +519,7 @@ def _numbers(cfg: Config) -> Iterator[tuple[str, str, float]]:
 
 def _check_numbers(cfg: Config, source: str) -> None:
     for range_key, key, value in _numbers(cfg):
-        allowed = NUMBER_RANGES.get(range_key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PipelineError(f"{source}: '{key}' must be a finite number, got {value}")
-        if allowed is not None and not allowed.holds(value):
-            raise PipelineError(f"{source}: '{key}' must be {allowed}, got {_show_number(value)}")
+        check_number(source, key, value, NUMBER_RANGES.get(range_key))
     if cfg.train.min_lr > cfg.train.lr:
         raise PipelineError(f"{source}: 'train.min_lr' ({_show_number(cfg.train.min_lr)}) must be <= train.lr "
                             f"({_show_number(cfg.train.lr)}): the schedule only lowers the rate")
@@ -533,7 +555,7 @@ def check_plain_name(name: str, what: str) -> str:
     elif len(name.encode("utf-8", "surrogatepass")) > 200:
         problem = "is longer than 200 bytes"
     if problem:
-        raise PipelineError(f"{what} {name!r} {problem}; it must be a plain folder name (e.g. v8_lovasz)")
+        raise PipelineError(f"{what} {short_repr(name)} {problem}; it must be a plain folder name (e.g. v8_lovasz)")
     return name
 
 
@@ -564,22 +586,25 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     import yaml
 
     if "=" not in assignment:
-        raise PipelineError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=3")
+        raise PipelineError(f"--set {short_repr(assignment)}: expected key=value, e.g. train.epochs=3")
     key, raw = assignment.split("=", 1)
     key = _legacy_run_key(key.strip())
     if key == "run.checkpoint_every":
         raise PipelineError(f"--set {assignment!r}: run.checkpoint_every (epochs) was replaced by "
                             "run.checkpoint_seconds (seconds between last.pt writes)")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_unique_key_loader()) if raw != "" else ""
+    except _AliasRefused:
+        raise PipelineError(f"--set {short_repr(assignment)}: YAML aliases (*name) are not allowed in a config "
+                            "value; write the value out") from None
+    except (yaml.YAMLError, _DuplicateKey):
         value = raw
     node = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise PipelineError(f"--set {assignment!r}: '{part}' is not a section")
+            raise PipelineError(f"--set {short_repr(assignment)}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -636,8 +661,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         text = _read_config_text(Path(path))
         try:
             loaded = yaml.load(text, Loader=_unique_key_loader())
+        except _AliasRefused as exc:
+            raise PipelineError(f"{path}: line {exc.line}: YAML aliases (*name) are not allowed in a config; "
+                                "write the values out (an alias can expand to gigabytes)") from None
         except _DuplicateKey as exc:
-            raise PipelineError(f"{path}: key {exc.key!r} appears twice in one section (lines {exc.first} "
+            raise PipelineError(f"{path}: key {short_repr(exc.key)} appears twice in one section (lines {exc.first} "
                                 f"and {exc.again}); YAML would silently keep the last") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
@@ -670,6 +698,12 @@ class _DuplicateKey(Exception):
         self.key, self.first, self.again = key, first, again
 
 
+class _AliasRefused(Exception):
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
 @functools.cache
 def _unique_key_loader() -> type:
     """yaml.SafeLoader that refuses a key repeated in one mapping (SafeLoader keeps the last
@@ -677,6 +711,13 @@ def _unique_key_loader() -> type:
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
+        # Configs are small and written by hand: an alias saves nothing there, while nested ones
+        # (a "billion laughs" of 446 bytes) expand past a gigabyte. Refused when met, unexpanded.
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise _AliasRefused(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 first_line: dict[Any, int] = {}

@@ -211,17 +211,27 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray, *, sixteen_bit: bo
 
 
 def list_image_ids(folder: str | os.PathLike) -> list[str]:
-    """Sorted stems of the `.png` files in `folder` (hidden files skipped)."""
+    """Sorted stems of the `<id>.png` files in `folder` (hidden files and sub-folders skipped).
+
+    The one rule for names, in every scan (train images, masks, test images): a file there is
+    read only as `<id>.png` with that lowercase extension, and any other visible file (`X.PNG`,
+    `X.jpg`, `notes.txt`) is refused naming it, rather than dropped: a dropped test image is a
+    missing submission row."""
     try:
         with os.scandir(folder) as entries:
             names = [entry.name for entry in entries
-                     if entry.name.endswith(".png") and not entry.name.startswith(".") and _is_png_file(folder, entry)]
+                     if not entry.name.startswith(".") and _is_png_file(folder, entry)]
     except FileNotFoundError:
         raise PipelineError(f"{folder}: folder not found") from None
     except NotADirectoryError:
         raise PipelineError(f"{folder}: not a folder") from None
     except OSError as exc:  # permissions, a symbolic link loop as the folder itself, I/O errors
         raise PipelineError(f"{folder}: cannot list the folder ({exc.strerror or one_line(exc)})") from None
+    others = sorted(name for name in names if not name.endswith(".png") or name == ".png")
+    if others:
+        raise PipelineError(f"{Path(folder) / others[0]}: not named <id>.png ({len(others)} such file(s) here); "
+                            "images and masks are read only as <id>.png with a lowercase extension: "
+                            "rename or move them out")
     ids = sorted(name[:-4] for name in names)
     spaced = [image_id for image_id in ids if has_whitespace(image_id)]
     if spaced:  # test_ids.txt and oof_ids.txt hold ids split on whitespace: "a b" would become two
@@ -235,7 +245,7 @@ def has_whitespace(image_id: str) -> bool:
 
 
 def _is_png_file(folder: str | os.PathLike, entry: os.DirEntry) -> bool:
-    """Whether a `.png` entry is a file to read (sub-folders are skipped); a link that leads
+    """Whether an entry is a file to read (sub-folders are skipped); a link that leads
     nowhere (dangling, or a loop) is refused, naming it, rather than dropped from the data."""
     path = Path(folder) / entry.name
     try:
@@ -350,42 +360,79 @@ def load_test(data_dir: str | os.PathLike) -> TestSet:
 
 
 def fingerprint_test_images(data_dir: str | os.PathLike) -> str:
-    """"<count>-<hash>" of the test images folder: its sorted ids with each file's size and
-    modification time. predict.json keeps it, so `all` predicts again when the test set in
-    the same folder changed (other ids, or files replaced), not only when the path did."""
-    images_dir = Path(data_dir) / "test" / "images"
-    ids = list_image_ids(images_dir)
-    digest = hashlib.sha256()
-    for image_id in ids:
+    """The content fingerprint of the test images (see `fingerprint_data`)."""
+    return fingerprint_data(data_dir, "test")
+
+
+# What each stage reads of a dataset folder: what its manifest fingerprints. depths.csv is left
+# out: no model reads depths, so a changed depths file changes no probability.
+DATA_PARTS = {
+    "train": ("train/images", "train/masks", "train.csv"),
+    "test": ("test/images",),
+}
+_fingerprints: dict[tuple, str] = {}  # (parts' stat signature) -> fingerprint, for this process
+
+
+def fingerprint_data(data_dir: str | os.PathLike, which: str) -> str:
+    """"<files>-<sha256>" over the sorted (relative name, bytes) of the files `which` ("train":
+    images, masks and train.csv; "test": the test images) reads from `data_dir`. A manifest keeps
+    it, so a stage made from other data is redone or refused, whatever the files' sizes and
+    modification times say. The bytes are hashed once per process and data: a second call with
+    the same files (same inode, size, mtime and ctime, which no rewrite keeps) reuses the result.
+    Cost: see docs/gpu-and-robustness.md (~0.2 s per 1,000 PNGs)."""
+    data = Path(data_dir)
+    files = _data_files(data, DATA_PARTS[which])
+    signature = []
+    for relative, path in files:
         try:
-            stat = (images_dir / f"{image_id}.png").stat()
+            info = path.stat()
         except OSError as exc:  # vanished since the listing, or unreadable
-            raise PipelineError(f"{images_dir / f'{image_id}.png'}: cannot read ({exc.strerror or one_line(exc)})") from None
-        digest.update(f"{image_id}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return f"{len(ids)}-{digest.hexdigest()[:16]}"
+            raise PipelineError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
+        signature.append((relative, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+    key = (os.path.realpath(data), which, tuple(signature))
+    if key not in _fingerprints:
+        _fingerprints[key] = _hash_files(files)
+    return _fingerprints[key]
+
+
+def _data_files(data: Path, parts: Sequence[str]) -> list[tuple[str, Path]]:
+    """(relative name, path) of each file of `parts` that exists: every PNG of a folder part."""
+    files = []
+    for part in parts:
+        path = data / part
+        if part.endswith(".csv"):
+            if path.is_file():
+                files.append((part, path))
+        elif path.is_dir():
+            files += [(f"{part}/{i}.png", path / f"{i}.png") for i in list_image_ids(path)]
+    return files
+
+
+def _hash_files(files: list[tuple[str, Path]]) -> str:
+    digest = hashlib.sha256()
+    for relative, path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise PipelineError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
+        # the name and the length go in first: ("a", "bc") never hashes like ("ab", "c")
+        digest.update(f"{relative}\0{len(raw)}\0".encode())
+        digest.update(raw)
+    return f"{len(files)}-{digest.hexdigest()[:32]}"
 
 
 def dataset_identity(data_dir: str | os.PathLike) -> dict[str, str]:
-    """Which data a run used: {"name": the folder's name, "fingerprint": "<count>-<hash>"}.
-
-    The fingerprint is a sha256 over the sorted (train/images or train/masks, id, file size)
-    of the training PNGs: cheap (a listing and a stat per file, no reads), the same for a
-    copy of the folder elsewhere, different for the 3,001-image sample and the full 4,000 or
-    a synthetic set. "" when the folder has no train/ images (moved or deleted)."""
+    """Which data a run used: {"name": the folder's name, "fingerprint": "<files>-<hash>"}, the
+    training data's content fingerprint (`fingerprint_data`, the one tune.json keeps) cut to 12
+    hex digits for the leaderboard: the same for a copy of the folder elsewhere, different for
+    the 3,001-image sample and the full 4,000 or a synthetic set. "" when the folder has no
+    readable training files (moved or deleted)."""
     data = Path(data_dir)
-    digest = hashlib.sha256()
-    count = 0
-    for sub in ("images", "masks"):
-        folder = data / "train" / sub
-        if not folder.is_dir():
-            continue
-        with os.scandir(folder) as entries:
-            sizes = sorted((e.name, e.stat().st_size) for e in entries if e.name.endswith(".png") and e.is_file())
-        for name, size in sizes:
-            digest.update(f"{sub}/{name}\t{size}\n".encode())
-        count += len(sizes) if sub == "images" else 0
-    name = data.resolve().name
-    return {"name": name, "fingerprint": f"{count}-{digest.hexdigest()[:12]}" if count else ""}
+    try:
+        files, digest = fingerprint_data(data, "train").split("-")
+    except PipelineError:
+        files, digest = "0", ""
+    return {"name": data.resolve().name, "fingerprint": f"{files}-{digest[:12]}" if files != "0" else ""}
 
 
 # ---------------------------------------------------------------- depths

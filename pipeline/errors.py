@@ -28,3 +28,10 @@ def printable(text: str) -> str:
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """A library exception's message folded onto one line, for inclusion in a PipelineError."""
     return (" ".join(str(exc).split()) or type(exc).__name__)[:limit]
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: a user value echoed in a message (a huge list, a
+    long string) never grows the message past one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -5,9 +5,13 @@ Each stage's output is a unit named by a manifest written last, after the files 
     fold<k>/done.json  the fold is finished: its training digest and the sha256 of oof.npy,
                        oof_ids.txt and the checkpoint(s) `predict` averages ("files")
     tune.json          the rule, with the fold tokens (sha256 of each done.json) it was tuned on
-                       ("inputs") and the config digest
+                       ("inputs"), the config digest and the content fingerprint of the train
+                       data whose masks it was scored against ("train_fingerprint")
     predict.json       sha256 of test_probs.npy and test_ids.txt ("files"), the fold tokens of
-                       the checkpoints predicted with ("inputs"), the test set's fingerprint
+                       the checkpoints predicted with ("inputs"), the content fingerprint of the
+                       test images ("test_fingerprint") and the recipe: everything else that
+                       shapes the probabilities (TTA, checkpoint files per fold, input mode and
+                       size, model; "recipe")
     fold<k>/test_predict.json  a fold's own test prediction: sha256 of fold<k>/test_probs.npy,
                        the fold token it was predicted with ("done"), the TTA, the test set's
                        fingerprint and ids; `predict` averages the file only when all of
@@ -133,7 +137,10 @@ def _check_recorded_folds(path: Path, recorded: Any, current: dict[str, str], wh
 
 def tune_inputs(cfg: Config, run: Path) -> dict[str, Any]:
     """What tune.json records of its inputs (see `tune_is_current`)."""
-    return {"inputs": finished_folds(cfg, run), "config_digest": _tune_digest(cfg)}
+    from pipeline.data import fingerprint_data
+
+    return {"inputs": finished_folds(cfg, run), "config_digest": _tune_digest(cfg),
+            "train_fingerprint": fingerprint_data(cfg.data, "train")}
 
 
 def check_tune_current(cfg: Config, run: Path, tuned: dict) -> None:
@@ -144,6 +151,11 @@ def check_tune_current(cfg: Config, run: Path, tuned: dict) -> None:
                           "the fold results it was tuned on", "tuned on other fold results than the run's", rerun)
     if tuned.get("config_digest") != _tune_digest(cfg):
         raise PipelineError(f"{path}: tuned with another config than the run's config.yaml — {rerun}")
+    from pipeline.data import fingerprint_data
+
+    if tuned.get("train_fingerprint") != fingerprint_data(cfg.data, "train"):
+        raise PipelineError(f"{path}: tuned against other train masks than those in {cfg.data} now "
+                            f"(their bytes differ) — {rerun}")
 
 
 def tune_is_current(cfg: Config, run: Path) -> bool:
@@ -182,22 +194,38 @@ def read_predict_meta(run: Path) -> dict:
     return meta
 
 
-def check_predictions_current(cfg: Config, run: Path, meta: dict) -> None:
-    """predict.json was made with the fold checkpoints the run holds now (PipelineError if not)."""
-    rerun = f"run `python -m pipeline predict --run {run}`"
+def check_predictions_current(cfg: Config, run: Path, meta: dict, data: str | os.PathLike | None = None) -> None:
+    """predict.json was made with the fold checkpoints the run holds now and, when `data` is
+    given, of the test images in `data` as they are now, byte for byte (PipelineError if not)."""
+    from pipeline.data import fingerprint_data
+
+    rerun = f"run `python -m pipeline predict --run {run}" + (f" --data {data}`" if data is not None else "`")
     path = run / PREDICT_FILE
     _check_recorded_folds(path, meta.get("inputs"), finished_folds(cfg, run),
                           "the folds it predicted with", "predicted with other fold checkpoints than the run's", rerun)
+    if data is not None and meta.get("test_fingerprint") != fingerprint_data(data, "test"):
+        raise PipelineError(f"{path}: predicted other test images than those in {data} now "
+                            f"(their bytes differ) — {rerun}")
+
+
+def predict_recipe(cfg: Config, tta: list[str]) -> dict[str, Any]:
+    """Everything besides the fold results and the test images that shapes test_probs.npy."""
+    def checkpoints(fold: int) -> list[str]:  # as checkpoints.fold_checkpoints picks them (their bytes: "inputs")
+        snapshots = FoldDir.of(cfg, fold).snapshots() if cfg.train.snapshots else []
+        return [p.name for p in snapshots] or ["best.pt"]
+
+    return {"tta": list(tta), "checkpoints": {f"fold{k}": checkpoints(k) for k in cfg.fold_list()},
+            "input": {"mode": cfg.input.mode, "size": cfg.input.size},
+            "model": hashlib.sha256(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode()).hexdigest()[:16]}
 
 
 def predictions_are_current(cfg: Config, run: Path, data: str) -> bool:
-    """A whole, current prediction of the test set in `data` as it is now (same folder, ids, files)."""
-    from pipeline.data import fingerprint_test_images
-
+    """A whole prediction of the test set in `data` as it is now (same bytes), made the way the
+    run's config says now (its recipe: TTA, checkpoints, input, model)."""
     try:
         meta = read_predict_meta(run)
-        check_predictions_current(cfg, run, meta)
-        return meta.get("data") == str(data) and meta.get("test_fingerprint") == fingerprint_test_images(data)
+        check_predictions_current(cfg, run, meta, data)
+        return meta.get("recipe") == predict_recipe(cfg, cfg.predict.tta)
     except PipelineError:
         return False
 

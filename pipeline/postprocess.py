@@ -87,6 +87,7 @@ class PostProcess:
 def read_tuned(run_dir: str | Path) -> PostProcess:
     """The post-processing in the run's tune.json, with a hint when it is missing. A tune.json
     written before the empty threshold existed decides emptiness at the mask threshold."""
+    from pipeline.config import check_number
     from pipeline.fileio import read_json
 
     run = Path(run_dir)
@@ -95,15 +96,18 @@ def read_tuned(run_dir: str | Path) -> PostProcess:
     if not path.exists():
         raise PipelineError(f"{path}: missing — {rerun}")
     tuned = read_json(path)
+    if not isinstance(tuned, dict) or "threshold" not in tuned or "min_area" not in tuned:
+        raise PipelineError(f"{path}: lacks threshold/min_area — {rerun}")
+    # a hand edit (NaN, a negative threshold, min_area 1e30) is refused like the same value in a config
     try:
-        threshold, min_area = float(tuned["threshold"]), int(tuned["min_area"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise PipelineError(f"{path}: lacks threshold/min_area — {rerun}") from None
-    try:
-        empty_threshold = float(tuned.get("empty_threshold", threshold))
-    except (TypeError, ValueError):
-        raise PipelineError(
-            f"{path}: empty_threshold {tuned['empty_threshold']!r} is not a number — {rerun}") from None
+        threshold = check_number(f"{path}", "threshold", tuned["threshold"])
+        min_area = check_number(f"{path}", "min_area", tuned["min_area"])
+        empty_threshold = check_number(f"{path}", "empty_threshold", tuned.get("empty_threshold", threshold))
+    except PipelineError as exc:
+        raise PipelineError(f"{exc} — {rerun}") from None
+    if min_area != int(min_area):
+        raise PipelineError(f"{path}: 'min_area' must be a whole number of pixels, got {min_area} — {rerun}")
+    threshold, min_area, empty_threshold = float(threshold), int(min_area), float(empty_threshold)
     return PostProcess(threshold, min_area, empty_threshold, bool(tuned.get("empty_blank", False)))
 
 

@@ -185,7 +185,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     from tqdm import tqdm
 
     from pipeline.data import fingerprint_test_images, load_test
-    from pipeline.manifests import read_current_fold_predictions, write_predictions
+    from pipeline.manifests import predict_recipe, read_current_fold_predictions, write_predictions
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -228,7 +228,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     write_predictions(run, test.ids, probs, {
         "tta": flips, "folds": folds, "n_images": len(test.ids), "seconds": round(seconds, 1),
         "data": str(data_dir or cfg.data), "test_fingerprint": fingerprint, "device": rt.describe(),
-        "inputs": inputs, "from_fold_files": from_folds,
+        "inputs": inputs, "recipe": predict_recipe(cfg, flips), "from_fold_files": from_folds,
     })
     stored = f" ({len(from_folds)} read from the folds' own predictions)" if from_folds else ""
     print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA{stored} "

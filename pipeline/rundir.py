@@ -117,12 +117,19 @@ def fold_is_done(cfg: Config, fold: int) -> bool:
     folder = FoldDir.of(cfg, fold)
     if not folder.done.exists():
         return False
+    from pipeline.manifests import sha256_file
+
     try:
         done = fileio.read_json(folder.done)
-        recorded = done.get("files") or {folder.oof.name: ""}  # a done.json from before it named its files
-        return done.get("config_digest") == training_digest(cfg) and \
-            all((folder.path / name).exists() for name in recorded)
-    except (PipelineError, AttributeError):
+        recorded = done.get("files")
+        if recorded is None:  # a done.json from before it named its files: its OOF must be there
+            return done.get("config_digest") == training_digest(cfg) and folder.oof.exists()
+        # the files as finished, byte for byte: a damaged oof.npy or a removed best.pt makes the
+        # fold not done, so `train`/`all` make it again instead of failing in a later stage
+        return done.get("config_digest") == training_digest(cfg) and isinstance(recorded, dict) and \
+            all((folder.path / name).is_file() and sha256_file(folder.path / name) == digest
+                for name, digest in recorded.items())
+    except (PipelineError, AttributeError, OSError):
         return False
 
 

@@ -72,10 +72,8 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     ids, probs = read_test_probs(run)
     # both made from the folds as they are now: after a retrain (even one killed mid-way) the
     # old rule and the old predictions are refused, never submitted
-    check_tune_current(cfg, run, read_json(run / "tune.json"))
-    check_predictions_current(cfg, run, read_predict_meta(run))
-
     data = Path(data_dir if data_dir is not None else cfg.data)
+    check_tune_current(cfg, run, read_json(run / "tune.json"))
     images_dir = data / "test" / "images"
     if not images_dir.is_dir():
         raise PipelineError(f"{images_dir}: no test images folder — give --data DIR in the Kaggle layout")
@@ -88,6 +86,8 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
             f"{run / 'test_ids.txt'}: {len(missing) + len(extra)} ids differ from {images_dir} (e.g. {example}) "
             f"— run `python -m pipeline predict --run {run} --data {data}`"
         )
+    # the same ids may name other pixels (swapped or rewritten images, another dataset)
+    check_predictions_current(cfg, run, read_predict_meta(run), data)
 
     empty = _blank_test_images(data, ids) if post.empty_blank else None
     masks = post.apply(probs, blank=empty)

@@ -100,8 +100,10 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
         todo = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
         results = [read_done(cfg, k) for k in cfg.fold_list() if k not in todo]
         for done in results:
+            refuse_blend(cfg, done)
             if dist.is_main:
-                print(f"fold {done['fold']}: already trained (best {done['best_score']:.4f}), skipping")
+                print(f"fold {done['fold']}: already trained (best {done.get('best_score', float('nan')):.4f}), "
+                      "skipping")
         if not todo:
             return results
         if dist.enabled and device is None and torch.cuda.is_available():
@@ -129,6 +131,20 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
 
 
 # ---------------------------------------------------------------- folds as processes
+
+
+def refuse_blend(cfg: Config, done: dict) -> None:
+    """A blend's folds are made by `blend`, not trained: say which command remakes it."""
+    if isinstance(done, dict) and done.get("blend"):
+        from pipeline.rundir import BLEND_FILE
+
+        try:
+            members = " ".join(str(m["run"]) for m in fileio.read_json(cfg.run_dir / BLEND_FILE)["members"])
+        except (PipelineError, KeyError, TypeError):
+            members = "RUN_A RUN_B ..."
+        raise PipelineError(f"{FoldDir.of(cfg, done.get('fold', 0)).done}: {cfg.run_dir} is a blend of other runs, "
+                            f"not trained — remake it with `python -m pipeline blend --runs {members} "
+                            f"--name {cfg.name} --runs-dir {cfg.runs_dir} --force`")
 
 
 def plan_workers(n_folds: int, n_gpus: int, n_cores: int, threads: int = 0, workers: int = 0) -> tuple[int, int]:

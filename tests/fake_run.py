@@ -61,12 +61,14 @@ def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta)
     """test_probs.npy, test_ids.txt and predict.json as `predict` writes them, made from the
     run's folds as they are now."""
     from pipeline.config import load_run_config
-    from pipeline.manifests import finished_folds, write_predictions
+    from pipeline.data import fingerprint_data
+    from pipeline.manifests import finished_folds, predict_recipe, write_predictions
 
     cfg = load_run_config(run)
     write_predictions(run, list(ids), probs.astype(np.float16),
                       {"tta": ["none"], "folds": cfg.fold_list(), "n_images": len(ids), "data": cfg.data,
-                       "inputs": finished_folds(cfg, run), **meta})
+                       "test_fingerprint": fingerprint_data(cfg.data, "test"), "inputs": finished_folds(cfg, run),
+                       "recipe": predict_recipe(cfg, cfg.predict.tta), **meta})
 
 
 def fake_tune(run: Path, rule: dict) -> None:

@@ -229,7 +229,7 @@ def record_on(root, board, name: str, data, cv: float) -> Config:
 
 
 def test_dataset_identity_is_the_folder_name_and_a_fingerprint_of_its_training_files(tmp_path):
-    from pipeline.data import dataset_identity
+    from pipeline.data import dataset_identity, fingerprint_data
 
     sample = make_dataset(tmp_path, "tgs", 3)
     copy = tmp_path / "elsewhere" / "tgs"
@@ -237,7 +237,10 @@ def test_dataset_identity_is_the_folder_name_and_a_fingerprint_of_its_training_f
 
     shutil.copytree(sample, copy)
     assert dataset_identity(sample) == dataset_identity(copy)  # a copy is the same data
-    assert dataset_identity(sample)["name"] == "tgs" and dataset_identity(sample)["fingerprint"].startswith("3-")
+    assert dataset_identity(sample)["name"] == "tgs"
+    # the leaderboard's fingerprint is tune.json's train fingerprint, shortened: one definition
+    files, digest = fingerprint_data(sample, "train").split("-")
+    assert dataset_identity(sample)["fingerprint"] == f"{files}-{digest[:12]}"
     (copy / "train" / "images" / "id9.png").write_bytes(b"more")
     assert dataset_identity(copy)["fingerprint"] != dataset_identity(sample)["fingerprint"]
     assert dataset_identity(tmp_path / "gone") == {"name": "gone", "fingerprint": ""}

@@ -150,6 +150,10 @@ def test_blank_test_images_are_emptied_when_tune_says_so(run, synth_data, tmp_pa
     write_image_png(data / "test" / "images" / f"{ids[0]}.png", np.full((101, 101), 7, np.uint8))
     tune = json.loads((run / "tune.json").read_text())
     (run / "tune.json").write_text(json.dumps({**tune, "empty_blank": True}))
+    # as if predicted from this very test set (other pixels than the run's are refused)
+    from pipeline.data import fingerprint_data
+    meta = json.loads((run / "predict.json").read_text())
+    (run / "predict.json").write_text(json.dumps({**meta, "test_fingerprint": fingerprint_data(data, "test")}))
     frame = read_rle_csv(submit_run(run, data_dir=data)).set_index("id")
     assert frame.loc[ids[0], "rle_mask"] == ""
     assert frame.loc[ids[2], "rle_mask"] != ""  # a non-blank image with salt keeps it

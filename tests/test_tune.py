@@ -296,7 +296,7 @@ def test_a_tune_json_without_empty_threshold_decides_emptiness_at_the_threshold(
     assert post == PostProcess(0.42, 30, 0.42, True) and post.empty_threshold == 0.42
     assert post.describe() == "threshold 0.42, min area 30"
     (tmp_path / "tune.json").write_text(json.dumps({"threshold": 0.42, "min_area": 30, "empty_threshold": "x"}))
-    with pytest.raises(PipelineError, match="empty_threshold 'x' is not a number"):
+    with pytest.raises(PipelineError, match="'empty_threshold' must be a number, got 'x'"):
         read_tuned(tmp_path)
 
 

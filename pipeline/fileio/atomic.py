@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -29,11 +30,12 @@ _swept: set[Path] = set()  # folders whose dead writers' temps this process has 
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`. The first
     successful write of a process into a folder removes the temps that killed writers left there."""
-    target = Path(path)
+    target = replaceable_target(path)
     make_dirs(target.parent)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=TEMP_SUFFIX,
                                         dir=target.parent)
+        os.fchmod(fd, _new_file_mode(target))  # mkstemp makes 0600
     except OSError as exc:  # a read-only or full disk, permissions
         raise PipelineError(f"{target}: could not write ({exc.strerror or exc})") from exc
     try:
@@ -53,6 +55,58 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if folder not in _swept:  # once per folder and process: a folder of 20000 masks is listed once
         _swept.add(folder)
         remove_dead_writers_temp_files(folder)
+
+
+def replaceable_target(path: str | os.PathLike) -> Path:
+    """The one place that decides what an atomic write may replace: a symlink is followed and its
+    target written (the temp goes beside the resolved target, so the rename stays in one folder);
+    a path that exists must be a regular file. A FIFO, device node, socket or folder is refused in
+    one line before anything is written, so `--out /dev/full` or a pipe is never replaced."""
+    target = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a new file; make_dirs names a file in the way
+        return target
+    except OSError as exc:
+        raise PipelineError(f"{path}: could not write ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise PipelineError(f"{path}: is {_kind(mode)}, not a regular file; refusing to replace it "
+                            "(name a file path for the output)")
+    return target
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _new_file_mode(target: Path) -> int:
+    # A replaced file keeps its mode; a new one follows the umask, like any Unix tool's output.
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~process_umask()
+
+
+_umask: int | None = None
+
+
+def process_umask() -> int:
+    """The process umask, read once: from /proc where Linux shows it, else by setting it and
+    setting it back at once (os.umask has no read-only form)."""
+    global _umask
+    if _umask is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                _umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+    return _umask
 
 
 def remove_dead_writers_temp_files(folder: str | os.PathLike) -> None:

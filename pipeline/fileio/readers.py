@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -35,6 +36,18 @@ def read_at_most(handle: IO[bytes], max_bytes: int) -> bytes:
 MAX_SMALL_FILE_BYTES = 64 << 20  # JSON records and id lists of a run: a few KB to ~1 MB
 
 
+def refuse_pipe(path: str | os.PathLike) -> None:
+    """A FIFO or socket would block `open` until some writer appears (forever, for `score --pred
+    FIFO`): refused in one line before opening. Missing paths are left to the caller's open."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket"
+        raise PipelineError(f"{path}: is {kind}, not a file; give a regular file")
+
+
 def read_bounded_text(path: str | os.PathLike, max_bytes: int, *, noun: str = "file", kind: str = "a file",
                       too_large: Callable[[str], str] | None = None, encoding: str = "utf-8") -> str:
     """A text file of at most max_bytes, every failure one PipelineError naming it: the one
@@ -44,6 +57,7 @@ def read_bounded_text(path: str | os.PathLike, max_bytes: int, *, noun: str = "f
     a spreadsheet's byte-order mark."""
     refuse = too_large or (lambda size: _over_limit(path, max_bytes, size))
     path = Path(path)
+    refuse_pipe(path)
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -93,6 +107,7 @@ def read_npy(path: str | os.PathLike, hint: str = ""):
     import numpy as np
 
     fix = f" — {hint}" if hint else ""
+    refuse_pipe(path)
     try:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
@@ -126,6 +141,7 @@ MAX_TABLE_BYTES = 64 << 20  # depths.csv, folds files, log.csv: TGS's 22000-row 
 
 def _check_size(path: str | os.PathLike, max_bytes: int) -> None:
     """Refuse a file over max_bytes before reading it (pandas would hold all of it, and more)."""
+    refuse_pipe(path)
     size = os.stat(path).st_size
     if size > max_bytes:
         raise PipelineError(f"{path}: {size / 2**20:.0f} MiB, over the {max_bytes >> 20} MiB this file can "
