@@ -209,6 +209,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.rundir import LEADERBOARD_CSV
+
     parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> submission.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
 
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_submission)
 
     p = sub.add_parser("leaderboard", help="rank every tuned run by CV")
-    p.add_argument("--file", default="submissions/leaderboard.csv")
+    p.add_argument("--file", default=LEADERBOARD_CSV)
     p.add_argument("--top", type=_positive_int, default=0, help="show only the best N")
     p.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="config keys in which two runs differ")
     p.add_argument("--runs-dir", default="runs")

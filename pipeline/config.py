@@ -646,17 +646,6 @@ def _unique_key_loader() -> type:
     return UniqueKeyLoader
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    """A run's resolved config, pointed at where the run dir is now (it may have been moved)."""
-    run = Path(run_dir)
-    path = run / "config.yaml"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing — is {run} a run dir made by `python -m pipeline train`?")
-    cfg = load_config(path)
-    cfg.runs_dir, cfg.name = str(run.parent), run.name
-    return cfg
-
-
 def dump_yaml(cfg: Config) -> str:
     import yaml
 

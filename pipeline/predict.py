@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import VALID_TTA, Config, load_run_config
+from pipeline.config import VALID_TTA, Config
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir, load_run_config
 from pipeline.runtime import Runtime, resolve_runtime
 
 # Flip dims of an NCHW tensor; each flip is its own inverse, so the same dims undo it.
@@ -125,7 +126,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
             total += fold_probs(cfg, fold, test.images, rt, flips, bar)
     probs = (total / len(folds)).astype(np.float16)
     if not np.isfinite(probs).all():
-        raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
+        raise PipelineError(f"{RunDir(run).probs}: not written, the models predict NaN or infinite "
                             f"probabilities for {int((~np.isfinite(probs)).any(axis=(1, 2)).sum())} test images")
     seconds = time.perf_counter() - started
     # one unit: predict.json, written last, names the other two by digest (see pipeline/manifests.py)
@@ -135,5 +136,5 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
         "inputs": inputs,
     })
     print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA "
-          f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")
-    return run / "test_probs.npy"
+          f"in {seconds:.1f}s -> {RunDir(run).probs}")
+    return RunDir(run).probs

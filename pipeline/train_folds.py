@@ -30,7 +30,7 @@ from pipeline import fileio
 from pipeline.config import Config, check_folds
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
-from pipeline.rundir import FoldDir, fold_is_done, prepare_run_dir, read_done
+from pipeline.rundir import FoldDir, RunDir, fold_is_done, prepare_run_dir, read_done
 
 
 def load_training_data(cfg: Config, dist: DistContext = DistContext()):
@@ -165,7 +165,7 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
-    config_path = cfg.run_dir / "config.yaml"
+    config_path = RunDir.of(cfg).config
     where = (f"on GPUs {','.join(gpus)}, {-(-workers // len(gpus))} per GPU at most" if n_gpus
              else f"{threads} CPU threads each")
     print(f"{cfg.name}: training folds {folds} in {workers} parallel processes ({where})")

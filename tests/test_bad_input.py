@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from pipeline import cli, config, data, fileio, folds, rle
-from pipeline.config import Config, load_config, load_run_config
+from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
+from pipeline.rundir import load_run_config
 
 
 def refusal(call, *args, **kwargs) -> str:

@@ -165,7 +165,7 @@ def _reseal(run):
     """Re-record the run's manifests (done.json's config digest and files, predict.json) as they
     are now: a test that changes a member on purpose reaches the blend's own checks behind the
     manifests' (which would refuse the change first)."""
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
     from pipeline.rundir import training_digest
 
     cfg = load_run_config(run)

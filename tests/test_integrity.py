@@ -24,10 +24,11 @@ import torch
 
 from pipeline import fileio
 from pipeline.cli import main
-from pipeline.config import load_run_config, save_config
+from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.predict import predict_run
 from pipeline.manifests import predictions_are_current, tune_is_current
+from pipeline.rundir import load_run_config
 from pipeline.submit import check_submission, submit_run
 from pipeline.checkpoints import load_checkpoint
 from pipeline.train_folds import train_folds

@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.cli import build_parser, main
 from pipeline.config import Config, load_config
-from pipeline.runlog import LOG_NAME, RunLog, _Tee, run_log, tensorboard_epoch
+from pipeline.rundir import RUN_LOG_FILE as LOG_NAME
+from pipeline.runlog import RunLog, _Tee, run_log, tensorboard_epoch
 from tests.fake_run import make_fake_run
 
 REPO = Path(__file__).resolve().parents[1]
