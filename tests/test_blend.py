@@ -19,6 +19,9 @@ from pipeline.submit import check_submission
 from pipeline.tune import tune_run
 from tests.fake_run import make_fake_run, refinish_fold, write_fake_predictions
 
+# end to end (trained runs blended, tuned and submitted): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def base_runs(synth_data, tmp_path_factory):

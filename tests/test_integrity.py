@@ -35,6 +35,9 @@ from pipeline.train_folds import train_folds
 from pipeline.tune import tune_run
 from tests.test_train import tiny_config
 
+# end to end (trained runs predicted, tuned and submitted): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 PREDICT_WRITES = 3  # test_probs.npy, test_ids.txt, predict.json
 

@@ -33,6 +33,7 @@ def log_lines(run: Path) -> list[str]:
     return (run / LOG_NAME).read_text(encoding="utf-8").splitlines()
 
 
+@pytest.mark.e2e
 def test_each_command_on_a_run_appends_its_output_with_times_to_log_txt(fake_run, capsys):
     assert main(["tune", "--run", str(fake_run)]) == 0
     printed = capsys.readouterr().out
