@@ -126,7 +126,7 @@ class TrainConfig:
 class RunConfig:
     """Where and how fast a run goes, apart from the hyper-parameters: none of these keys
     changes the trained weights, so none enters the training digest (pipeline/rundir.py).
-    Older configs have them under `train:`; they load as run.* (LEGACY_RUN_KEYS)."""
+    A config that spells one under `train:` loads it as run.* (LEGACY_RUN_KEYS)."""
 
     threads: int = 0  # torch CPU threads; 0 = all cores
     num_workers: int = 0  # DataLoader worker processes
@@ -155,8 +155,8 @@ class RunConfig:
     tensorboard: bool = False
 
 
-# The keys that moved from train: to run: (`train.threads` in an old config.yaml or a --set
-# is run.threads).
+# run: keys also accepted under train: (`train.threads` in a config or a --set is run.threads),
+# so every saved config.yaml stays loadable.
 LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard")
 # run: keys that came after Config.digest's payload was fixed: left out of it
 UNHASHED_RUN_KEYS = ("tensorboard", "checkpoint_every", "deterministic")
