@@ -237,10 +237,12 @@ class Config:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The losses pipeline/losses.py computes (SegLoss): named here once, as config and loss both need them
+LOSS_NAMES = ("bce", "lovasz", "bce_lovasz")
 VALID_CHOICES = {
     "input.mode": {"pad", "resize"},
-    "loss.name": {"bce", "lovasz", "bce_lovasz"},
-    "loss.stage2_name": {"bce", "lovasz", "bce_lovasz"},
+    "loss.name": set(LOSS_NAMES),
+    "loss.stage2_name": set(LOSS_NAMES),
     "loss.lovasz_hinge": {"relu", "elu"},
     "train.optimizer": {"adam", "adamw", "sgd"},
     "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
