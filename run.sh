@@ -4,7 +4,8 @@
 #   ./run.sh                                   the demo: small synthetic set -> configs/demo.yaml -> submission, pictures (~3 min)
 #   ./run.sh --config CFG                      a config on the 800-image synthetic set (configs/cpu_quick.yaml: ~15 min)
 #   ./run.sh --data DIR --config CFG [--set k=v ...] [--force]   real data (Kaggle layout)
-#   ./run.sh test [pytest args]                run the test suite (fast set; -m slow for the rest)
+#   ./run.sh test [pytest args]                run the test suite (fast set: quick + e2e; -m slow for the rest)
+#   ./run.sh test-quick [pytest args]          the quick tier: unit tests, no end-to-end training (~1 min on 2 cores)
 #   ./run.sh setup                             only create/update .venv (versions: constraints.txt)
 #   ./run.sh test-kaggle [pytest args]         the same suite in .venv-kaggle, Kaggle's versions (constraints-kaggle.txt)
 set -euo pipefail
@@ -29,6 +30,7 @@ setup() {
 case "${1:-}" in
   setup) setup; exit 0 ;;
   test) shift; setup; exec "$PY" -m pytest "$@" ;;
+  test-quick) shift; setup; exec "$PY" -m pytest -m "not slow and not soak and not e2e" "$@" ;;
   test-kaggle) shift; setup .venv-kaggle constraints-kaggle.txt; exec .venv-kaggle/bin/python -m pytest "$@" ;;
 esac
 
@@ -39,7 +41,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done

@@ -413,11 +413,17 @@ def measure_procs(model_name: str, path: str, batch: int, size: int, steps: int,
     errors = [r for r in reports if "error" in r]
     if errors:
         return errors[0]
-    images = procs * steps * repeats * batch
+    return add_up_procs(reports, steps * repeats * batch)
+
+
+def add_up_procs(reports: list[dict], images_each: int) -> dict:
+    """The processes' reports ({"spans": {phase: (start, end)}, "peak_mb"}) as one row: per phase
+    all their images over the span from the first start to the last finish; peak memory summed."""
+    images = len(reports) * images_each
     rates = {f"{phase}_img_s": round(images / (max(r["spans"][phase][1] for r in reports)
                                                - min(r["spans"][phase][0] for r in reports)), 1)
              for phase in ("train", "infer")}
-    return {**rates, "peak_mb": round(sum(r["peak_mb"] for r in reports)), "procs": procs}
+    return {**rates, "peak_mb": round(sum(r["peak_mb"] for r in reports)), "procs": len(reports)}
 
 
 def model_rows(models: list[str], paths: list[str], *, peer: bool, batch: int, size: int, steps: int,

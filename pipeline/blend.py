@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import Config, check_number, check_plain_name, load_run_config, save_config
+from pipeline.config import Config, check_number, check_plain_name, save_config
 from pipeline.errors import PipelineError, short_repr
 from pipeline.leaderboard import describe_members
 from pipeline.manifests import (check_fold_files, check_predictions_current, finished_folds, fold_file_digests,
                                 read_done_token, read_predict_meta, tune_is_current, write_predictions)
-from pipeline.rundir import BLEND_FILE, OOF_FILES, FoldDir, training_digest
+from pipeline.rundir import BLEND_FILE, LEADERBOARD_CSV, OOF_FILES, FoldDir, RunDir, load_run_config, training_digest
 
 MAX_GRID_POINTS = 100  # weight vectors searched: each costs one tune grid per fold
 GRID_STEPS = (10, 8, 5, 4, 2)  # 1/step is the weight resolution; the finest one under MAX_GRID_POINTS
@@ -76,7 +76,7 @@ def read_member(run_dir: str | Path) -> Member:
     from pipeline.tune import read_fold_oof
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
+    if not RunDir(run).config.is_file():
         raise PipelineError(f"{run}: not a run (no config.yaml)")
     cfg = load_run_config(run)
     finished_folds(cfg, run)  # every fold finished with the run's config (done.json): one line if not
@@ -121,7 +121,7 @@ def member_digest(member: Member) -> str:
     digest = hashlib.sha256()
     folders = [FoldDir.of(member.run, k) for k in member.cfg.fold_list()]
     files = [path for f in folders for path in (f.oof, f.oof_ids, f.done)]
-    for path in files + [member.run / "test_probs.npy", member.run / "test_ids.txt"]:
+    for path in files + [RunDir(member.run).probs, RunDir(member.run).ids]:
         digest.update(path.name.encode())
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -340,7 +340,7 @@ def _blend_is_current(run: Path, digest: str, folds: list[int]) -> bool:
     path = run / BLEND_FILE
     folders = [FoldDir.of(run, k) for k in folds]
     needed = [path for f in folders for path in (f.oof, f.oof_ids, f.done)]
-    needed += [run / "test_probs.npy", run / "test_ids.txt", run / "config.yaml"]
+    needed += [RunDir(run).probs, RunDir(run).ids, RunDir(run).config]
     if not path.exists() or not all(p.exists() for p in needed):
         return False
     try:
@@ -378,7 +378,7 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
     report = {**found["report"], "seconds": round(time.perf_counter() - started, 1)}
 
     (run / BLEND_FILE).unlink(missing_ok=True)  # written again last: until then the blend is unfinished
-    save_config(cfg, run / "config.yaml")
+    save_config(cfg, RunDir(run).config)
     for fold, ids in fold_ids.items():
         folder = FoldDir.of(run, fold)
         folder.done.unlink(missing_ok=True)
@@ -409,7 +409,7 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
 
 def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs_dir: str | Path = "runs",
                data_dir: str | Path | None = None, force: bool = False,
-               leaderboard_csv: str | Path = "submissions/leaderboard.csv",
+               leaderboard_csv: str | Path = LEADERBOARD_CSV,
                submission: str | Path | None = None, pictures: bool = True) -> Path:
     """Blend `runs` into runs_dir/name, tune, submit (checked) and draw; returns the submission path."""
     from pipeline.show import show_run
@@ -441,12 +441,12 @@ def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs
         print("== tune")
         tune_run(run, leaderboard_csv=leaderboard_csv)
     else:
-        print(f"== tune: {run / 'tune.json'} is up to date")
+        print(f"== tune: {RunDir(run).tune} is up to date")
     print("== submit")
     path = submit_run(run, out=submission, data_dir=data_dir)
     if pictures:
-        shown = run / "show" / "test_samples.png"
-        if force or not _is_fresh(shown, [run / "tune.json", run / "test_probs.npy"]):
+        shown = RunDir(run).show / "test_samples.png"
+        if force or not _is_fresh(shown, [RunDir(run).tune, RunDir(run).probs]):
             print("== show")
             drawn = show_run(run, data_dir=data_dir)
             print(f"pictures: {', '.join(str(p) for p in drawn)}")

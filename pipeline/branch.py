@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline import fileio
 from pipeline.config import Config, flatten, load_config
 from pipeline.errors import PipelineError
-from pipeline.rundir import FoldDir, is_training_key, prepare_run_dir, read_log, training_digest, write_log
+from pipeline.rundir import FoldDir, RunDir, is_training_key, prepare_run_dir, read_log, training_digest, write_log
 
 # Keys that shape only the stage-2 loss when stage 1 is plain BCE.
 STAGE2_LOSS_KEYS = ("loss.stage2_name", "loss.lovasz_hinge", "loss.symmetric_lovasz", "loss.bce_weight",
@@ -54,7 +54,7 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
     from pipeline.checkpoints import load_checkpoint, save_checkpoint
 
     source_dir = Path(source_dir)
-    source = load_config(source_dir / "config.yaml")
+    source = load_config(RunDir(source_dir).config)
     if source.loss.stage2_from_epoch <= 0:
         raise PipelineError(f"{source_dir}: its config has no stage 2 (loss.stage2_from_epoch), nothing to branch")
     differing = stage1_differences(source, cfg)

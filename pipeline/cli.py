@@ -239,6 +239,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
+    from pipeline.rundir import LEADERBOARD_CSV
 
     parser = _Parser(prog="tgs", description="TGS Salt pipeline: data -> folds -> k-fold UNets -> OOF tuning -> TTA -> "
                      "submission. `tgs COMMAND --help` describes a command and its options.")
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rank every tuned run by tuned CV within its dataset (scores on different data "
                        "are not comparable), and write the page <runs-dir>/index.html: every run ranked, links to "
                        "each run's pictures, tuned CV against training minutes.")
-    p.add_argument("--file", default="submissions/leaderboard.csv", help="the leaderboard CSV (tune adds each run's row)")
+    p.add_argument("--file", default=LEADERBOARD_CSV, help="the leaderboard CSV (tune adds each run's row)")
     p.add_argument("--top", type=_positive_int, default=0, help="show only the best N of each dataset (0: all)")
     p.add_argument("--data", default=None, help="only runs on this dataset: its folder name or path (e.g. tgs or data/tgs)")
     p.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="config keys in which two runs differ")

@@ -128,7 +128,7 @@ class TrainConfig:
 class RunConfig:
     """Where and how fast a run goes, apart from the hyper-parameters: none of these keys
     changes the trained weights, so none enters the training digest (pipeline/rundir.py).
-    Older configs have them under `train:`; they load as run.* (LEGACY_RUN_KEYS)."""
+    A config that spells one under `train:` loads it as run.* (LEGACY_RUN_KEYS)."""
 
     threads: int = 0  # torch CPU threads; 0 = all cores
     num_workers: int = 0  # DataLoader worker processes
@@ -168,8 +168,8 @@ class RunConfig:
     tensorboard: bool = False
 
 
-# The keys that moved from train: to run: (`train.threads` in an old config.yaml or a --set
-# is run.threads).
+# run: keys also accepted under train: (`train.threads` in a config or a --set is run.threads),
+# so every saved config.yaml stays loadable.
 LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard",
                    "compile", "sync_bn")
 # run: keys that came after Config.digest's payload was fixed: left out of it
@@ -269,11 +269,13 @@ class Config:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The losses pipeline/losses.py computes (SegLoss): named here once, as config and loss both need them
+LOSS_NAMES = ("bce", "lovasz", "bce_lovasz")
 VALID_CHOICES = {
     "input.mode": {"pad", "resize"},
     "model.input_norm": {"none", "imagenet"},
-    "loss.name": {"bce", "lovasz", "bce_lovasz"},
-    "loss.stage2_name": {"bce", "lovasz", "bce_lovasz"},
+    "loss.name": set(LOSS_NAMES),
+    "loss.stage2_name": set(LOSS_NAMES),
     "loss.lovasz_hinge": {"relu", "elu"},
     "train.optimizer": {"adam", "adamw", "sgd"},
     "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
@@ -734,17 +736,6 @@ def _unique_key_loader() -> type:
             return super().construct_mapping(node, deep=deep)
 
     return UniqueKeyLoader
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """A run's resolved config, pointed at where the run dir is now (it may have been moved)."""
-    run = Path(run_dir)
-    path = run / "config.yaml"
-    if not path.exists():
-        raise PipelineError(f"{path}: missing — is {run} a run dir made by `python -m pipeline train`?")
-    cfg = load_config(path)
-    cfg.runs_dir, cfg.name = str(run.parent), run.name
-    return cfg
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -121,9 +121,9 @@ def to_batch(images: "torch.Tensor", masks: "torch.Tensor | None", cfg: "Config"
 
     # The raw uint8 batch goes to the device first and is converted and padded there: on a GPU
     # that moves 6x fewer bytes (101x101 uint8 vs 128x128 float) and takes the conversion and
-    # reflect pad off the training process's one core, where they cost ~0.13 ms per image
-    # (image + target): a ~7,600 img/s ceiling under an H100-class GPU's ~10,000+
-    # (benchmarks/README.md). On the CPU nothing changes.
+    # reflect pad off the training process's one core, which would otherwise cap the images per
+    # second below what the GPU trains (measured: docs/benchmarks.md, "to_batch on the device").
+    # On the CPU nothing changes.
     images = torch.as_tensor(images).to(rt.device, non_blocking=True)
     x = rt.to_input(to_model_input(images, cfg.input.mode, cfg.input.size))
     if cfg.model.in_chans > 1:

@@ -26,16 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import LEADERBOARD_CSV, RunDir
 
 COLUMNS = [
     "run", "model", "loss", "folds", "cv_at_05", "cv_tuned", "threshold", "empty_threshold", "min_area", "tta",
     "train_minutes", "git_commit", "date", "config_hash", "run_dir", "wall_minutes", "members",
     "data", "data_fingerprint",
 ]
-DATA_FILE = "data.json"  # {"name": .., "fingerprint": ..}: the data the run was tuned on
-PAGE_NAME = "index.html"  # <runs dir>/index.html
-WALL_FILE = "wall.json"  # {"minutes": .., "config_digest": ..}: written by `pipeline all`
-DEFAULT_LEADERBOARD = "submissions/leaderboard.csv"
 # What the text table shows, and how: (column, header, right-aligned)
 TABLE_COLUMNS = [
     ("run", "run", False), ("data", "data", False), ("model", "model", False), ("loss", "loss", False), ("folds", "folds", True),
@@ -92,14 +89,14 @@ def save_wall_minutes(run_dir: str | Path, minutes: float, config_digest: str) -
     """Record how long `pipeline all` took to make this run from nothing (data to submission)."""
     from pipeline.fileio import write_json
 
-    write_json(Path(run_dir) / WALL_FILE, {"minutes": round(float(minutes), 2), "config_digest": config_digest})
+    write_json(RunDir(Path(run_dir)).wall, {"minutes": round(float(minutes), 2), "config_digest": config_digest})
 
 
 def _wall_minutes(run: Path, config_digest: str) -> str:
     """wall.json's minutes ("" when absent, unreadable, or written for another config)."""
     from pipeline.fileio import read_json
 
-    path = run / WALL_FILE
+    path = RunDir(run).wall
     if not path.exists():
         return ""
     try:
@@ -114,7 +111,7 @@ def _wall_minutes(run: Path, config_digest: str) -> str:
 def _tta_used(run: Path, default: list[str]) -> str:
     from pipeline.fileio import read_json
 
-    predicted = run / "predict.json"
+    predicted = RunDir(run).predict
     tta = default
     if predicted.exists():
         try:
@@ -126,7 +123,7 @@ def _tta_used(run: Path, default: list[str]) -> str:
 
 def run_row(run_dir: str | Path, tune_result: dict[str, Any]) -> dict[str, str]:
     """The leaderboard row of a tuned run (all values as the strings written to the CSV)."""
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -165,7 +162,7 @@ def run_data_identity(run: Path, data_dir: str) -> dict[str, str]:
     from pipeline.data import dataset_identity
     from pipeline.fileio import read_json, write_json
 
-    path = run / DATA_FILE
+    path = RunDir(run).data
     if path.exists():
         try:
             recorded = read_json(path)
@@ -182,9 +179,8 @@ def run_data_identity(run: Path, data_dir: str) -> dict[str, str]:
 def _blend_members(run: Path) -> str:
     """'A:0.50 B:0.50' for a blend (its blend.json), "" for a trained run."""
     from pipeline.fileio import read_json
-    from pipeline.rundir import BLEND_FILE
 
-    path = run / BLEND_FILE
+    path = RunDir(run).blend
     if not path.exists():
         return ""
     blend = read_json(path)
@@ -269,7 +265,7 @@ def matches_data(row: dict[str, str], wanted: str) -> bool:
 
 
 def record_run(run_dir: str | Path, tune_result: dict[str, Any],
-               leaderboard_csv: str | Path = DEFAULT_LEADERBOARD) -> dict[str, str]:
+               leaderboard_csv: str | Path = LEADERBOARD_CSV) -> dict[str, str]:
     """Append the run's row, or replace the row of a run with the same name; returns the row."""
     from pipeline.fileio import file_lock, write_text
 
@@ -310,7 +306,7 @@ def _table(rows: list[dict[str, str]]) -> str:
     return "\n".join([fmt(header), rule] + [fmt(cells) for cells in body])
 
 
-def format_leaderboard(csv_path: str | Path = DEFAULT_LEADERBOARD, top: int = 0, data: str | None = None) -> str:
+def format_leaderboard(csv_path: str | Path = LEADERBOARD_CSV, top: int = 0, data: str | None = None) -> str:
     """Fixed-width text tables of the runs, one per dataset, best cv_tuned first (top > 0: only
     the best N of each; data: only that dataset's runs)."""
     path = Path(csv_path)
@@ -336,10 +332,10 @@ def format_leaderboard(csv_path: str | Path = DEFAULT_LEADERBOARD, top: int = 0,
 
 def _run_config_path(run: str | Path, runs_dir: str | Path) -> Path:
     given = Path(run)
-    for candidate in (given / "config.yaml", Path(runs_dir) / given / "config.yaml"):
+    for candidate in (RunDir(given).config, RunDir(Path(runs_dir) / given).config):
         if candidate.is_file():
             return candidate
-    raise PipelineError(f"{Path(runs_dir) / given / 'config.yaml'}: missing (no run {str(run)!r} in {runs_dir})")
+    raise PipelineError(f"{RunDir(Path(runs_dir) / given).config}: missing (no run {str(run)!r} in {runs_dir})")
 
 
 _ABSENT = object()  # a key only one config has (configs from different code versions)

@@ -15,7 +15,8 @@ import io
 import os
 from pathlib import Path
 
-from pipeline.leaderboard import DEFAULT_LEADERBOARD, PAGE_NAME, by_dataset, read_leaderboard
+from pipeline.leaderboard import by_dataset, read_leaderboard
+from pipeline.rundir import LEADERBOARD_CSV, RUNS_PAGE, RunDir
 from pipeline.showpage import STYLE
 
 # Okabe-Ito colours (told apart with every common colour-vision deficiency) with a marker
@@ -41,7 +42,7 @@ def _show_link(row: dict[str, str], page_dir: Path) -> str | None:
     run_dir = row.get("run_dir", "")
     if not run_dir:
         return None
-    target = Path(run_dir) / "show" / "index.html"
+    target = RunDir(run_dir).show_page
     if not target.is_file():
         return None
     return Path(os.path.relpath(target.resolve(), page_dir.resolve())).as_posix()
@@ -115,7 +116,7 @@ def render_page(rows: list[dict[str, str]], page_dir: Path, source: str) -> str:
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_leaderboard_page(csv_path: str | Path = DEFAULT_LEADERBOARD, runs_dir: str | Path = "runs") -> Path | None:
+def write_leaderboard_page(csv_path: str | Path = LEADERBOARD_CSV, runs_dir: str | Path = "runs") -> Path | None:
     """Write <runs_dir>/index.html from the leaderboard CSV; None (nothing written) without runs."""
     from pipeline.fileio import write_text
 
@@ -123,6 +124,6 @@ def write_leaderboard_page(csv_path: str | Path = DEFAULT_LEADERBOARD, runs_dir:
     if not rows:
         return None
     page_dir = Path(runs_dir)
-    path = page_dir / PAGE_NAME
+    path = page_dir / RUNS_PAGE
     write_text(path, render_page(rows, page_dir, str(csv_path)))
     return path

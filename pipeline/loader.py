@@ -1,17 +1,15 @@
 """A fold's training batches, epoch by epoch, with DataLoader workers that live for the fold.
 
 Every epoch is seeded from (seed, fold, epoch) alone (epoch_seed), which is what makes a
-resumed run equal an uninterrupted one. Forking fresh workers every epoch did that simply --
-each new worker seeded its augmentation in `worker_init_fn` -- at the price of a fork (and a
-copy of the dataset) per worker per epoch. Persistent workers start once, so the epoch's
-seed travels with the indices instead: the sampler yields (index, worker seed) pairs, and a
-worker that sees a new seed re-seeds its augmentation and torch RNG exactly as a fresh worker
-did (seed * 100 + worker id). Batches go to workers round-robin from worker 0 every epoch in
-both cases, so every batch is the same as with per-epoch loaders, bit for bit (tested), and
-the shuffle repeats the per-epoch loader's draws from its seeded generator too.
+resumed run equal an uninterrupted one. The workers start once per fold (a fork and a copy of
+the dataset per worker per epoch would cost more than small epochs take), so the epoch's seed
+travels with the indices: the sampler yields (index, worker seed) pairs, and a worker that sees
+a new seed re-seeds its augmentation and torch RNG as a freshly started worker would
+(seed * 100 + worker id, `seed_loader_worker`). Batches go to workers round-robin from worker 0
+every epoch, so every batch equals that of a loader made for the epoch, bit for bit (tested).
 
-Without workers (num_workers 0, the CPU presets) the loader is made per epoch as before: it
-costs nothing to make, and the main process's RNG is seeded by the loop.
+Without workers (num_workers 0, the CPU presets) the loader is made per epoch: it costs
+nothing to make, and the main process's RNG is seeded by the loop.
 """
 
 from __future__ import annotations
@@ -108,7 +106,7 @@ def seed_loader_worker(seed: int, worker_id: int) -> None:
 
 
 def reseed(transform, worker_seed: int, worker_id: int) -> None:
-    """What a freshly started worker does (train.seed_loader_worker): its own augmentation stream."""
+    """What a freshly started worker does (seed_loader_worker): its own augmentation stream."""
     if transform is not None:
         transform.set_random_seed(worker_seed * 100 + worker_id)
     torch.manual_seed(worker_seed * 100 + worker_id)

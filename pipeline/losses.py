@@ -18,11 +18,9 @@ from collections.abc import Mapping
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import LossConfig
+from pipeline.config import LOSS_NAMES, LossConfig
 from pipeline.errors import PipelineError
 from pipeline.geometry import restore
-
-LOSS_NAMES = ("bce", "lovasz", "bce_lovasz")
 
 
 # ---------------------------------------------------------------- Lovasz hinge

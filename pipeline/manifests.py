@@ -265,3 +265,22 @@ def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_i
     if probs.shape != (n_images, 101, 101) or probs.dtype.name != "float16":
         return None
     return probs
+
+
+def fold_is_done(cfg: Config, fold: int) -> bool:
+    """The fold finished with this config's training digest and its files are as done.json recorded."""
+    folder = FoldDir.of(cfg, fold)
+    if not folder.done.exists():
+        return False
+    try:
+        done = fileio.read_json(folder.done)
+        recorded = done.get("files")
+        if recorded is None:  # a done.json from before it named its files: its OOF must be there
+            return done.get("config_digest") == training_digest(cfg) and folder.oof.exists()
+        # the files as finished, byte for byte: a damaged oof.npy or a removed best.pt makes the
+        # fold not done, so `train`/`all` make it again instead of failing in a later stage
+        return done.get("config_digest") == training_digest(cfg) and isinstance(recorded, dict) and \
+            all((folder.path / name).is_file() and sha256_file(folder.path / name) == digest
+                for name, digest in recorded.items())
+    except (PipelineError, AttributeError, OSError):
+        return False

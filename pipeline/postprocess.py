@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MIN_AREA = 0
-TUNED_FILE = "tune.json"
 BINARIZE_BLOCK = 1024  # images per block
 
 
@@ -91,7 +91,7 @@ def read_tuned(run_dir: str | Path) -> PostProcess:
     from pipeline.fileio import read_json
 
     run = Path(run_dir)
-    path = run / TUNED_FILE
+    path = RunDir(run).tune
     rerun = f"run `python -m pipeline tune --run {run}`"
     if not path.exists():
         raise PipelineError(f"{path}: missing — {rerun}")
@@ -113,7 +113,7 @@ def read_tuned(run_dir: str | Path) -> PostProcess:
 
 def read_tuned_or_default(run_dir: str | Path) -> PostProcess:
     """The post-processing in tune.json, or the untuned one (threshold 0.5, min area 0)."""
-    return read_tuned(run_dir) if (Path(run_dir) / TUNED_FILE).exists() else PostProcess()
+    return read_tuned(run_dir) if RunDir(Path(run_dir)).tune.exists() else PostProcess()
 
 
 def write_tuned(run_dir: str | Path, post: PostProcess, report: dict) -> None:
@@ -122,4 +122,4 @@ def write_tuned(run_dir: str | Path, post: PostProcess, report: dict) -> None:
 
     rule = {"threshold": round(post.threshold, 6), "empty_threshold": round(post.empty_threshold, 6),
             "min_area": post.min_area, "empty_blank": post.empty_blank}
-    write_json(Path(run_dir) / TUNED_FILE, {**report, **rule})  # keys already in report keep their place
+    write_json(RunDir(Path(run_dir)).tune, {**report, **rule})  # keys already in report keep their place

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import VALID_TTA, Config, load_run_config
+from pipeline.config import VALID_TTA, Config
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir, load_run_config
 from pipeline.runtime import Runtime, resolve_runtime
 
 # Flip dims of an NCHW tensor; each flip is its own inverse, so the same dims undo it.
@@ -221,7 +222,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
                 bar.update(count_passes(cfg, [fold], len(test.ids), flips))
     bad = count_not_finite(probs)
     if bad:
-        raise PipelineError(f"{run / 'test_probs.npy'}: not written, the models predict NaN or infinite "
+        raise PipelineError(f"{RunDir(run).probs}: not written, the models predict NaN or infinite "
                             f"probabilities for {bad} test images")
     seconds = time.perf_counter() - started
     # one unit: predict.json, written last, names the other two by digest (see pipeline/manifests.py)
@@ -232,5 +233,5 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     })
     stored = f" ({len(from_folds)} read from the folds' own predictions)" if from_folds else ""
     print(f"predicted {len(test.ids)} test images with {len(folds)} folds x {len(flips)} TTA{stored} "
-          f"in {seconds:.1f}s -> {run / 'test_probs.npy'}")
-    return run / "test_probs.npy"
+          f"in {seconds:.1f}s -> {RunDir(run).probs}")
+    return RunDir(run).probs

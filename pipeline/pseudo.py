@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import Config, load_run_config
+from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.postprocess import PostProcess, read_tuned
-from pipeline.rundir import FoldDir
+from pipeline.rundir import FoldDir, RunDir, load_run_config
 
 UNCERTAIN_BAND = (0.2, 0.8)  # a teacher probability strictly inside it is not a confident label
 
@@ -50,7 +50,7 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
     submit), after checking it can label this fold without leaking."""
     run = Path(cfg.pseudo.teacher)
     where = f"pseudo.teacher {run}"
-    if not (run / "config.yaml").is_file():
+    if not RunDir(run).config.is_file():
         raise PipelineError(f"{where}: not a run dir (no config.yaml); train and tune the teacher first")
     teacher = load_run_config(run)
     ids_path = FoldDir.of(run, fold).oof_ids
@@ -72,7 +72,7 @@ def teacher_for_fold(cfg: Config, fold: int, val_ids: Sequence[str]) -> tuple[Co
     from pipeline.manifests import check_fold_files, check_tune_current
 
     post = read_tuned(run)
-    check_tune_current(teacher, run, read_json(run / "tune.json"))
+    check_tune_current(teacher, run, read_json(RunDir(run).tune))
     check_fold_files(run, fold, [path.name for path in fold_checkpoints(teacher, fold)])
     return teacher, post
 

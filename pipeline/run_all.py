@@ -19,13 +19,12 @@ from pipeline.errors import PipelineError
 
 def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
             submission: str | None = None) -> Path:
-    from pipeline.config import load_run_config
     from pipeline.data import load_test
     from pipeline.folds import fold_summary, load_folds, make_folds_for_dir
     from pipeline.fileio import read_json
-    from pipeline.leaderboard import WALL_FILE, format_leaderboard, record_run, save_wall_minutes
+    from pipeline.leaderboard import format_leaderboard, record_run, save_wall_minutes
     from pipeline.predict import predict_run
-    from pipeline.rundir import FoldDir
+    from pipeline.rundir import LEADERBOARD_CSV, FoldDir, RunDir, load_run_config
     from pipeline.manifests import predictions_are_current, tune_is_current
     from pipeline.show import show_run
     from pipeline.submit import submit_run
@@ -41,6 +40,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     # (a missing folder or a damaged PNG is one line now, not after the last fold)
     load_test(cfg.data)
     run = cfg.run_dir
+    files = RunDir(run)
 
     # 1. folds: one file shared by every experiment on this data, made once
     folds_csv = cfg.folds_path()
@@ -55,7 +55,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
     fold_files = [FoldDir.of(run, k).done for k in cfg.fold_list()]
     from_nothing = force or not any(done.parent.exists() for done in fold_files)
     if not from_nothing and not all(done.exists() for done in fold_files):
-        (run / WALL_FILE).unlink(missing_ok=True)
+        files.wall.unlink(missing_ok=True)
     print(f"== train: {run}")
     # each fold predicts the test set as it finishes, in its own process (its GPU): predict averages
     train_folds(cfg, resume=True, force=force, predict_test=True)
@@ -67,7 +67,7 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
         print("== tune")
         tune_run(run)
     else:
-        print(f"== tune: {run / 'tune.json'} is up to date")
+        print(f"== tune: {files.tune} is up to date")
 
     # 4. predict the test set with TTA, averaged over folds, unless predict.json names whole
     # predictions of these fold checkpoints for this test set as it is now
@@ -75,24 +75,24 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
         print("== predict")
         predict_run(run, data_dir=cfg.data)
     else:
-        print(f"== predict: {run / 'test_probs.npy'} is up to date")
+        print(f"== predict: {files.probs} is up to date")
 
     # 5. submission (checked as it is written), pictures and the leaderboard
     print("== submit")
     path = submit_run(run, out=submission, data_dir=cfg.data)
     print(f"wrote {path}")
     print("== show")
-    page = (show_run(run, data_dir=cfg.data) or [run / "show" / "index.html"])[-1]
+    page = (show_run(run, data_dir=cfg.data) or [files.show_page])[-1]
     print(f"pictures: {page}")
     minutes = (time.perf_counter() - started) / 60
     if from_nothing:  # the leaderboard row gains the wall time (tune wrote the row without it)
         save_wall_minutes(run, minutes, cfg.digest())
-        record_run(run, read_json(run / "tune.json"))
+        record_run(run, read_json(files.tune))
     from pipeline.leaderboardpage import write_leaderboard_page
 
-    board = write_leaderboard_page("submissions/leaderboard.csv", runs_dir=cfg.runs_dir)
+    board = write_leaderboard_page(LEADERBOARD_CSV, runs_dir=cfg.runs_dir)
     print()
-    print(format_leaderboard("submissions/leaderboard.csv", top=10))
+    print(format_leaderboard(LEADERBOARD_CSV, top=10))
     note = "" if from_nothing else " (this call; the run existed before it)"
     print(f"\n{cfg.name}: done in {minutes:.1f} min{note}")
     print(where_things_are(run, path, page, board))
@@ -101,10 +101,12 @@ def run_all(cfg: Config, data_dir: str | None = None, *, force: bool = False,
 
 def where_things_are(run: Path, submission: Path, page: Path, board: Path | None = None) -> str:
     """The closing lines of `all`: what a user opens next."""
+    from pipeline.rundir import LEADERBOARD_CSV, RunDir
+
     board_page = f", {board}" if board is not None else ""
     return "\n".join([
         f"  submission   {submission}",
-        f"  leaderboard  submissions/leaderboard.csv{board_page}  (tgs leaderboard)",
+        f"  leaderboard  {LEADERBOARD_CSV}{board_page}  (tgs leaderboard)",
         f"  pictures     {page}  (tables and pictures on one page)",
-        f"  log          {run / 'log.txt'}",
+        f"  log          {RunDir(run).log}",
     ])

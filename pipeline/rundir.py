@@ -1,6 +1,15 @@
 """The run folder: what `runs/<name>/` holds, and when a run or a fold in it may be reused.
 
-    runs/<name>/config.yaml   the resolved config (every fold asked for so far)
+    runs/<name>/              named by `RunDir`:
+        config.yaml   the resolved config (every fold asked for so far)
+        tune.json     the post-processing rule tune chose (pipeline/postprocess.py)
+        oof.csv       the tuned OOF masks as RLE, scoreable with `tgs score`
+        test_probs.npy, test_ids.txt   the test probabilities averaged over folds, and their ids
+        predict.json  written last by predict: names the two above by digest (pipeline/manifests.py)
+        blend.json    a blend's members and weights (pipeline/blend.py)
+        log.txt       what every command run on it printed (pipeline/runlog.py)
+        wall.json     the wall time of `pipeline all` from nothing (the leaderboard's minutes)
+        show/         the pictures and index.html (pipeline/show.py)
     runs/<name>/fold<k>/      one fold, named by `FoldDir`:
         best.pt       weights of the epoch with the best validation competition score
         last.pt       model + optimizer + scheduler + loop state: enough to resume
@@ -38,11 +47,28 @@ from pipeline import fileio
 from pipeline.config import MOVED_TRAIN_KEYS, Config, dump_yaml, flatten, load_config, save_config
 from pipeline.errors import PipelineError
 
-# val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
-# the raw weights' when they differ (empty otherwise).
+# The run folder's file names (RunDir below); the stages name them through RunDir or these.
+CONFIG_FILE = "config.yaml"
+TUNE_FILE = "tune.json"
+OOF_CSV = "oof.csv"
+PROBS_FILE = "test_probs.npy"
+IDS_FILE = "test_ids.txt"
+PREDICT_FILE = "predict.json"
+FOLD_PREDICT_FILE = "test_predict.json"  # a fold's own test prediction's manifest (FoldDir.test_predict)
+DATA_FILE = "data.json"  # {"name": .., "fingerprint": ..}: the data the run was tuned on (leaderboard)
 # A blend's run folder (pipeline/blend.py) holds this file: its members, weights and search;
 # the leaderboard lists the members from it.
 BLEND_FILE = "blend.json"
+RUN_LOG_FILE = "log.txt"
+WALL_FILE = "wall.json"  # {"minutes": .., "config_digest": ..}: the wall time of `pipeline all`
+SHOW_DIR = "show"
+OOF_FILES = ("oof.npy", "oof_ids.txt")  # each fold's, beside its done.json (FoldDir)
+# One table of every run under the working directory, not inside any run (pipeline/leaderboard.py)
+LEADERBOARD_CSV = "submissions/leaderboard.csv"
+RUNS_PAGE = "index.html"  # <runs dir>/index.html: every run ranked (pipeline/leaderboardpage.py)
+
+# val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
+# the raw weights' when they differ (empty otherwise).
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
 # Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
 # not the weights it trains.
@@ -88,8 +114,8 @@ class FoldDir:
     last = property(lambda self: self.path / "last.pt")
     prev = property(lambda self: self.path / "prev.pt")
     stage1 = property(lambda self: self.path / "stage1.pt")
-    oof = property(lambda self: self.path / "oof.npy")
-    oof_ids = property(lambda self: self.path / "oof_ids.txt")
+    oof = property(lambda self: self.path / OOF_FILES[0])
+    oof_ids = property(lambda self: self.path / OOF_FILES[1])
     done = property(lambda self: self.path / "done.json")
     log = property(lambda self: self.path / "log.csv")
     lock = property(lambda self: self.path / "train.lock")
@@ -113,24 +139,48 @@ class FoldDir:
                 *self.snapshots()]
 
 
-def fold_is_done(cfg: Config, fold: int) -> bool:
-    folder = FoldDir.of(cfg, fold)
-    if not folder.done.exists():
-        return False
-    from pipeline.manifests import sha256_file
+@dataclass(frozen=True)
+class RunDir:
+    """`runs/<name>/` and the names of what the stages write there."""
 
-    try:
-        done = fileio.read_json(folder.done)
-        recorded = done.get("files")
-        if recorded is None:  # a done.json from before it named its files: its OOF must be there
-            return done.get("config_digest") == training_digest(cfg) and folder.oof.exists()
-        # the files as finished, byte for byte: a damaged oof.npy or a removed best.pt makes the
-        # fold not done, so `train`/`all` make it again instead of failing in a later stage
-        return done.get("config_digest") == training_digest(cfg) and isinstance(recorded, dict) and \
-            all((folder.path / name).is_file() and sha256_file(folder.path / name) == digest
-                for name, digest in recorded.items())
-    except (PipelineError, AttributeError, OSError):
-        return False
+    path: Path
+
+    def __post_init__(self):  # RunDir("runs/x") as well as RunDir(Path("runs/x"))
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, run: "Config | str | Path | RunDir") -> "RunDir":
+        """A Config's run folder (its run_dir), or the folder itself."""
+        if isinstance(run, RunDir):
+            return run
+        return cls(run.run_dir if isinstance(run, Config) else Path(run))
+
+    config = property(lambda self: self.path / CONFIG_FILE)
+    tune = property(lambda self: self.path / TUNE_FILE)
+    oof_csv = property(lambda self: self.path / OOF_CSV)
+    probs = property(lambda self: self.path / PROBS_FILE)
+    ids = property(lambda self: self.path / IDS_FILE)
+    predict = property(lambda self: self.path / PREDICT_FILE)
+    blend = property(lambda self: self.path / BLEND_FILE)
+    log = property(lambda self: self.path / RUN_LOG_FILE)
+    wall = property(lambda self: self.path / WALL_FILE)
+    data = property(lambda self: self.path / DATA_FILE)
+    show = property(lambda self: self.path / SHOW_DIR)
+    show_page = property(lambda self: self.path / SHOW_DIR / "index.html")
+
+    def fold(self, fold: int) -> FoldDir:
+        return FoldDir.of(self.path, fold)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """A run's resolved config, pointed at where the run dir is now (it may have been moved)."""
+    run = Path(run_dir)
+    path = RunDir(run).config
+    if not path.exists():
+        raise PipelineError(f"{path}: missing — is {run} a run dir made by `python -m pipeline train`?")
+    cfg = load_config(path)
+    cfg.runs_dir, cfg.name = str(run.parent), run.name
+    return cfg
 
 
 def read_done(cfg: Config, fold: int) -> dict:
@@ -145,7 +195,7 @@ def prepare_run_dir(cfg: Config, *, force: bool) -> None:
 
     A run trained fold by fold (`train --folds 0`, later `train --folds 1`) is one experiment:
     the saved config lists every fold asked for so far, so `tune` and `predict` see them all."""
-    path = cfg.run_dir / "config.yaml"
+    path = RunDir.of(cfg).config
     saved = cfg
     if path.exists() and not force:
         previous = load_config(path)
@@ -194,14 +244,3 @@ def read_log(path: Path) -> list[dict]:
             raise PipelineError(f"{path}: line {line} has epoch {row.get('epoch')!r}, expected a whole number "
                                 "(a damaged training log: delete it, and training resumes without its earlier rows)")
     return rows
-
-
-# ---------------------------------------------------------------- the run's files
-# named here, read and written by the stages; their manifests are pipeline/manifests.py
-
-PROBS_FILE = "test_probs.npy"
-IDS_FILE = "test_ids.txt"
-PREDICT_FILE = "predict.json"
-FOLD_PREDICT_FILE = "test_predict.json"
-TUNE_FILE = "tune.json"
-OOF_FILES = ("oof.npy", "oof_ids.txt")

@@ -23,7 +23,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-LOG_NAME = "log.txt"
+from pipeline.rundir import RunDir
+
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -98,7 +99,7 @@ def run_log(run_dir: str | os.PathLike, argv: list[str] | None = None):
     if is_secondary_process():
         yield None
         return
-    log = RunLog(Path(run_dir) / LOG_NAME)
+    log = RunLog(RunDir(Path(run_dir)).log)
     command = "tgs " + shlex.join(sys.argv[1:] if argv is None else argv)
     log.write_line(f"$ {command}")
     out, err = _Tee(sys.stdout, log), _Tee(sys.stderr, log)

@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.postprocess import PostProcess, read_tuned_or_default
-from pipeline.rundir import FoldDir
+from pipeline.rundir import FoldDir, RunDir
 
 DPI = 100
 TILE_INCHES = 2.0  # one 101x101 image
@@ -178,7 +178,7 @@ def draw_test_samples(run: Path, data_dir: Path, out_dir: Path, post: PostProces
     from pipeline.data import is_blank, read_image
     from pipeline.submit import read_test_probs
 
-    if not (run / "test_probs.npy").exists():
+    if not RunDir(run).probs.exists():
         return []
     try:
         ids, probs = read_test_probs(run)
@@ -260,13 +260,13 @@ def draw_threshold(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, 
     from pipeline.fileio import read_json
     from pipeline.metric import threshold_scores
 
-    if not (run / "tune.json").exists():
+    if not RunDir(run).tune.exists():
         return []
     ids, probs = _available_oof(run, folds)
     if not ids:
         return []
     truth = np.asarray(load_train(data_dir, ids).masks, dtype=bool)
-    tuned = read_json(run / "tune.json")
+    tuned = read_json(RunDir(run).tune)
     thresholds = np.round(np.arange(0.02, 0.99, 0.02), 2)
     plain = np.asarray(threshold_scores(truth, probs, thresholds))[:, 0]
     if post.empty_threshold != post.threshold:
@@ -297,13 +297,13 @@ def draw_threshold(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, 
 
 def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
     """Write the run's pictures into runs/<name>/show/; returns the paths written."""
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
 
     run = Path(run_dir)
     cfg = load_run_config(run)
     data = Path(data_dir if data_dir is not None else cfg.data)
     post = read_tuned_or_default(run)
-    out_dir = run / "show"
+    out_dir = RunDir(run).show
     folds = cfg.fold_list()
     paths = draw_oof(run, data, out_dir, post, folds)
     paths += draw_test_samples(run, data, out_dir, post)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.rundir import FoldDir
+from pipeline.rundir import CONFIG_FILE, RUN_LOG_FILE, TUNE_FILE, FoldDir, RunDir
 
 CAPTIONS = {
     "oof_worst.png": "The worst-scored out-of-fold images. Left: the image, the submitted mask filled in "
@@ -92,17 +92,21 @@ def fold_rows(run: Path, folds: list[int], tuned: dict | None) -> list[list[Any]
     return rows
 
 
+def _link_up(name: str) -> str:
+    """A link from show/index.html to the run folder's file `name`."""
+    return f'<a href="../{html.escape(name)}">{html.escape(name)}</a>'
+
+
 def write_index(run: Path, cfg, pictures: list[Path], post) -> Path:
     """Write show/index.html for the run; returns its path."""
     from pipeline.fileio import write_text
 
     run = Path(run)
-    tuned = _read_json(run / "tune.json")
+    tuned = _read_json(RunDir(run).tune)
     parts = [f"<h1>Run {html.escape(cfg.name)}</h1>",
              f"<p>{html.escape(str(run))} · data {html.escape(str(cfg.data))} · page written "
-             f"{time.strftime('%Y-%m-%d %H:%M')} · <a href=\"../log.txt\">log.txt</a> · "
-             f"<a href=\"../config.yaml\">config.yaml</a>"
-             + (" · <a href=\"../tune.json\">tune.json</a>" if tuned else "") + "</p>",
+             f"{time.strftime('%Y-%m-%d %H:%M')} · {_link_up(RUN_LOG_FILE)} · {_link_up(CONFIG_FILE)}"
+             + (f" · {_link_up(TUNE_FILE)}" if tuned else "") + "</p>",
              '<div class="tables">']
     if isinstance(tuned, dict):
         parts.append("<div><h2>Tuned on the out-of-fold predictions</h2>"
@@ -123,12 +127,12 @@ def write_index(run: Path, cfg, pictures: list[Path], post) -> Path:
         caption = CAPTIONS.get(picture.name, "")
         parts.append(f'<figure><img src="{html.escape(picture.name)}" alt="{html.escape(picture.stem)}">'
                      f"<figcaption><b>{html.escape(picture.name)}</b>: {html.escape(caption)}</figcaption></figure>")
-    config_path = run / "config.yaml"
+    config_path = RunDir(run).config
     if config_path.exists():
         parts.append("<h2>Config</h2><pre>" + html.escape(config_path.read_text(encoding="utf-8")) + "</pre>")
     page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(cfg.name)}: TGS Salt run</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
-    path = run / "show" / "index.html"
+    path = RunDir(run).show_page
     write_text(path, page)
     return path

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 
 SUBMISSIONS_DIR = Path("submissions")
 
@@ -34,8 +35,8 @@ def read_test_probs(run: Path) -> tuple[list[str], np.ndarray]:
     from pipeline.manifests import read_predict_meta
 
     predict = f"python -m pipeline predict --run {run}"
-    probs_path = _require(run / "test_probs.npy", predict)
-    ids_path = _require(run / "test_ids.txt", predict)
+    probs_path = _require(RunDir(run).probs, predict)
+    ids_path = _require(RunDir(run).ids, predict)
     probs = read_npy(probs_path, hint=f"run `{predict}`")
     ids = read_text(ids_path).split()
     if probs.ndim != 3 or probs.shape[1:] != (101, 101) or len(probs) != len(ids):
@@ -61,10 +62,10 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     """Write the run's submission (default submissions/<run name>.csv), checked; returns its path."""
     from pipeline.data import list_image_ids
     from pipeline.rle import encode_many, write_rle_csv
-    from pipeline.config import load_run_config
     from pipeline.fileio import read_json
     from pipeline.postprocess import read_tuned
     from pipeline.manifests import check_predictions_current, check_tune_current, read_predict_meta
+    from pipeline.rundir import load_run_config
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -73,7 +74,7 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     # both made from the folds as they are now: after a retrain (even one killed mid-way) the
     # old rule and the old predictions are refused, never submitted
     data = Path(data_dir if data_dir is not None else cfg.data)
-    check_tune_current(cfg, run, read_json(run / "tune.json"))
+    check_tune_current(cfg, run, read_json(RunDir(run).tune))
     images_dir = data / "test" / "images"
     if not images_dir.is_dir():
         raise PipelineError(f"{images_dir}: no test images folder — give --data DIR in the Kaggle layout")
@@ -83,7 +84,7 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
         extra = sorted(set(ids) - set(expected))
         example = f"{missing[0]} not predicted" if missing else f"{extra[0]} not in {images_dir}"
         raise PipelineError(
-            f"{run / 'test_ids.txt'}: {len(missing) + len(extra)} ids differ from {images_dir} (e.g. {example}) "
+            f"{RunDir(run).ids}: {len(missing) + len(extra)} ids differ from {images_dir} (e.g. {example}) "
             f"— run `python -m pipeline predict --run {run} --data {data}`"
         )
     # the same ids may name other pixels (swapped or rewritten images, another dataset)

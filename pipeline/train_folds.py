@@ -42,7 +42,8 @@ from pipeline import fileio
 from pipeline.config import Config, check_folds
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
-from pipeline.rundir import FoldDir, fold_is_done, prepare_run_dir, read_done, read_log
+from pipeline.manifests import fold_is_done
+from pipeline.rundir import FoldDir, RunDir, prepare_run_dir, read_done, read_log
 
 
 def load_training_data(cfg: Config, dist: DistContext = DistContext()):
@@ -209,7 +210,7 @@ def resolve_pretrained_weights(cfg: Config) -> None:
 
 def fold_command(cfg: Config, fold: int, threads: int, *, resume: bool, force: bool, predict_test: bool) -> list[str]:
     """The `python -m pipeline train` command line of one fold process."""
-    command = [sys.executable, "-m", "pipeline", "train", "--config", str(cfg.run_dir / "config.yaml"),
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(RunDir.of(cfg).config),
                "--folds", str(fold), "--set", f"run.threads={threads}", "--set", "run.parallel_folds=false",
                "--set", f"runs_dir={cfg.runs_dir}", "--set", f"name={cfg.name}", "--fold-worker"]
     if not resume:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, load_run_config
+from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.postprocess import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, PostProcess, binarize, write_tuned
 from pipeline.manifests import check_fold_files
-from pipeline.rundir import OOF_FILES, FoldDir
+from pipeline.rundir import LEADERBOARD_CSV, OOF_FILES, FoldDir, RunDir, load_run_config
 
 IMAGE_SHAPE = (101, 101)
 
@@ -257,7 +257,7 @@ def tune_oof(truth: np.ndarray, probs: np.ndarray, blank: np.ndarray, cfg: Confi
 # ---------------------------------------------------------------- the command
 
 
-def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/leaderboard.csv") -> dict:
+def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = LEADERBOARD_CSV) -> dict:
     """Tune the run's post-processing on its OOF; write tune.json and oof.csv; record the run."""
     from pipeline.data import is_blank, load_train
     from pipeline.folds import coverage_class
@@ -307,7 +307,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = "submissions/
     masks = found["post"].apply(probs, blank=blank)
     result["empty_decision"] = empty_decision_report(truth, masks, scores,
                                                      binarize(probs, found["threshold"], DEFAULT_MIN_AREA))
-    write_rle_csv(run / "oof.csv", ids, encode_many(masks))
+    write_rle_csv(RunDir(run).oof_csv, ids, encode_many(masks))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(format_summary(run, result, found))
     record_run(run, result, leaderboard_csv=leaderboard_csv)
@@ -349,5 +349,5 @@ def format_summary(run: Path, result: dict, found: dict) -> str:
             f"empty (-{decision['cv_lost_salt_called_empty']:.4f}), {decision['empty_called_salt']} of "
             f"{decision['n_empty']} empty ones given a mask (-{decision['cv_lost_empty_called_salt']:.4f}); "
             f"all decided right: {decision['cv_empty_oracle']:.4f}")
-    lines.append(f"  wrote {run / 'tune.json'} and {run / 'oof.csv'}")
+    lines.append(f"  wrote {RunDir(run).tune} and {RunDir(run).oof_csv}")
     return "\n".join(lines)

@@ -60,9 +60,9 @@ def refinish_fold(fold_dir: Path) -> None:
 def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta) -> None:
     """test_probs.npy, test_ids.txt and predict.json as `predict` writes them, made from the
     run's folds as they are now."""
-    from pipeline.config import load_run_config
     from pipeline.data import fingerprint_data
     from pipeline.manifests import finished_folds, predict_recipe, write_predictions
+    from pipeline.rundir import load_run_config
 
     cfg = load_run_config(run)
     write_predictions(run, list(ids), probs.astype(np.float16),
@@ -73,7 +73,7 @@ def write_fake_predictions(run: Path, ids: list[str], probs: np.ndarray, **meta)
 
 def fake_tune(run: Path, rule: dict) -> None:
     """tune.json holding `rule` (threshold, min_area, ...), recorded as tuned on the run's folds."""
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
     from pipeline.manifests import tune_inputs
 
     (run / "tune.json").write_text(json.dumps({**rule, **tune_inputs(load_run_config(run), run)}))

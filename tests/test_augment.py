@@ -48,7 +48,7 @@ def test_rotation_tilts_image_and_mask_together():
 
 def test_zero_rotation_draws_what_the_earlier_affine_drew():
     """Runs made before `rotate_limit` existed used an Affine with no rotate argument; the
-    option at 0 must reproduce them bit for bit (train.NEUTRAL_DEFAULTS relies on it)."""
+    option at 0 must reproduce them bit for bit (rundir.NEUTRAL_DEFAULTS relies on it)."""
     import albumentations as A
 
     cfg = AugmentConfig(hflip=0.0, shift_scale=1.0, brightness_contrast=0.0)

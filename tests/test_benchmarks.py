@@ -1,9 +1,12 @@
 """The benchmark's concurrent-processes path (benchmarks/speed.py measure_procs): it reports
 aggregate rates, and a failing process becomes an error cell, not a hang or a crash."""
 
+import pytest
+
 from benchmarks import speed
 
 
+@pytest.mark.e2e
 def test_procs_path_adds_up_concurrent_single_thread_processes():
     result = speed.measure_procs("seed_unet", "cl_procs", batch=2, size=32, steps=1, repeats=1, device="cpu",
                                  procs=2)
@@ -11,6 +14,17 @@ def test_procs_path_adds_up_concurrent_single_thread_processes():
     assert result["train_img_s"] > 0 and result["infer_img_s"] > 0 and result["peak_mb"] > 0
 
 
+def test_procs_rates_are_all_images_over_the_first_start_to_the_last_finish():
+    # two processes of 8 images each: training from t=0 to 2 and from 1 to 4 (a straggler),
+    # inference from 5 to 6 and 5 to 6.5; memory 100 + 150 MB
+    reports = [{"spans": {"train": (0.0, 2.0), "infer": (5.0, 6.0)}, "peak_mb": 100.4},
+               {"spans": {"train": (1.0, 4.0), "infer": (5.0, 6.5)}, "peak_mb": 150.4}]
+    assert speed.add_up_procs(reports, images_each=8) == {
+        "train_img_s": 4.0, "infer_img_s": 10.7,  # 16 / 4 s; 16 / 1.5 s, to 0.1
+        "peak_mb": 251, "procs": 2}
+
+
+@pytest.mark.e2e
 def test_procs_path_reports_a_failing_process_as_an_error():
     result = speed.measure_procs("no_such_model", "cl_procs", batch=2, size=32, steps=1, repeats=1, device="cpu",
                                  procs=2)
@@ -37,6 +51,7 @@ def test_data_path_supply_is_worker_cores_times_the_per_core_rate_against_flops_
     assert h200["starves"] and not data_path.verdicts(1000.0, 1000.0, 2, 400.0, [0.3])["h200_16core"]["starves"]
 
 
+@pytest.mark.e2e
 def test_data_path_times_the_training_loader_and_counts_the_models_flops():
     import numpy as np
 

@@ -19,6 +19,9 @@ from pipeline.submit import check_submission
 from pipeline.tune import tune_run
 from tests.fake_run import make_fake_run, refinish_fold, write_fake_predictions
 
+# end to end (trained runs blended, tuned and submitted): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def base_runs(synth_data, tmp_path_factory):
@@ -165,7 +168,7 @@ def _reseal(run):
     """Re-record the run's manifests (done.json's config digest and files, predict.json) as they
     are now: a test that changes a member on purpose reaches the blend's own checks behind the
     manifests' (which would refuse the change first)."""
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
     from pipeline.rundir import training_digest
 
     cfg = load_run_config(run)

@@ -16,6 +16,9 @@ from pipeline.errors import PipelineError
 from pipeline.train_folds import train_folds
 from pipeline.rundir import read_log
 
+# end to end (runs trained and branched): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 # 3 epochs: BCE for 2, then the stage-2 loss; no validation before the switch
 STAGED = ("train.epochs=3", "loss.stage2_from_epoch=2", "loss.stage2_name=bce_lovasz", "loss.bce_weight=0.5",
           "train.scheduler=cosine", "train.validate_from=3", "augment.shift_scale=0.5")

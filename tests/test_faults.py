@@ -23,6 +23,9 @@ from pipeline.config import save_config
 from pipeline.train_folds import train_folds
 from tests.test_train import tiny_config
 
+# end to end (training killed and resumed): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ("train.epochs=4", "train.threads=1", "augment.shift_scale=0.5")
 

@@ -46,6 +46,7 @@ def test_several_gpus_train_one_fold_each_by_default(n_gpus, n_folds, world_size
     assert fans_out_by_default(n_gpus, n_folds, world_size, device) is expected
 
 
+@pytest.mark.e2e
 def test_each_fold_process_gets_one_gpu_of_the_inherited_mask(synth_data, tmp_path, monkeypatch, capsys):
     cfg = tiny_config(synth_data, tmp_path, "folds=[0,1,2]", "run.parallel_folds=true", "run.fold_workers=2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -24,15 +24,19 @@ import torch
 
 from pipeline import fileio
 from pipeline.cli import main
-from pipeline.config import load_run_config, save_config
+from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.predict import predict_run
 from pipeline.manifests import predictions_are_current, tune_is_current
+from pipeline.rundir import load_run_config
 from pipeline.submit import check_submission, submit_run
 from pipeline.checkpoints import load_checkpoint
 from pipeline.train_folds import train_folds
 from pipeline.tune import tune_run
 from tests.test_train import tiny_config
+
+# end to end (trained runs predicted, tuned and submitted): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT_WRITES = 3  # test_probs.npy, test_ids.txt, predict.json

@@ -200,7 +200,7 @@ def test_the_data_fingerprint_follows_bytes_not_sizes_or_times(tmp_path, synth_d
 
 
 def test_submit_refuses_swapped_test_pixels_and_other_data_with_the_same_ids(own_run, tmp_path):
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
     from pipeline.submit import submit_run
 
     data_dir = Path(load_run_config(own_run).data)
@@ -216,7 +216,7 @@ def test_submit_refuses_swapped_test_pixels_and_other_data_with_the_same_ids(own
 
 
 def test_blanked_train_masks_make_tune_json_stale_and_tune_repairs_it(own_run, capsys):
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
     from pipeline.manifests import tune_is_current
     from pipeline.submit import submit_run
     from pipeline.tune import tune_run
@@ -236,7 +236,8 @@ def test_blanked_train_masks_make_tune_json_stale_and_tune_repairs_it(own_run, c
 
 
 def test_predict_json_records_the_recipe_and_a_tta_change_makes_it_stale(own_run):
-    from pipeline.config import load_run_config, save_config
+    from pipeline.config import save_config
+    from pipeline.rundir import load_run_config
     from pipeline.manifests import predictions_are_current
 
     cfg = load_run_config(own_run)
@@ -286,8 +287,9 @@ def test_a_fifo_as_an_input_is_refused_not_waited_on(tmp_path, capsys, synth_dat
 
 
 def test_a_damaged_oof_or_removed_checkpoint_makes_the_fold_not_done(own_run):
-    from pipeline.config import load_run_config
-    from pipeline.rundir import FoldDir, fold_is_done
+    from pipeline.rundir import load_run_config
+    from pipeline.manifests import fold_is_done
+    from pipeline.rundir import FoldDir
 
     cfg = load_run_config(own_run)
     assert fold_is_done(cfg, 1)
@@ -300,14 +302,14 @@ def test_a_damaged_oof_or_removed_checkpoint_makes_the_fold_not_done(own_run):
 
 def test_removed_best_pt_names_a_train_command_that_retrains_that_fold(own_run):
     from pipeline.checkpoints import fold_checkpoints
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
 
     message = refusal(fold_checkpoints, load_run_config(own_run), 1)
     assert f"--config {own_run / 'config.yaml'} --folds 1 --restart" in message
 
 
 def test_training_a_blend_run_is_one_line_naming_blend(own_run, capsys):
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
     from pipeline.train_folds import train_folds
 
     cfg = load_run_config(own_run)

@@ -618,6 +618,7 @@ def check_dataset_metadata(folder: Path) -> dict:
     return metadata
 
 
+@pytest.mark.e2e
 def test_weights_dataset_writes_the_weights_and_valid_metadata_then_creates_the_dataset(fake_kaggle, tmp_path,
                                                                                            capsys):
     import torch

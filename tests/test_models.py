@@ -184,6 +184,7 @@ def test_residual_double_conv_adds_the_first_convs_output_to_the_second():
     assert torch.allclose(plain(x), plain[1](h))
 
 
+@pytest.mark.e2e
 def test_seed_unet_with_the_winners_options_trains_and_keeps_the_plain_parameter_names():
     cfg = ModelConfig(name="seed_unet", n_filters=8, residual=True, scse=True, hypercolumn=True,
                       deep_supervision=True)
@@ -212,6 +213,7 @@ def test_global_context_adds_one_image_level_vector_to_every_pixel_and_starts_as
 
 
 @pytest.mark.parametrize("name", ["seed_unet", "unet_resnet18"])
+@pytest.mark.e2e
 def test_global_context_centre_trains_and_leaves_the_plain_parameters_alone(name):
     small = dict(n_filters=8) if name == "seed_unet" else dict(decoder_channels=[32, 32, 16, 16, 8])
     model = create_model(ModelConfig(name=name, global_context=True, **small))

@@ -13,6 +13,9 @@ from pipeline.config import load_config
 from pipeline.run_all import run_all
 from pipeline.submit import check_submission
 
+# end to end (every shipped config trained end to end): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 TINY = ("n_folds=2", "train.epochs=1", "train.limit_train=16", "train.batch_size=8", "train.num_workers=0",
         "train.threads=2", "predict.batch_size=32", "loss.stage2_from_epoch=0", "train.validate_from=0",

@@ -10,6 +10,9 @@ from pipeline.pseudo import pseudo_labels, select_confident, uncertain_share
 from tests.test_train import tiny_config
 from tests.conftest import batched
 
+# end to end (a teacher run trained, then a student fold): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 
 def test_uncertain_share_counts_pixels_strictly_inside_the_band():
     probs = np.zeros((3, 101, 101), np.float32)

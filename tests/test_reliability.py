@@ -41,6 +41,9 @@ from pipeline.run_all import run_all
 from tests.fake_run import make_fake_run, private_copy
 from tests.test_train import tiny_config
 
+# end to end (`all` and training runs under faults): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 
 

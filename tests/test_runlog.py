@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.cli import build_parser, main
 from pipeline.config import Config, load_config
-from pipeline.runlog import LOG_NAME, RunLog, _Tee, run_log, tensorboard_epoch
+from pipeline.rundir import RUN_LOG_FILE as LOG_NAME
+from pipeline.runlog import RunLog, _Tee, run_log, tensorboard_epoch
 from tests.fake_run import make_fake_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def log_lines(run: Path) -> list[str]:
     return (run / LOG_NAME).read_text(encoding="utf-8").splitlines()
 
 
+@pytest.mark.e2e
 def test_each_command_on_a_run_appends_its_output_with_times_to_log_txt(fake_run, capsys):
     assert main(["tune", "--run", str(fake_run)]) == 0
     printed = capsys.readouterr().out

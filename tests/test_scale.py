@@ -20,6 +20,9 @@ from pipeline.train_folds import plan_workers, train_folds
 from pipeline.rundir import FoldDir
 from tests.test_train import tiny_config
 
+# end to end (DDP and parallel folds trained): the fast suite, not the quick tier (pyproject.toml markers)
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -33,6 +33,7 @@ def png_size(path) -> tuple[int, int]:
 PICTURES = ["oof_worst.png", "oof_by_class.png", "test_samples.png", "threshold.png", "curves.png"]
 
 
+@pytest.mark.e2e
 def test_show_writes_the_five_pictures_and_a_page_into_the_run(shown):
     run, paths = shown
     assert [p.name for p in paths] == PICTURES + ["index.html"]
@@ -102,6 +103,7 @@ def test_page_puts_the_tables_and_every_picture_on_one_page(shown):
     assert 'href="../log.txt"' in page
 
 
+@pytest.mark.e2e
 def test_threshold_curve_needs_tune_json_and_the_page_says_so(shown, tmp_path):
     run, _ = shown
     copy = tmp_path / "runs" / "untuned"
@@ -112,6 +114,7 @@ def test_threshold_curve_needs_tune_json_and_the_page_says_so(shown, tmp_path):
     assert "Not tuned yet" in (copy / "show" / "index.html").read_text(encoding="utf-8")
 
 
+@pytest.mark.e2e
 def test_curves_draw_logs_written_before_the_lr_column(shown, tmp_path):
     run, _ = shown
     copy = tmp_path / "runs" / "old"
@@ -141,6 +144,7 @@ def test_show_on_an_empty_run_is_one_line_error(shown, tmp_path):
     assert "\n" not in str(exc.value) and "nothing to show yet" in str(exc.value)
 
 
+@pytest.mark.e2e
 def test_cli_show_prints_the_paths(shown, capsys):
     from pipeline.cli import main
 

@@ -164,3 +164,73 @@ def test_no_pipeline_function_takes_more_than_eight_parameters():
             for found in wide_functions(ast.parse(path.read_text(encoding="utf-8")), path.name)}
     assert wide - KNOWN_WIDE == set()
     assert KNOWN_WIDE - wide == set(), "narrowed: take it off KNOWN_WIDE"
+# ---------------------------------------------------------------- the run folder's file names
+
+
+# Files that share a run-folder name but live elsewhere, with why
+NOT_RUN_FOLDER_FILES = {
+    ("pipeline/kaggle/kernel.py", "config.yaml"): "the kernel bundle's own config file, not a run folder's",
+}
+
+
+def _run_file_names() -> tuple[set[str], set[str]]:
+    """(file names spelt only in rundir.py, folder names joined only there)."""
+    from pipeline import rundir
+
+    files = {rundir.CONFIG_FILE, rundir.TUNE_FILE, rundir.OOF_CSV, rundir.PROBS_FILE, rundir.IDS_FILE,
+             rundir.PREDICT_FILE, rundir.BLEND_FILE, rundir.RUN_LOG_FILE, rundir.WALL_FILE,
+             rundir.LEADERBOARD_CSV, *rundir.OOF_FILES}
+    return files, {rundir.SHOW_DIR}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes (prose may name a file)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = node.body[0] if node.body else None
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+                found.add(id(doc.value))
+    return found
+
+
+def run_file_literals(path: Path, files: set[str], folders: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of each run-folder file name spelt as a path in `path`: a string that is the
+    name, ends in /name or starts with name/, or a folder name joined with `/`. Messages that
+    mention a file in prose ("no config.yaml") are not paths and are not counted."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    skip = _docstrings(tree)
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            text = node.value
+            hits += [(node.lineno, name) for name in files
+                     if text == name or text.endswith("/" + name) or text.startswith(name + "/")]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+            if node.right.value in files | folders:
+                hits.append((node.lineno, node.right.value))
+    return sorted(set(hits))
+
+
+def test_the_literals_reader_finds_paths_not_prose(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text('"""Writes tune.json."""\n'
+                      'a = run / "tune.json"\n'
+                      'b = "submissions/leaderboard.csv"\n'
+                      'c = run / "show" / "x.png"\n'
+                      'd = f"{run}: no tune.json yet"\n'
+                      'sub.add_parser("show")\n')
+    assert run_file_literals(source, {"tune.json", "submissions/leaderboard.csv"}, {"show"}) == [
+        (2, "tune.json"), (3, "submissions/leaderboard.csv"), (4, "show")]
+
+
+def test_run_folder_file_names_are_spelt_only_in_rundir():
+    files, folders = _run_file_names()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE.parent).as_posix()
+        if where == "pipeline/rundir.py":
+            continue
+        found += [f"{where}:{line}: {name!r}" for line, name in run_file_literals(path, files, folders)
+                  if (where, name) not in NOT_RUN_FOLDER_FILES]
+    assert not found, "use pipeline.rundir.RunDir (or its constants) instead of:\n" + "\n".join(found)

@@ -72,6 +72,7 @@ def test_host_step_benchmark_measures_the_configs_real_step_and_estimates_a_gpu_
     assert one["train_steps"] == 5 * 2 * (3200 // 8)
 
 
+@pytest.mark.e2e
 def test_speed_benchmark_times_the_configs_own_step_and_prediction(tmp_path):
     from benchmarks.speed import measure_pipeline
     from pipeline.config import save_config
@@ -90,6 +91,7 @@ def test_speed_benchmark_times_the_configs_own_step_and_prediction(tmp_path):
     assert row["tta"] == ["none", "hflip"] and row["batch"] == 8
 
 
+@pytest.mark.e2e
 def test_last_pt_by_time_is_written_at_the_stage_and_fold_ends_and_a_resume_from_it_is_exact(synth_data, tmp_path):
     from pipeline.checkpoints import load_checkpoint
     from pipeline.train_folds import train_folds

@@ -90,7 +90,7 @@ def test_id_not_in_the_folds_file_is_refused(run):
 
 def test_run_without_its_folds_file_still_assembles_with_a_warning(run, capsys):
     from pipeline.config import save_config
-    from pipeline.config import load_run_config
+    from pipeline.rundir import load_run_config
 
     cfg = load_run_config(run)
     cfg.folds_csv = str(run / "gone.csv")  # e.g. a run dir fetched from a Kaggle kernel
