@@ -75,11 +75,14 @@ def pad_or_resize(x: "torch.Tensor", mode: str, size: int) -> "torch.Tensor":
 @functools.lru_cache(maxsize=32)
 def _reflect_index(original: int, size: int, device: "torch.device") -> "torch.Tensor":
     """The pad's gather index, made once per (size, device): a fresh host-to-GPU copy of it per
-    batch would be a synchronous copy from pageable memory, i.e. a host sync every step."""
+    batch would be a synchronous copy from pageable memory, i.e. a host sync every step.
+    Made outside inference mode even when first asked for by predict (under inference_mode): a
+    cached inference tensor could never again be used by a training step's autograd."""
     import torch
 
     before, after = pad_amounts(original, size)
-    return torch.from_numpy(reflect_indices(original, before, after)).to(device)
+    with torch.inference_mode(False):
+        return torch.from_numpy(reflect_indices(original, before, after)).to(device)
 
 
 def restore(x: "torch.Tensor", mode: str, original: int = ORIGINAL_SIZE) -> "torch.Tensor":

@@ -4,6 +4,8 @@ the same probabilities and score as one process does."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 
@@ -11,6 +13,9 @@ import numpy as np
 import torch
 
 from tests.test_scale import free_port
+
+# two DDP processes: the fast suite, not the quick tier
+pytestmark = pytest.mark.e2e
 
 N_IMAGES = 10
 

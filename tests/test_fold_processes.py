@@ -33,6 +33,7 @@ def finish(cfg, fold: int) -> None:
     fileio.write_json(FoldDir.of(cfg, fold).done, {"fold": fold, "best_score": 0.5, "seconds": 1.0})
 
 
+@pytest.mark.e2e
 def test_progress_comes_from_the_fold_records_whatever_the_fold_prints(synth_data, tmp_path, monkeypatch, no_gpus,
                                                                         capsys):
     """The fold process prints words the parent has never seen; its epochs still reach the parent,
@@ -148,6 +149,7 @@ def test_fold_processes_of_a_pretrained_run_never_ask_the_network(synth_data, tm
     assert [env.get("HF_HUB_OFFLINE") for env in envs] == ["1", "1"]  # the parent filled the cache
 
 
+@pytest.mark.e2e
 def test_offline_pretrained_is_one_line_in_seconds_before_any_fold_process(synth_data, tmp_path):
     """HF_HUB_OFFLINE and an empty hub cache: one line, fast, and no fold process started
     (before, each fold process spent ~52 s in Hugging Face retries before the same error)."""

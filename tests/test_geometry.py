@@ -82,6 +82,19 @@ def test_gradient_flows_through_pad_or_resize_and_restore(mode):
         assert float(x.grad.abs().sum()) > 0
 
 
+def test_a_pad_first_made_under_inference_mode_still_trains():
+    """predict (inference_mode) before training in one process -- a pseudo-label teacher, a
+    validation first -- must not leave a cached inference tensor in the pad's gather index."""
+    from pipeline.geometry import _reflect_index
+
+    _reflect_index.cache_clear()
+    with torch.inference_mode():
+        pad_or_resize(torch.rand(1, 1, 101, 101), "pad", 128)
+    x = torch.rand(1, 1, 101, 101, requires_grad=True)
+    restore(pad_or_resize(x, "pad", 128), "pad").sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
 def test_to_model_input_scales_uint8_to_unit_range_with_a_channel_dim():
     images = random_images()
     images[0, 0, 0], images[0, 0, 1] = 0, 255

@@ -28,6 +28,9 @@ from pipeline.cli import main
 from pipeline.kaggle import COMPETITION
 from tests.conftest import TGS_SAMPLE
 
+# a kernel run in a bare interpreter and fold processes: the fast suite, not the quick tier
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 60, 20
 OWNER, WEIGHTS_SLUG = "alice", "timm-resnet18-imagenet"

@@ -312,6 +312,7 @@ def test_cli_tune_exits_0_and_missing_fold_exits_2_with_one_line(run, capsys):
     assert err.count("\n") == 1 and "fold1" in err and "not trained" in err
 
 
+@pytest.mark.e2e
 def test_oof_csv_reproduces_cv_tuned_with_the_score_command_on_the_real_sample(tgs_sample, tmp_path, monkeypatch,
                                                                                  capsys):
     from pipeline.cli import main
