@@ -38,10 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import metric_rle, speed
+from benchmarks import metric_rle, save_result, speed
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 E2E_TAIL_LINES = 30  # what the demo ends with: the leaderboard, where things are, the next commands
 
 
@@ -232,13 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": rows, "fast_path": fast_path_speedups(rows),
         **loader, "metric_rle": metric, "end_to_end": e2e,
     }
-    from pipeline.fileio import write_json
-
-    out = RESULTS / f"{socket.gethostname()}-{datetime.date.today().isoformat()}-{device.split(':')[0]}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print("\n" + markdown(result))
-    print(f"\nwrote {out}")
+    print("\n" + markdown(result) + "\n")
+    save_result("", result, device)
     return 0
 
 

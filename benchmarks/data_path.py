@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import json
 import os
 import platform
 import socket
 import sys
 import time
 from pathlib import Path
+from benchmarks import save_result
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "tgs"
 
 # Peak dense tensor-core rates (datasheets): H100 SXM bf16 ~990, T4 fp16 65. `--tflops` is the
@@ -279,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     result["torch"] = torch.__version__
-    out = args.out or RESULTS / f"data_path-{socket.gethostname()}-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    save_result("data_path", result, out=args.out)
     return 0
 
 

@@ -17,11 +17,10 @@ import datetime
 import os
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
+from benchmarks import save_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def variants(cores: int) -> list[dict]:
@@ -98,12 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
     args = parser.parse_args(argv)
     result = measure(args.config, args.data, args.images, args.rounds)
-    from pipeline.fileio import write_json
-
-    out = RESULTS / f"infer-{result['host']}-{datetime.date.today().isoformat()}.json"
-    write_json(out, result)
-    print(markdown(result))
-    print(f"\nwrote {out}", file=sys.stderr)
+    print(markdown(result) + "\n")
+    save_result("infer", result)
     return 0
 
 

@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 
 from pipeline import metric, rle
+from benchmarks import save_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "tgs"
 
 
@@ -263,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(args.count, args.thresholds, args.repeats, args.naive_repeats, min(args.pixel_subset, args.count))
     print(format_table(result))
-    from pipeline.fileio import write_json
-
-    out = RESULTS / f"metric_rle-{socket.gethostname()}-{datetime.date.today().isoformat()}.json"
-    write_json(out, result)
-    print(f"wrote {out}")
+    save_result("metric_rle", result)
     return 0
 
 

@@ -39,9 +39,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from benchmarks import save_result
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 RUN_NAME = "scale"
 SAMPLE_SECONDS = 0.2
 
@@ -267,12 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if train is not None:
         result["train_extrapolated"] = extrapolate_train(train["seconds"], fold_epoch_seconds(run),
                                                          preset.train.epochs, validated)
-    from pipeline.fileio import write_json
-
-    out = RESULTS / f"scale-{socket.gethostname()}-{datetime.date.today().isoformat()}.json"
-    write_json(out, result)
-    print("\n" + markdown(result))
-    print(f"\nwrote {out}")
+    print("\n" + markdown(result) + "\n")
+    save_result("scale", result)
     return 0
 
 

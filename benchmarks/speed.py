@@ -65,9 +65,8 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
+from benchmarks import save_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 DEFAULT_STEPS = 2
 DEFAULT_REPEATS = 8  # even, so ABBA order is balanced; 8 pairs for the median ratio
@@ -588,12 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name, "torch": torch.__version__, "threads": os.cpu_count(),
         "batch": args.batch, "size": args.size, "steps": args.steps, "repeats": args.repeats, "rows": rows, **extra,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    from pipeline.fileio import write_json
-
-    out = RESULTS / f"speed-{socket.gethostname()}-{datetime.date.today().isoformat()}-{device.split(':')[0]}.json"
-    write_json(out, result)
-    print(f"wrote {out}")
+    save_result("speed", result, device)
     return 0
 
 

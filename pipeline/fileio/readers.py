@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -31,6 +32,19 @@ def read_at_most(handle: IO[bytes], max_bytes: int) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks)
+
+
+@contextmanager
+def opening_errors(path, noun: str, kind: str, fix: str = ""):
+    """Opening and reading `path` as one PipelineError a failure: missing, a folder, unreadable."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {noun} not found{fix}") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a folder, expected {kind}{fix}") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc}){fix}") from None
 
 
 MAX_SMALL_FILE_BYTES = 64 << 20  # JSON records and id lists of a run: a few KB to ~1 MB
@@ -58,18 +72,11 @@ def read_bounded_text(path: str | os.PathLike, max_bytes: int, *, noun: str = "f
     refuse = too_large or (lambda size: _over_limit(path, max_bytes, size))
     path = Path(path)
     refuse_pipe(path)
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > max_bytes:  # refused before reading; a pipe or device reports 0 and is read bounded
-                raise PipelineError(refuse(f"{size / 2**20:.0f} MiB"))
-            raw = read_at_most(handle, max_bytes)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: {noun} not found") from None
-    except IsADirectoryError:
-        raise PipelineError(f"{path}: is a folder, expected {kind}") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with opening_errors(path, noun, kind), open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:  # refused before reading; a pipe or device reports 0 and is read bounded
+            raise PipelineError(refuse(f"{size / 2**20:.0f} MiB"))
+        raw = read_at_most(handle, max_bytes)
     if len(raw) > max_bytes:
         raise PipelineError(refuse("endless"))
     try:
@@ -109,7 +116,7 @@ def read_npy(path: str | os.PathLike, hint: str = ""):
     fix = f" — {hint}" if hint else ""
     refuse_pipe(path)
     try:
-        with open(path, "rb") as handle:
+        with opening_errors(path, "file", "a .npy file", fix), open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -124,14 +131,6 @@ def read_npy(path: str | os.PathLike, hint: str = ""):
                                     f"{size - data_start}: truncated or damaged{fix}")
             handle.seek(0)
             return np.load(handle, allow_pickle=False)
-    except PipelineError:
-        raise
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found{fix}") from None
-    except IsADirectoryError:
-        raise PipelineError(f"{path}: is a folder, expected a .npy file{fix}") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc}){fix}") from None
     except (ValueError, TypeError, SyntaxError, EOFError) as exc:  # a damaged header
         raise PipelineError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:120]}){fix}") from None
 
