@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from pipeline.config import LossConfig, load_config
 from pipeline.errors import PipelineError
-from pipeline.losses import SegLoss, lovasz_grad, lovasz_hinge, lovasz_hinge_flat
+from pipeline.losses import SegLoss
+from pipeline.losses.lovasz import lovasz_grad, lovasz_hinge, lovasz_hinge_flat
 
 
 def jaccard_loss_of_mistakes(gt: np.ndarray, wrong: np.ndarray) -> float:
@@ -233,7 +234,7 @@ def test_no_schedule_keeps_the_first_loss_forever():
 
 def test_unknown_loss_name_is_a_pipeline_error():
     with pytest.raises(PipelineError, match="loss.stage2_name"):
-        SegLoss(LossConfig(stage2_name="dice"))
+        SegLoss(LossConfig(stage2_name="no_such_loss"))
 
 
 def deep_outputs(logits: torch.Tensor, seed: int = 1) -> dict:
