@@ -110,6 +110,7 @@ LOSSES = Registry("loss.name", "loss", (
     Entry("bce", "pipeline.losses.bce:bce"),
     Entry("lovasz", "pipeline.losses.lovasz:lovasz"),
     Entry("bce_lovasz", "pipeline.losses.bce:bce_lovasz"),
+    Entry("dice", "pipeline.losses.dice:dice"),
 ))
 
 MODELS = Registry("model.name", "model", (
