@@ -295,7 +295,8 @@ NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "run")
 NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
                     "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
                     "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu", "model.input_norm": "none"}
-# ...but Config.digest took these in when they came (its values were pinned later, with model.input_norm)
+# ...but Config.digest hashes these at any value: it took them in when they came (its values changed
+# then), before its values were pinned, with model.input_norm, the first it leaves out.
 EXPERIMENT_DIGEST_KEEPS = ("train.ema_decay", "model.residual", "loss.image_only", "model.global_context",
                            "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit",
                            "loss.lovasz_hinge")
@@ -424,8 +425,9 @@ def _validate(cfg: Config, source: str) -> Config:
     if cfg.input.size % model.input_multiple:  # the model halves its input that many times
         raise PipelineError(f"{source}: 'input.size' must be a multiple of {model.input_multiple} for "
                             f"{cfg.model.name}, got {cfg.input.size}")
-    if model.refusal(cfg.model):
-        raise PipelineError(f"{source}: {model.refusal(cfg.model)}")
+    refusal = model.refusal(cfg.model)  # e.g. model.pretrained for a model without pretrained weights
+    if refusal:
+        raise PipelineError(f"{source}: {refusal}")
     if not 0 <= cfg.train.validate_from <= cfg.train.epochs:
         raise PipelineError(f"{source}: 'train.validate_from' must be in 0..train.epochs ({cfg.train.epochs}), "
                             f"got {cfg.train.validate_from}")
@@ -473,7 +475,7 @@ _CORES = _Range(0, 1024)  # threads, workers: 0 = automatic
 # would raise deep inside torch or numpy, or, worse, train to the end uselessly (lr 0 or inf).
 NUMBER_RANGES: dict[str, _Range] = {
     "n_folds": _Range(2, 1000),
-    "folds[]": _Range(0, 999),  # and below n_folds (checked above)
+    "folds[]": _Range(0, 999),  # and below n_folds (check_folds)
     "seed": _Range(0, 2**32 - 1),  # numpy's and sklearn's seeds
     "model.n_filters": _Range(1, 1024),
     "model.dropout": _Range(0.0, 1.0, high_open=True),
