@@ -3,7 +3,7 @@ the facts the config checks; the one list of them.
 
 No torch here: config.py validates `loss.name` and `model.name` (and what a model accepts) from
 these entries without importing torch, and the code (`"module:function"`) is imported only when
-a loss or a model is built (`Entry.load`), as timm's registry does for its models.
+a loss or a model is built (`Entry.load`).
 
     LOSSES["lovasz"].load()            # -> pipeline.losses.lovasz:lovasz
     MODELS.find("unet_resnet34")       # -> the unet_ entry: input multiple 32, pretrained weights

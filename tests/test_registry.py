@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 
-import numpy as np
 import pytest
 import torch
 
