@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import PipelineError, short_repr
+from pipeline.registry import LOSSES, MODELS
 
 
 @dataclass
 class ModelConfig:
-    # Registry name: "seed_unet" or "unet_<timm encoder>" (unet_resnet34, unet_resnet18, ...)
+    # A name in pipeline/registry.py's MODELS: "seed_unet" or "unet_<timm encoder>" (unet_resnet34, ...)
     name: str = "seed_unet"
     n_filters: int = 16  # seed_unet width (the tutorial's start_neurons)
     dropout: float = 0.1
@@ -69,7 +70,8 @@ class AugmentConfig:
 
 @dataclass
 class LossConfig:
-    # "bce", "lovasz", or "bce_lovasz" (bce_weight * BCE + lovasz_weight * Lovasz)
+    # A name in pipeline/registry.py's LOSSES: "bce", "lovasz", "bce_lovasz" (bce_weight * BCE +
+    # lovasz_weight * Lovasz), "dice" (soft Dice), ...
     name: str = "bce"
     bce_weight: float = 1.0
     lovasz_weight: float = 1.0
@@ -172,14 +174,6 @@ class RunConfig:
 # so every saved config.yaml stays loadable.
 LEGACY_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1", "tensorboard",
                    "compile", "sync_bn")
-# run: keys that came after Config.digest's payload was fixed: left out of it
-UNHASHED_RUN_KEYS = ("tensorboard", "checkpoint_seconds", "deterministic", "compile", "sync_bn")
-# (section, key): value of keys that came later still, left out of Config.digest at the value
-# that reproduces what runs made before them did (their tune.json and leaderboard rows stay current)
-UNHASHED_AT_NEUTRAL = {("model", "input_norm"): "none"}
-# Keys hashed under train: before they moved to run: (neither changes which model is trained):
-# both digests keep them at the value every earlier run had, so those runs stay reusable.
-MOVED_TRAIN_KEYS = {"compile": False, "sync_bn": False}
 # run: keys a newer version dropped: an older run's config.yaml still loads (the value is unused)
 RETIRED_RUN_KEYS = ("checkpoint_every",)  # epochs between last.pt writes: run.checkpoint_seconds now
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -256,34 +250,92 @@ class Config:
         return dataclasses.asdict(self)
 
     def digest(self, *, ignore: tuple[str, ...] = ("folds", "runs_dir")) -> str:
-        """A short hash of what determines the trained weights (for stale-state checks)."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
-        # hashed where they were before the run: section existed, so older runs keep their digest
-        # (only the keys that were there then: later run: keys -- tensorboard, checkpoint_seconds,
-        # deterministic -- never change the weights and are not hashed)
-        run = {k: v for k, v in payload.pop("run", {}).items() if k not in UNHASHED_RUN_KEYS}
-        for (section, key), neutral in UNHASHED_AT_NEUTRAL.items():
-            if payload.get(section, {}).get(key) == neutral:
-                del payload[section][key]
-        payload["train"] = {**payload.get("train", {}), **run, **MOVED_TRAIN_KEYS}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of the whole experiment: the weights and how they are predicted and tuned
+        (tune.json, wall.json, the leaderboard's config_hash); see "Digests" below."""
+        return experiment_digest(self, ignore)
 
 
-# The losses pipeline/losses.py computes (SegLoss): named here once, as config and loss both need them
-LOSS_NAMES = ("bce", "lovasz", "bce_lovasz")
+# The choices of the keys whose code reads them in one place (the module named), spelt once here
+# where config.py, torch-free, can check them; losses and models are pipeline/registry.py's.
+INPUT_MODES = ("pad", "resize")  # pipeline/geometry.py
+PRECISIONS = ("auto", "off", "tf32", "bf16", "fp16")  # pipeline/runtime.py
+LOVASZ_HINGES = ("relu", "elu")  # pipeline/losses/lovasz.py
+# pipeline/predict.py's TTA: the dims of an NCHW tensor each flips (each its own inverse)
+TTA_FLIPS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 VALID_CHOICES = {
-    "input.mode": {"pad", "resize"},
-    "model.input_norm": {"none", "imagenet"},
-    "loss.name": set(LOSS_NAMES),
-    "loss.stage2_name": set(LOSS_NAMES),
-    "loss.lovasz_hinge": {"relu", "elu"},
-    "train.optimizer": {"adam", "adamw", "sgd"},
-    "train.scheduler": {"cosine_restarts", "cosine", "plateau", "none"},
-    "train.precision": {"auto", "off", "tf32", "bf16", "fp16"},
-    "train.channels_last": {"auto", "on", "off"},
-    "run.compile": set(COMPILE_MODES),
+    "model.name": MODELS,
+    "input.mode": INPUT_MODES,
+    "model.input_norm": ("none", "imagenet"),
+    "loss.name": LOSSES,
+    "loss.stage2_name": LOSSES,
+    "loss.lovasz_hinge": LOVASZ_HINGES,
+    "train.optimizer": ("adam", "adamw", "sgd"),
+    "train.scheduler": ("cosine_restarts", "cosine", "plateau", "none"),
+    "train.precision": PRECISIONS,
+    "train.channels_last": ("auto", "on", "off"),
+    "run.compile": COMPILE_MODES,
 }
-VALID_TTA = {"none", "hflip", "vflip", "hvflip"}
+VALID_TTA = tuple(TTA_FLIPS)
+
+
+# ---------------------------------------------------------------- digests
+# Two hashes of a config answer two questions:
+#   training_digest: which weights a fold trains (done.json, checkpoints, reusing a fold, a
+#     branch): the training keys only (is_training_key), flattened;
+#   Config.digest (experiment_digest): which experiment, i.e. those weights and how they are
+#     predicted and tuned: the whole config but where the run lives, nested.
+# Their payloads were fixed by the runs already made, so they stay two functions; what each leaves
+# out is the one table of rules below, so that a key added later keeps both digests of older runs.
+
+# Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
+# not the weights it trains.
+NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "run")
+# Keys added after runs were made, at the value that reproduces what those runs did: left out of
+# both digests at that value, so the older runs stay reusable and tuned. A new key goes here.
+NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
+                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
+                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu", "model.input_norm": "none"}
+# ...but Config.digest hashes these at any value: it took them in when they came (its values changed
+# then), before its values were pinned, with model.input_norm, the first it leaves out.
+EXPERIMENT_DIGEST_KEEPS = ("train.ema_decay", "model.residual", "loss.image_only", "model.global_context",
+                           "pseudo.teacher", "pseudo.max_uncertain_share", "augment.rotate_limit",
+                           "loss.lovasz_hinge")
+# Keys hashed under train: before they moved to run: (neither changes which model is trained):
+# both digests keep them at the value every earlier run had.
+MOVED_TRAIN_KEYS = {"compile": False, "sync_bn": False}
+# The run: keys Config.digest hashes, under train: where they were before the run: section; the
+# rest (tensorboard, checkpoint_seconds, deterministic, ... and any new one) change no weights.
+EXPERIMENT_DIGEST_RUN_KEYS = ("threads", "num_workers", "parallel_folds", "fold_workers", "keep_stage1")
+
+
+def is_training_key(key: str) -> bool:
+    return key not in NON_TRAINING_KEYS and key.split(".")[0] not in NON_TRAINING_KEYS
+
+
+def _short_hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_digest(cfg: Config) -> str:
+    """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
+    relevant = {k: v for k, v in flatten(cfg).items()
+                if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
+    relevant.update({f"train.{k}": v for k, v in MOVED_TRAIN_KEYS.items()})
+    return _short_hash(relevant)
+
+
+def experiment_digest(cfg: Config, ignore: tuple[str, ...] = ("folds", "runs_dir")) -> str:
+    """Hash of the config but the top-level keys `ignore`d: the weights, and how they are predicted
+    and tuned (Config.digest)."""
+    payload = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    run = payload.pop("run", {})
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        section, name = key.split(".")
+        if key not in EXPERIMENT_DIGEST_KEEPS and payload.get(section, {}).get(name, neutral) == neutral:
+            payload.get(section, {}).pop(name, None)
+    payload["train"] = {**payload.get("train", {}), **{k: run[k] for k in EXPERIMENT_DIGEST_RUN_KEYS if k in run},
+                        **MOVED_TRAIN_KEYS}
+    return _short_hash(payload)
 
 
 def _coerce(value: Any, annotation: Any, where: str, source: str) -> Any:
@@ -354,6 +406,7 @@ def check_folds(folds: list[int], n_folds: int, source: str) -> None:
 
 
 def _validate(cfg: Config, source: str) -> Config:
+    """Choices, then every number's range (NUMBER_RANGES), then the rules between keys."""
     flat = _flatten(cfg.to_dict())
     for key, allowed in VALID_CHOICES.items():
         if flat[key] not in allowed:
@@ -361,45 +414,28 @@ def _validate(cfg: Config, source: str) -> Config:
     for aug in cfg.predict.tta:
         if aug not in VALID_TTA:
             raise PipelineError(f"{source}: 'predict.tta' has {short_repr(aug)}; choose from {sorted(VALID_TTA)}")
-    if cfg.n_folds < 2:
-        raise PipelineError(f"{source}: 'n_folds' must be at least 2, got {cfg.n_folds}")
+    _check_numbers(cfg, source)
     check_folds(cfg.folds, cfg.n_folds, f"{source}: 'folds'")
     if cfg.input.size < 101 and cfg.input.mode == "pad":
         raise PipelineError(f"{source}: 'input.size' must be >= 101 to pad, got {cfg.input.size}")
     if cfg.loss.image_only and cfg.input.mode != "pad":
         raise PipelineError(f"{source}: 'loss.image_only' needs input.mode pad (a resized input has no padding "
                             f"to leave out), got {short_repr(cfg.input.mode)}")
-    # seed_unet pools 4 times, timm encoders 5 times: the input must divide evenly
-    multiple = 16 if cfg.model.name == "seed_unet" else 32
-    if cfg.input.size % multiple:
-        raise PipelineError(
-            f"{source}: 'input.size' must be a multiple of {multiple} for {cfg.model.name}, got {cfg.input.size}"
-        )
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise PipelineError(f"{source}: 'train.epochs' and 'train.batch_size' must be positive")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise PipelineError(f"{source}: 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
+    model = MODELS[cfg.model.name]
+    if cfg.input.size % model.input_multiple:  # the model halves its input that many times
+        raise PipelineError(f"{source}: 'input.size' must be a multiple of {model.input_multiple} for "
+                            f"{cfg.model.name}, got {cfg.input.size}")
+    refusal = model.refusal(cfg.model)  # e.g. model.pretrained for a model without pretrained weights
+    if refusal:
+        raise PipelineError(f"{source}: {refusal}")
     if not 0 <= cfg.train.validate_from <= cfg.train.epochs:
         raise PipelineError(f"{source}: 'train.validate_from' must be in 0..train.epochs ({cfg.train.epochs}), "
                             f"got {cfg.train.validate_from}")
     if cfg.train.validate_from > 1 and cfg.train.scheduler == "plateau":
         raise PipelineError(f"{source}: 'train.validate_from' needs a scheduler that does not follow the "
                             "val metric (plateau does): use cosine, cosine_restarts or none")
-    if cfg.run.fold_workers < 0:
-        raise PipelineError(f"{source}: 'run.fold_workers' must be >= 0, got {cfg.run.fold_workers}")
     if cfg.train.snapshots and cfg.train.scheduler != "cosine_restarts":
         raise PipelineError(f"{source}: 'train.snapshots' needs train.scheduler: cosine_restarts")
-    for key in ("hflip", "shift_scale", "brightness_contrast"):
-        if not 0.0 <= getattr(cfg.augment, key) <= 1.0:
-            raise PipelineError(f"{source}: 'augment.{key}' is a probability, must be in [0, 1], "
-                                f"got {getattr(cfg.augment, key)}")
-    if not 0.0 <= cfg.augment.rotate_limit <= 45.0:
-        raise PipelineError(f"{source}: 'augment.rotate_limit' must be in [0, 45] degrees, "
-                            f"got {cfg.augment.rotate_limit}")
-    if not 0.0 <= cfg.pseudo.max_uncertain_share <= 1.0:
-        raise PipelineError(f"{source}: 'pseudo.max_uncertain_share' must be in [0, 1], "
-                            f"got {cfg.pseudo.max_uncertain_share}")
-    _check_numbers(cfg, source)
     _check_strings(cfg, source)
     return cfg
 
@@ -412,6 +448,7 @@ class _Range:
     high: float = math.inf
     low_open: bool = False
     high_open: bool = False
+    unit: str = ""  # what the number counts, said after the range ("degrees", "a probability")
 
     def holds(self, value: float) -> bool:
         above = value > self.low if self.low_open else value >= self.low
@@ -420,23 +457,25 @@ class _Range:
 
     def __str__(self) -> str:
         if self.high == math.inf:
-            return f"{'>' if self.low_open else '>='} {_show_number(self.low)}"
-        return (f"in {'(' if self.low_open else '['}{_show_number(self.low)}, "
-                f"{_show_number(self.high)}{')' if self.high_open else ']'}")
+            shown = f"{'>' if self.low_open else '>='} {_show_number(self.low)}"
+        else:
+            shown = (f"in {'(' if self.low_open else '['}{_show_number(self.low)}, "
+                     f"{_show_number(self.high)}{')' if self.high_open else ']'}")
+        return f"{shown} {self.unit}" if self.unit else shown
 
 
 def _show_number(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-_PROBABILITY = _Range(0.0, 1.0)
+_PROBABILITY = _Range(0.0, 1.0, unit="(a probability)")
 _COUNT = _Range(0, 1_000_000)  # e.g. patience in epochs: any larger is a typo, and overflows C ints
 _CORES = _Range(0, 1024)  # threads, workers: 0 = automatic
 # Every numeric key (list items as "key[]"): the range its meaning allows. A value outside it
 # would raise deep inside torch or numpy, or, worse, train to the end uselessly (lr 0 or inf).
 NUMBER_RANGES: dict[str, _Range] = {
     "n_folds": _Range(2, 1000),
-    "folds[]": _Range(0, 999),  # and below n_folds (checked above)
+    "folds[]": _Range(0, 999),  # and below n_folds (check_folds)
     "seed": _Range(0, 2**32 - 1),  # numpy's and sklearn's seeds
     "model.n_filters": _Range(1, 1024),
     "model.dropout": _Range(0.0, 1.0, high_open=True),
@@ -447,7 +486,7 @@ NUMBER_RANGES: dict[str, _Range] = {
     "augment.shift_scale": _PROBABILITY,
     "augment.shift_limit": _Range(0.0, 1.0),  # a share of the image size
     "augment.scale_limit": _Range(0.0, 1.0, high_open=True),  # the scale 1 - limit stays positive
-    "augment.rotate_limit": _Range(0.0, 45.0),
+    "augment.rotate_limit": _Range(0.0, 45.0, unit="degrees"),
     "augment.brightness_contrast": _PROBABILITY,
     "augment.brightness_limit": _Range(0.0, 1.0),
     "augment.contrast_limit": _Range(0.0, 1.0),
@@ -475,7 +514,7 @@ NUMBER_RANGES: dict[str, _Range] = {
     "train.validate_from": _COUNT,
     "train.ema_decay": _Range(0.0, 1.0, high_open=True),
     "predict.batch_size": _Range(1, 65536),
-    "pseudo.max_uncertain_share": _PROBABILITY,
+    "pseudo.max_uncertain_share": _Range(0.0, 1.0),
     "tune.thresholds[]": _Range(0.0, 1.0, high_open=True),
     "tune.min_areas[]": _Range(0, 101 * 101),
     "tune.empty_thresholds[]": _Range(0.0, 1.0, high_open=True),
@@ -532,9 +571,6 @@ def _check_numbers(cfg: Config, source: str) -> None:
     if "bce_lovasz" in losses and cfg.loss.bce_weight == 0 and cfg.loss.lovasz_weight == 0:
         raise PipelineError(f"{source}: 'loss.bce_weight' and 'loss.lovasz_weight' are both 0, "
                             "so bce_lovasz trains nothing")
-    if len(set(cfg.folds)) != len(cfg.folds):
-        repeated = next(k for k in cfg.folds if cfg.folds.count(k) > 1)
-        raise PipelineError(f"{source}: 'folds' lists fold {repeated} twice")
     if not cfg.predict.tta:
         raise PipelineError(f"{source}: 'predict.tta' is empty; give at least [none]")
 

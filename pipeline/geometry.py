@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.config import INPUT_MODES
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from pipeline.runtime import Runtime
 
 ORIGINAL_SIZE = 101
-MODES = ("pad", "resize")
 
 
 def pad_amounts(original: int, size: int) -> tuple[int, int]:
@@ -49,8 +49,8 @@ def reflect_indices(length: int, before: int, after: int) -> np.ndarray:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise PipelineError(f"input.mode {mode!r}: choose one of {list(MODES)}")
+    if mode not in INPUT_MODES:
+        raise PipelineError(f"input.mode {mode!r}: choose one of {list(INPUT_MODES)}")
 
 
 def pad_or_resize(x: "torch.Tensor", mode: str, size: int) -> "torch.Tensor":

@@ -20,13 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import VALID_TTA, Config
+from pipeline.config import TTA_FLIPS, VALID_TTA, Config
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir, load_run_config
 from pipeline.runtime import Runtime, resolve_runtime
-
-# Flip dims of an NCHW tensor; each flip is its own inverse, so the same dims undo it.
-FLIP_DIMS = {"none": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad on the CPU)
@@ -50,7 +47,7 @@ def predict_probs(model, images: np.ndarray, cfg: Config, rt: Runtime,
         x, _ = to_batch(torch.from_numpy(images[start:start + batch_size]), None, cfg, rt)
         probs = torch.zeros((x.shape[0], 1, x.shape[2], x.shape[3]), device=rt.device)
         for flip in tta:
-            dims = FLIP_DIMS[flip]
+            dims = TTA_FLIPS[flip]  # each flip is its own inverse: the same dims undo it
             with rt.autocast():
                 logits = model(torch.flip(x, dims) if dims else x)["mask"]
             logits = logits.float()

@@ -25,7 +25,8 @@
                            done.json and test set it was made from; `predict` averages these
 
 A fold is reused only if it was trained with the same `training_digest`: the hash of every
-config key that decides the trained weights. No torch here: tune, show and the leaderboard
+config key that decides the trained weights (pipeline/config.py: its rules and Config.digest's
+are one table there). No torch here: tune, show and the leaderboard
 read run folders without it.
 
 Whether a stage's output is finished, whole and current (done.json, tune.json, predict.json) is
@@ -36,15 +37,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import fileio
-from pipeline.config import MOVED_TRAIN_KEYS, Config, dump_yaml, flatten, load_config, save_config
+# training_digest and is_training_key are config.py's, beside Config.digest: one set of rules for
+# what a digest leaves out; the run folder's reuse decisions name them from here.
+from pipeline.config import Config, dump_yaml, flatten, is_training_key, load_config, save_config, training_digest
 from pipeline.errors import PipelineError
 
 # The run folder's file names (RunDir below); the stages name them through RunDir or these.
@@ -70,28 +71,6 @@ RUNS_PAGE = "index.html"  # <runs dir>/index.html: every run ranked (pipeline/le
 # val_score is that of the weights validated (the EMA when train.ema_decay is on); val_score_raw
 # the raw weights' when they differ (empty otherwise).
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_score", "val_score_raw", "seconds"]
-# Keys (or whole sections) that change where and how fast a run goes or how it is evaluated,
-# not the weights it trains.
-NON_TRAINING_KEYS = ("name", "runs_dir", "folds", "predict", "tune", "run")
-
-
-def is_training_key(key: str) -> bool:
-    return key not in NON_TRAINING_KEYS and key.split(".")[0] not in NON_TRAINING_KEYS
-
-
-# Keys added after runs were made, at the value that reproduces what those runs did: left out
-# of the digest at that value, so the older runs stay reusable.
-NEUTRAL_DEFAULTS = {"train.ema_decay": 0.0, "model.residual": False, "loss.image_only": False,
-                    "model.global_context": False, "pseudo.teacher": "", "pseudo.max_uncertain_share": 0.05,
-                    "augment.rotate_limit": 0.0, "loss.lovasz_hinge": "relu", "model.input_norm": "none"}
-
-
-def training_digest(cfg: Config) -> str:
-    """Hash of everything that decides the trained weights: a fold is reused only if it matches."""
-    relevant = {k: v for k, v in flatten(cfg).items()
-                if is_training_key(k) and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
-    relevant.update({f"train.{k}": v for k, v in MOVED_TRAIN_KEYS.items()})  # now run: keys, see config.py
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- one fold's files

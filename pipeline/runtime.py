@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.config import PRECISIONS
 from pipeline.errors import PipelineError
 
 
@@ -97,7 +98,6 @@ def cuda_has_native_bf16() -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
-PRECISIONS = ("auto", "off", "tf32", "bf16", "fp16")
 # cuBLAS's documented setting for reproducible results (its default workspace is per stream
 # and makes split-K reductions depend on scheduling); must be set before cuBLAS starts
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"

@@ -39,7 +39,8 @@ def test_string_false_is_false_not_truthy():
     [
         ("train:\n  epochz: 3\n", "unknown config key 'train.epochz'"),
         ("train:\n  epochs: three\n", "'train.epochs' must be an integer"),
-        ("loss:\n  name: dice\n", "'loss.name' is 'dice'"),
+        ("loss:\n  name: no_such_loss\n", "'loss.name' is 'no_such_loss'"),
+        ("model:\n  name: vgg_net\n", "'model.name' is 'vgg_net'; choose one of ['seed_unet', 'unet_<timm encoder>']"),
         ("input:\n  size: 100\n", "'input.size' must be >= 101"),
         ("train: [1, 2\n", "invalid YAML"),
         ("- a\n- b\n", "must be a mapping"),
@@ -47,7 +48,7 @@ def test_string_false_is_false_not_truthy():
         ("predict:\n  tta: [rot90]\n", "'predict.tta' has 'rot90'"),
         ("train:\n  ema_decay: 1.0\n", "'train.ema_decay' must be in [0, 1)"),
         ("augment:\n  rotate_limit: 90\n", "'augment.rotate_limit' must be in [0, 45] degrees"),
-        ("augment:\n  hflip: 1.5\n", "'augment.hflip' is a probability"),
+        ("augment:\n  hflip: 1.5\n", "'augment.hflip' must be in [0, 1] (a probability), got 1.5"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_file(tmp_path, yaml_text, message):

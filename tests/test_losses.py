@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from pipeline.config import LossConfig, load_config
 from pipeline.errors import PipelineError
-from pipeline.losses import SegLoss, lovasz_grad, lovasz_hinge, lovasz_hinge_flat
+from pipeline.losses import SegLoss
+from pipeline.losses.lovasz import lovasz_grad, lovasz_hinge, lovasz_hinge_flat
 
 
 def jaccard_loss_of_mistakes(gt: np.ndarray, wrong: np.ndarray) -> float:
@@ -233,7 +234,7 @@ def test_no_schedule_keeps_the_first_loss_forever():
 
 def test_unknown_loss_name_is_a_pipeline_error():
     with pytest.raises(PipelineError, match="loss.stage2_name"):
-        SegLoss(LossConfig(stage2_name="dice"))
+        SegLoss(LossConfig(stage2_name="no_such_loss"))
 
 
 def deep_outputs(logits: torch.Tensor, seed: int = 1) -> dict:
@@ -363,3 +364,15 @@ def test_the_training_loss_and_its_backward_read_nothing_back_to_the_host(name):
         assert parts["total"] == pytest.approx(float(loss.detach())) and set(parts) >= {"salt", "stages"}
         parts["salt"]
     assert syncs["tolist"] == 1
+
+
+def test_dice_is_one_minus_the_smoothed_soft_dice_of_each_image():
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2] = 1.0  # 8 salt pixels of 16; image 1 is empty
+    logits = torch.zeros(2, 1, 4, 4)  # p = 0.5 everywhere
+    loss, parts = SegLoss(LossConfig(name="dice"))({"mask": logits}, target, epoch=0)
+    salt = 1 - (2 * 0.5 * 8 + 1) / (0.5 * 16 + 8 + 1)
+    empty = 1 - 1 / (0.5 * 16 + 1)
+    assert float(loss) == pytest.approx((salt + empty) / 2) and parts["dice"] == pytest.approx(float(loss))
+    sure = SegLoss(LossConfig(name="dice"))({"mask": (target * 2 - 1) * 30}, target, epoch=0)[0]
+    assert float(sure) == pytest.approx(0.0, abs=1e-6)  # right everywhere, the empty image included

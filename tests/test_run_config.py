@@ -89,3 +89,31 @@ def test_a_config_giving_a_speed_key_in_both_places_is_refused(tmp_path):
     path.write_text("train:\n  threads: 1\nrun:\n  threads: 2\n")
     with pytest.raises(PipelineError, match=r"both 'train.threads' and 'run.threads' given"):
         load_config(path)
+
+
+def test_a_key_added_to_the_neutral_table_leaves_both_digests_at_its_neutral_value_only(monkeypatch):
+    """One table for both digests: a key added later (model.scse standing in for one) hashes as it
+    did at any other value, and at its neutral value leaves both digests as they were without it."""
+    from pipeline import config
+
+    assert set(config.EXPERIMENT_DIGEST_KEEPS) < set(config.NEUTRAL_DEFAULTS)
+    assert set(config.EXPERIMENT_DIGEST_RUN_KEYS) <= set(config.RunConfig.__dataclass_fields__)
+    plain, on = load_config(None), load_config(None, ["model.scse=true"])
+    before = {cfg.model.scse: (training_digest(cfg), cfg.digest()) for cfg in (plain, on)}
+    monkeypatch.setitem(config.NEUTRAL_DEFAULTS, "model.scse", False)
+    assert (training_digest(on), on.digest()) == before[True]
+    neutral = (training_digest(plain), plain.digest())
+    assert neutral[0] != before[False][0] and neutral[1] != before[False][1]
+    # ...which is the digest of the same config without the key
+    assert neutral[1] == config._short_hash(_without(plain, "model", "scse"))
+
+
+def _without(cfg, section: str, key: str) -> dict:
+    from pipeline import config
+
+    payload = {k: v for k, v in cfg.to_dict().items() if k not in ("folds", "runs_dir")}
+    run = payload.pop("run")
+    del payload[section][key]
+    del payload["model"]["input_norm"]  # at its neutral value, as Config.digest leaves it out
+    payload["train"].update({k: run[k] for k in config.EXPERIMENT_DIGEST_RUN_KEYS}, **config.MOVED_TRAIN_KEYS)
+    return payload

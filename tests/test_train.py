@@ -246,8 +246,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     import hashlib
     import json
 
-    from pipeline.config import flatten
-    from pipeline.rundir import NEUTRAL_DEFAULTS, is_training_key, training_digest
+    from pipeline.config import MOVED_TRAIN_KEYS, NEUTRAL_DEFAULTS, flatten, is_training_key, training_digest
 
     # each neutral value is a training key's default: a config that never named the key (made before
     # it existed) and one that leaves it at its default hash alike
@@ -255,6 +254,7 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     assert all(is_training_key(k) and defaults[k] == v for k, v in NEUTRAL_DEFAULTS.items())
     cfg = tiny_config(synth_data, tmp_path)
     before = {k: v for k, v in flatten(cfg).items() if is_training_key(k) and k not in NEUTRAL_DEFAULTS}
+    before.update({f"train.{k}": v for k, v in MOVED_TRAIN_KEYS.items()})  # hashed as before they moved to run:
     assert training_digest(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert training_digest(tiny_config(synth_data, tmp_path, "train.ema_decay=0.99")) != training_digest(cfg)
     assert training_digest(tiny_config(synth_data, tmp_path, "model.residual=true")) != training_digest(cfg)
@@ -262,7 +262,9 @@ def test_keys_added_later_keep_the_digest_of_runs_made_before_them_at_their_neut
     assert training_digest(tiny_config(synth_data, tmp_path, "model.global_context=true")) != training_digest(cfg)
     assert training_digest(tiny_config(synth_data, tmp_path, "pseudo.teacher=runs/x")) != training_digest(cfg)
     assert training_digest(tiny_config(synth_data, tmp_path, "augment.rotate_limit=10")) != training_digest(cfg)
-    assert training_digest(tiny_config(synth_data, tmp_path, "model.input_norm=imagenet")) != training_digest(cfg)
+    unet = tiny_config(synth_data, tmp_path, "model.name=unet_resnet18")  # seed_unet has no input_norm
+    assert training_digest(tiny_config(synth_data, tmp_path, "model.name=unet_resnet18", "model.input_norm=imagenet")) \
+        != training_digest(unet)
 
 
 def test_run_trained_fold_by_fold_records_every_fold_for_tune_and_predict(synth_data, tmp_path):

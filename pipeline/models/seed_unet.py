@@ -90,13 +90,8 @@ class SeedUNet(nn.Module):
         return outputs
 
 
-def build_seed_unet(cfg: ModelConfig) -> SeedUNet:
-    if cfg.pretrained:
-        raise PipelineError("model.pretrained: seed_unet has no pretrained weights (use a unet_<encoder> model, "
-                            "e.g. unet_resnet34)")
-    if cfg.input_norm != "none":
-        raise PipelineError(f"model.input_norm {cfg.input_norm}: seed_unet has no pretrained encoder whose input "
-                            "statistics to match (use none)")
+def build_seed_unet(cfg: ModelConfig, load_pretrained: bool = False) -> SeedUNet:
+    """The registry's builder (pipeline/registry.py, which also refuses model.pretrained here)."""
     if cfg.keras_bug and cfg.residual:
         raise PipelineError("model.residual: the keras_bug blocks have a single conv, nothing to make residual")
     if cfg.n_filters < 1 or not 0.0 <= cfg.dropout < 1.0:

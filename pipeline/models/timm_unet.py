@@ -238,7 +238,9 @@ class TimmUNet(nn.Module):
         return outputs
 
 
-def build_timm_unet(cfg: ModelConfig, encoder_name: str, load_pretrained: bool = True) -> TimmUNet:
+def build_timm_unet(cfg: ModelConfig, load_pretrained: bool = True) -> TimmUNet:
+    """The registry's builder for `unet_<encoder>` (pipeline/registry.py)."""
+    encoder_name = cfg.name.removeprefix("unet_")
     # load_pretrained=False: a checkpoint's state dict comes next, so nothing is read or downloaded
     weights = cfg.weights_path if (cfg.pretrained and load_pretrained) else None
     encoder = create_encoder(encoder_name, cfg.in_chans, weights)
