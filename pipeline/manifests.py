@@ -247,10 +247,10 @@ def write_fold_predictions(run: Path, fold: int, probs, meta: dict[str, Any]) ->
     fileio.write_json(folder.test_predict, {**meta, "files": file_digests(folder.path, (PROBS_FILE,))})
 
 
-def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_images: int):
+def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_images: int) -> Path | None:
     """The fold's test_probs.npy (float16 [n_images,101,101]) when its test_predict.json records
     exactly `key` (done token, TTA, test fingerprint, ids) and names that file by digest; else
-    None: the caller predicts the fold itself."""
+    None: the caller predicts the fold itself. Only the header is read (the caller streams it)."""
     folder = FoldDir.of(run, fold)
     if not folder.test_predict.is_file():
         return None
@@ -259,12 +259,12 @@ def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_i
         if not isinstance(meta, dict) or any(meta.get(name) != value for name, value in key.items()):
             return None
         check_files(folder.path, meta.get("files"), folder.test_predict, "predicting the fold again")
-        probs = fileio.read_npy(folder.test_probs)
+        shape, dtype = fileio.read_npy_shape(folder.test_probs)
     except PipelineError:
         return None
-    if probs.shape != (n_images, 101, 101) or probs.dtype.name != "float16":
+    if shape != (n_images, 101, 101) or dtype.name != "float16":
         return None
-    return probs
+    return folder.test_probs
 
 
 def fold_is_done(cfg: Config, fold: int) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import fileio
 from pipeline.config import TTA_FLIPS, VALID_TTA, Config
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir, load_run_config
@@ -79,18 +80,36 @@ def load_fold_models(cfg: Config, fold: int, rt: Runtime) -> list[torch.nn.Modul
 
 
 def fold_probs(cfg: Config, fold: int, images: np.ndarray, rt: Runtime, tta: tuple[str, ...] | list[str],
-               bar=None, *, out: np.ndarray | None = None, weight: float = 1.0) -> np.ndarray:
+               bar=None) -> np.ndarray:
     """float32 [N,101,101]: fold `fold`'s prediction, the mean of its checkpoints' TTA
-    probabilities. The one definition of "what a fold predicts", shared by the test set
-    (predict_run), the fold's final OOF (train.write_final_oof) and the teacher of a
-    pseudo-label run (pseudo.predict_teacher_fold), so the three can never drift apart.
-    With `out`, the fold's prediction times `weight` is added into it in place (predict_probs)."""
+    probabilities: the fold's final OOF (train_fold.write_final_oof) and the teacher of a
+    pseudo-label run (pseudo.predict_teacher_fold). The test set's is `fold_prediction_chunks`,
+    the same mean kept in float16 as test_probs.npy keeps it."""
     models = load_fold_models(cfg, fold, rt)
-    target = np.zeros(images.shape, dtype=np.float32) if out is None else out
+    total = np.zeros(images.shape, dtype=np.float32)
     for model in models:
-        predict_probs(model, images, cfg, rt, tta, bar, out=target,
-                      weight=weight / len(models))
-    return target
+        predict_probs(model, images, cfg, rt, tta, bar, out=total, weight=1.0 / len(models))
+    return total
+
+
+# Test images a fold predicts per piece: whole batches (so a piece's batches are the batches of
+# a prediction made in one go), 16 of them: a piece's float16 share is ~10 MB at batch 64.
+PIECE_BATCHES = 16
+
+
+def fold_prediction_chunks(cfg: Config, fold: int, images: np.ndarray, rt: Runtime,
+                           tta: tuple[str, ...] | list[str], bar=None):
+    """(start, float16 [n,101,101]) pieces of a fold's test prediction: the mean of its
+    checkpoints' TTA probabilities, each checkpoint's share added in float16. The one arithmetic
+    of a fold's test prediction, whether its fold process stores it (predict_fold_test) or
+    predict computes it, so the two give the same bits."""
+    models = load_fold_models(cfg, fold, rt)
+    size = cfg.predict.batch_size * PIECE_BATCHES
+    for start in range(0, len(images), size):
+        piece = np.zeros((min(size, len(images) - start), *images.shape[1:]), dtype=np.float16)
+        for model in models:
+            predict_probs(model, images[start:start + size], cfg, rt, tta, bar, out=piece, weight=1.0 / len(models))
+        yield start, piece
 
 
 def count_passes(cfg: Config, folds: list[int], n_images: int, tta: list[str]) -> int:
@@ -100,10 +119,13 @@ def count_passes(cfg: Config, folds: list[int], n_images: int, tta: list[str]) -
     return n_images * len(tta) * sum(len(fold_checkpoints(cfg, fold)) for fold in folds)
 
 
-def add_weighted(total: np.ndarray, part: np.ndarray, weight: float, chunk: int = 1024) -> None:
-    """total += part * weight in place, a chunk at a time in float32 (no full-size temporary)."""
-    for i in range(0, len(part), chunk):
-        total[i:i + chunk] = total[i:i + chunk].astype(np.float32) + part[i:i + chunk].astype(np.float32) * weight
+def add_weighted(total: np.ndarray, part: np.ndarray, weight: float, rows: int = 64) -> None:
+    """total += part * weight in place, in float32 and rounded to total's dtype once, `rows`
+    images at a time (two float32 temporaries of 2.6 MB)."""
+    for i in range(0, len(part), rows):
+        acc = total[i:i + rows].astype(np.float32)
+        acc += np.multiply(part[i:i + rows], weight, dtype=np.float32)
+        total[i:i + rows] = acc
 
 
 def count_not_finite(probs: np.ndarray, chunk: int = 1024) -> int:
@@ -113,8 +135,11 @@ def count_not_finite(probs: np.ndarray, chunk: int = 1024) -> int:
 
 def fold_prediction(cfg: Config, fold: int, images: np.ndarray, rt: Runtime, tta: tuple[str, ...] | list[str],
                     bar=None) -> np.ndarray:
-    """float16 [N,101,101]: a fold's test prediction as it is stored and averaged (fold_probs, rounded)."""
-    return fold_probs(cfg, fold, images, rt, tta, bar, out=np.zeros(images.shape, dtype=np.float16))
+    """float16 [N,101,101]: a fold's whole test prediction, as its fold process stores it."""
+    out = np.empty(images.shape, dtype=np.float16)
+    for start, piece in fold_prediction_chunks(cfg, fold, images, rt, tta, bar):
+        out[start:start + len(piece)] = piece
+    return out
 
 
 def predict_fold_test(cfg: Config, fold: int, rt: Runtime, data_dir: str | None = None) -> Path:
@@ -198,10 +223,10 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.run.threads, cfg.run.deterministic)
     started = time.perf_counter()
     # One buffer, in the float16 that test_probs.npy keeps: each fold adds its share (1/folds)
-    # into it batch by batch (the batch's arithmetic in float32), so nothing holds a second
-    # copy of the test set's probabilities (float32 [18000,101,101] is 734 MB; this is 367 MB).
-    # The mean is rounded to float16 once per fold instead of once: within ~1.5 float16 steps
-    # (< 0.001) of the float32 mean.
+    # into it a piece at a time, whether the fold is predicted here or its stored prediction is
+    # streamed from disk, so nothing holds a second copy of the test set's probabilities
+    # (float32 [18000,101,101] is 734 MB; this is 367 MB). The mean is rounded to float16 once
+    # per fold instead of once: within ~1.5 float16 steps (< 0.001) of the float32 mean.
     probs = np.zeros(test.images.shape, dtype=np.float16)
     passes = count_passes(cfg, folds, len(test.ids), flips)
     from_folds: list[int] = []  # folds whose own stored prediction was averaged
@@ -212,10 +237,13 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
             stored = None if token is None else read_current_fold_predictions(
                 run, fold, fold_prediction_key(token, flips, fingerprint, test.ids), len(test.ids))
             if stored is None:
-                fold_probs(cfg, fold, test.images, rt, flips, bar, out=probs, weight=1.0 / len(folds))
+                pieces = fold_prediction_chunks(cfg, fold, test.images, rt, flips, bar)
             else:
                 from_folds.append(fold)
-                add_weighted(probs, stored, 1.0 / len(folds))
+                pieces = fileio.iter_npy_rows(stored, cfg.predict.batch_size * PIECE_BATCHES)
+            for start, piece in pieces:
+                add_weighted(probs[start:start + len(piece)], piece, 1.0 / len(folds))
+            if stored is not None:
                 bar.update(count_passes(cfg, [fold], len(test.ids), flips))
     bad = count_not_finite(probs)
     if bad:

@@ -579,7 +579,8 @@ def test_predict_killed_between_its_writes_leaves_no_record_claiming_a_finished_
     cfg = Config(name="killed", data=str(root), runs_dir=str(tmp_path / "runs"), n_folds=2)
     save_config(cfg, cfg.run_dir / "config.yaml")
     (cfg.run_dir / "predict.json").write_text('{"data": "old", "test_fingerprint": "old"}')
-    monkeypatch.setattr(predict, "fold_probs", lambda cfg, fold, images, *rest, **kw: np.zeros(images.shape, np.float32))
+    monkeypatch.setattr(predict, "fold_prediction_chunks",
+                        lambda cfg, fold, images, *rest: iter([(0, np.zeros(images.shape, np.float16))]))
     monkeypatch.setattr(predict, "finished_inputs", lambda cfg, run: {})  # no trained folds here
     monkeypatch.setattr(predict, "count_passes", lambda *args: 1)
     real_write_text = fileio.write_text

@@ -72,3 +72,23 @@ def test_nonblocking_lock_names_the_holder(tmp_path):
         holder.join(10)
     with fileio.file_lock(path, blocking=False):
         pass
+
+
+def test_npy_rows_stream_the_array_read_npy_reads_and_refuse_what_it_refuses(tmp_path):
+    """predict streams a fold's stored test_probs.npy piece by piece instead of a second full copy."""
+    import numpy as np
+
+    from pipeline.fileio import iter_npy_rows, read_npy, read_npy_shape, write_npy
+
+    array = np.random.default_rng(0).random((10, 7, 7)).astype(np.float16)
+    path = tmp_path / "probs.npy"
+    write_npy(path, array)
+    pieces = list(iter_npy_rows(path, 4))
+    assert [start for start, _ in pieces] == [0, 4, 8] and [len(p) for _, p in pieces] == [4, 4, 2]
+    assert np.array_equal(np.concatenate([p for _, p in pieces]), read_npy(path))
+    shape, dtype = read_npy_shape(path)
+    assert shape == (10, 7, 7) and dtype == np.float16
+    path.write_bytes(path.read_bytes()[:-5])  # truncated: both readers name the file
+    for read in (read_npy, read_npy_shape, lambda p: list(iter_npy_rows(p, 4))):
+        with pytest.raises(PipelineError, match="truncated or damaged"):
+            read(path)

@@ -188,7 +188,7 @@ def _predictable_run(tmp_path, n_images: int, n_folds: int):
 def test_predict_holds_one_buffer_not_a_copy_per_fold(tmp_path, monkeypatch):
     """predict peaked at 3.07 GB on 18,000 images: the run's total, the fold's total and the
     model's result (float32, 734 MB each) at once, and total / folds again. Now every fold adds
-    into one float16 buffer: numpy's allocations (the images, the buffer, a batch's temporaries)
+    into one float16 buffer a piece at a time: numpy's allocations (the images, the buffer, a batch's temporaries)
     peak below 1.5 float32 copies of the test set, where they held three at once."""
     import tracemalloc
 
@@ -199,6 +199,7 @@ def test_predict_holds_one_buffer_not_a_copy_per_fold(tmp_path, monkeypatch):
     cfg = _predictable_run(tmp_path, n, folds)
     monkeypatch.setattr(predict, "finished_inputs", lambda cfg, run: {})
     monkeypatch.setattr(predict, "load_fold_models", lambda cfg, fold, rt: [PixelModel()])
+    monkeypatch.setattr(predict, "PIECE_BATCHES", 2)  # pieces of 128 of 600 images, as 1,024 of 18,000 are
     rt = resolve_runtime(**FP32)
     from pipeline.data import load_test
 

@@ -11,10 +11,11 @@ from pipeline.fileio.atomic import (TEMP_SUFFIX, atomic_open, make_dirs, remove_
                                     remove_stale_temp_files, write_bytes, write_csv, write_json, write_npy,
                                     write_text, write_with)
 from pipeline.fileio.lock import file_lock
-from pipeline.fileio.readers import (MAX_SMALL_FILE_BYTES, MAX_TABLE_BYTES, read_at_most, read_bounded_text,
-                                     read_csv_strings, read_json, read_npy, read_text)
+from pipeline.fileio.readers import (MAX_SMALL_FILE_BYTES, MAX_TABLE_BYTES, iter_npy_rows, read_at_most,
+                                     read_bounded_text, read_csv_strings, read_json, read_npy, read_npy_shape,
+                                     read_text)
 
 __all__ = ["TEMP_SUFFIX", "atomic_open", "make_dirs", "remove_dead_writers_temp_files", "remove_stale_temp_files",
            "write_bytes", "write_csv", "write_json", "write_npy", "write_text", "write_with", "file_lock",
            "MAX_SMALL_FILE_BYTES", "MAX_TABLE_BYTES", "read_at_most", "read_bounded_text", "read_csv_strings",
-           "read_json", "read_npy", "read_text"]
+           "read_json", "read_npy", "read_npy_shape", "iter_npy_rows", "read_text"]
