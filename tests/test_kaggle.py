@@ -281,6 +281,53 @@ def test_no_credentials_is_one_line_and_exit_2_without_calling_kaggle(fake_kaggl
     assert fake_kaggle.calls() == []
 
 
+@pytest.mark.parametrize("content, problem", [
+    ("username: alice\nkey: x\n", "not valid JSON"),
+    ('{"username": "alice"}', "no 'key' field"),
+    ('{"username": "alice", "key": 12345}', "'key' is a JSON number, expected a non-empty string"),
+    ('{"username": "", "key": "abc"}', "'username' is empty"),
+    ('["alice", "abc"]', "expected a JSON object"),
+    (b'\xff\xfe{"username": "alice"}', "not UTF-8"),
+    ("a folder", "is a folder"),
+    ("a dangling link", "not found"),
+])
+@pytest.mark.parametrize("where", ["home", "config_dir_env"])
+def test_a_damaged_kaggle_json_is_one_line_naming_it_without_calling_kaggle(fake_kaggle, tmp_path, monkeypatch,
+                                                                            capsys, content, problem, where):
+    # the real CLI answers these with a 15-line traceback (a folder, a list, not UTF-8) or its help page
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    folder = Path(os.environ["HOME"]) / ".kaggle"
+    if where == "config_dir_env":
+        folder = tmp_path / "cfg"
+        monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(folder))
+    folder.mkdir()
+    path = folder / "kaggle.json"
+    if content == "a folder":
+        path.mkdir()
+    elif content == "a dangling link":
+        path.symlink_to(folder / "gone.json")
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    assert main(["kaggle", "download", "--out", str(tmp_path / "tgs")]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {path}: ") and problem in line, line
+    assert "settings/api" in line  # where a new token comes from
+    assert "12345" not in line  # a key is never echoed
+    assert fake_kaggle.calls() == []
+
+
+def test_a_good_kaggle_json_is_found_and_env_credentials_skip_it(fake_kaggle, monkeypatch):
+    folder = Path(os.environ["HOME"]) / ".kaggle"
+    folder.mkdir()
+    (folder / "kaggle.json").write_text("not json")
+    assert credentials.find_credentials() == "KAGGLE_USERNAME/KAGGLE_KEY"  # the CLI then ignores the file
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    (folder / "kaggle.json").write_text('{"username": "alice", "key": "0123", "proxy": "http://p"}')
+    assert credentials.find_credentials() == str(folder / "kaggle.json")
+
+
 @pytest.mark.parametrize("where", ["api_token_env", "config_dir_env", "home_kaggle", "xdg", "access_token"])
 def test_credentials_are_found_where_the_kaggle_cli_looks(fake_kaggle, tmp_path, monkeypatch, where):
     monkeypatch.delenv("KAGGLE_USERNAME")

@@ -2,7 +2,9 @@
 
 Never `import kaggle`: importing it authenticates (and may exit the process) at import time,
 and a subprocess lets the tests put a fake `kaggle` first on PATH. Credentials are checked
-here first so a missing token is one clear line instead of the CLI's help page.
+here first so a missing token is one clear line instead of the CLI's help page, and a damaged
+kaggle.json (not JSON, no "username"/"key", unreadable) is one line naming the file instead of
+the traceback or help page the kaggle library prints for it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ _HTTP_HINTS = {
 }
 # Lines the kaggle CLI prints after an error that say nothing about the error itself.
 _BOILERPLATE = ("If this is unexpected", "traceback. If you think", "If you think this is a bug")
+NEW_TOKEN = ("replace it with a new token from https://www.kaggle.com/settings/api, or remove it and set "
+             "KAGGLE_API_TOKEN")
 _VENV_BIN = Path(sys.executable).parent  # `.venv/bin/python -m pipeline` without an activated venv
 
 
@@ -62,10 +66,36 @@ def find_credentials(env: Mapping[str, str] = os.environ) -> str | None:
     # is what `kaggle auth login` (OAuth) leaves there.
     candidates = [config_dir / "kaggle.json", config_dir / "access_token",
                   home_dir / "access_token", home_dir / "access_token.txt", home_dir / "credentials.json"]
-    for path in candidates:
+    if os.path.lexists(candidates[0]):  # the file the CLI reads first: a damaged one is named, not skipped
+        check_kaggle_json(candidates[0])
+        return str(candidates[0])
+    for path in candidates[1:]:
         if path.is_file():
             return str(path)
     return None
+
+
+def check_kaggle_json(path: Path) -> None:
+    """PipelineError naming `path` unless it is a JSON object with non-empty string "username" and
+    "key": what the kaggle CLI needs of it. It reads the file before anything else and answers a
+    damaged one with a traceback (a list, a folder, bytes that are not UTF-8) or its help page (not
+    JSON, a field missing), so this runs before the CLI does."""
+    from pipeline import fileio  # lazily: the package's top levels stay standard library (see __init__)
+
+    try:
+        content = fileio.read_json(path)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc} — the Kaggle credentials file: {NEW_TOKEN}") from None
+    for field in ("username", "key"):
+        value = content.get(field)
+        if field not in content:
+            raise PipelineError(f"{path}: no {field!r} field — {NEW_TOKEN}")
+        if not isinstance(value, str) or not value.strip():  # its kind only: the value may be the secret
+            kind = "empty" if isinstance(value, str) else f"a JSON {_JSON_KINDS.get(type(value), 'value')}"
+            raise PipelineError(f"{path}: {field!r} is {kind}, expected a non-empty string — {NEW_TOKEN}")
+
+
+_JSON_KINDS = {bool: "true/false", int: "number", float: "number", list: "array", dict: "object", type(None): "null"}
 
 
 def require_credentials() -> str:
