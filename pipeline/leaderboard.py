@@ -331,11 +331,17 @@ def format_leaderboard(csv_path: str | Path = LEADERBOARD_CSV, top: int = 0, dat
 
 
 def _run_config_path(run: str | Path, runs_dir: str | Path) -> Path:
+    """A run's config.yaml: `run` is a run's name (looked for in runs_dir) or a path to its folder
+    (`runs/x`, `/abs/runs/x`, `runs/x/`), never both joined (`runs/runs/x`)."""
     given = Path(run)
-    for candidate in (RunDir(given).config, RunDir(Path(runs_dir) / given).config):
+    is_name = not given.is_absolute() and len(given.parts) == 1 and given.name not in ("", ".", "..")
+    expected = RunDir(Path(runs_dir) / given if is_name else given).config
+    # a bare name that is a run folder in the current directory (`cd runs`) still works
+    for candidate in (expected, RunDir(given).config) if is_name else (expected,):
         if candidate.is_file():
             return candidate
-    raise PipelineError(f"{RunDir(Path(runs_dir) / given).config}: missing (no run {str(run)!r} in {runs_dir})")
+    raise PipelineError(f"{expected}: missing, not a run folder (give a run's name in {runs_dir}, or the path "
+                        "to its folder)")
 
 
 _ABSENT = object()  # a key only one config has (configs from different code versions)

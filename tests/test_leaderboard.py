@@ -167,6 +167,24 @@ def test_diff_with_unknown_run_is_one_line_error(tmp_path):
     assert "\n" not in str(exc.value) and "ghost" in str(exc.value) and "config.yaml: missing" in str(exc.value)
 
 
+def test_diff_takes_a_run_as_a_name_or_a_path_and_names_the_right_path_when_missing(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # runs/ relative to here, as from the repository root
+    make_run(tmp_path, "base")
+    make_run(tmp_path, "other", lr=0.01)
+    for a, b in (("base", "other"), ("runs/base", "runs/other/"), (str(tmp_path / "runs" / "base") + "/", "other")):
+        assert main(["leaderboard", "--diff", a, b]) == 0
+        assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().out
+    for given, expected in (("runs/ghost", "runs/ghost/config.yaml"), ("runs/ghost/", "runs/ghost/config.yaml"),
+                            (str(tmp_path / "ghost"), f"{tmp_path}/ghost/config.yaml"),
+                            ("ghost", "runs/ghost/config.yaml")):
+        assert main(["leaderboard", "--diff", "base", given]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {expected}: missing") and err.count("ghost") == 1, err
+        assert "runs/runs" not in err
+
+
 def test_cli_leaderboard_and_diff(tmp_path, capsys):
     from pipeline.cli import main
 
