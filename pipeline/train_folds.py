@@ -46,12 +46,20 @@ from pipeline.manifests import fold_is_done
 from pipeline.rundir import FoldDir, RunDir, prepare_run_dir, read_done, read_log
 
 
-def load_training_data(cfg: Config, dist: DistContext = DistContext()):
-    """The train set and, aligned with it, each id's fold (folds file made when missing)."""
-    from pipeline.data import load_train
+def load_training_data(cfg: Config, dist: DistContext = DistContext(), *, notes: bool = True):
+    """The train set and, aligned with it, each id's fold (folds file made when missing).
+    `notes`: say (once, on the main process) where train.csv disagrees with the masks used; a
+    fold process leaves that to its parent, which loaded the same data first."""
+    from pipeline.data import load_train, masks_differing_from_train_csv
     from pipeline.folds import load_folds, make_folds_for_dir
 
     data = load_train(cfg.data)
+    if notes and dist.is_main:
+        differing, compared = masks_differing_from_train_csv(cfg.data, data)
+        if differing:
+            print(f"note: {len(differing)} of {compared} masks in {Path(cfg.data) / 'train' / 'masks'} differ from "
+                  f"{Path(cfg.data) / 'train.csv'}'s rle_mask (e.g. {differing[0]}); the PNG masks are used",
+                  file=sys.stderr)
     folds_path = cfg.folds_path()
     if not folds_path.exists() and dist.is_main:
         print(f"{folds_path}: not found, making {cfg.n_folds} stratified folds (seed {cfg.seed})")
@@ -111,7 +119,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
             device = f"cuda:{dist.local_rank}"
         threads = cfg.run.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else 0)
         rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, threads, cfg.run.deterministic)
-        data, fold_ids = load_training_data(cfg, dist)
+        data, fold_ids = load_training_data(cfg, dist, notes=not fold_worker)
         for fold in todo:
             lock = fileio.file_lock(FoldDir.of(cfg, fold).lock, blocking=False,
                                     what=f"fold {fold} of run {cfg.name}") if dist.is_main else contextlib.nullcontext()

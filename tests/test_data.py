@@ -64,6 +64,10 @@ def test_mask_pngs_equal_kaggle_train_csv_rows(real_train, tgs_sample):
     assert np.array_equal(decoded, real_train.masks)
 
 
+def test_the_real_sample_masks_agree_with_train_csv(real_train, tgs_sample):
+    assert data.masks_differing_from_train_csv(tgs_sample, real_train) == ([], 3001)
+
+
 def test_sixteen_bit_mask_reads_as_salt_without_dividing(real_train, tgs_sample):
     index = int(np.argmax(real_train.masks.any(axis=(1, 2))))
     path = tgs_sample / "train" / "masks" / f"{real_train.ids[index]}.png"
@@ -164,6 +168,47 @@ def test_load_train_decodes_train_csv_when_the_mask_folder_is_absent(tmp_path):
     from_csv = data.load_train(tmp_path)
     assert np.array_equal(from_csv.masks, from_pngs.masks)
     assert from_pngs.depths.tolist() == [100.0, 101.0, 102.0]
+
+
+def _disagreeing_dataset(root) -> list[str]:
+    """_tiny_dataset(6) whose train.csv disagrees with two masks: ids[0]'s PNG was redrawn, ids[2]'s
+    row is malformed; ids[1]'s row is the same mask spaced otherwise and ids[5] has no row."""
+    ids = _tiny_dataset(root, n=6)
+    data.write_mask_png(root / "train" / "masks" / f"{ids[0]}.png", np.ones((101, 101), dtype=bool))
+    table = read_rle_csv(root / "train.csv")
+    rles = table["rle_mask"].tolist()
+    rles[1] = "  " + rles[1].replace(" ", "   ") + " "
+    rles[2] = "1 2 3"
+    write_rle_csv(root / "train.csv", ids[:5], rles[:5])
+    return ids
+
+
+def test_masks_that_differ_from_train_csv_are_counted(tmp_path):
+    ids = _disagreeing_dataset(tmp_path)
+    train = data.load_train(tmp_path)
+    assert train.masks[0].all(), "the PNG masks are the ones used"
+    assert data.masks_differing_from_train_csv(tmp_path, train) == ([ids[0], ids[2]], 5)
+    shutil.rmtree(tmp_path / "train" / "masks")  # masks from train.csv: nothing to compare
+    assert data.masks_differing_from_train_csv(tmp_path, train) == ([], 0)
+
+
+def test_training_says_once_when_train_csv_disagrees_with_the_masks(tmp_path, capsys):
+    from pipeline.config import Config
+    from pipeline.train_folds import load_training_data
+
+    ids = _disagreeing_dataset(tmp_path / "data")
+    folds = tmp_path / "folds.csv"  # written here: making folds would import sklearn (seconds)
+    folds.write_text("id,fold\n" + "".join(f"{image_id},{k % 2}\n" for k, image_id in enumerate(ids)))
+    cfg = Config(name="x", data=str(tmp_path / "data"), folds_csv=str(folds), n_folds=2)
+    load_training_data(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: 2 of 5 masks in {tmp_path / 'data' / 'train' / 'masks'} differ from "
+                   f"{tmp_path / 'data' / 'train.csv'}'s rle_mask (e.g. {ids[0]}); the PNG masks are used"]
+    load_training_data(cfg, notes=False)  # a fold process: its parent said it
+    assert capsys.readouterr().err == ""
+    _tiny_dataset(tmp_path / "agreeing", n=6)
+    load_training_data(Config(name="y", data=str(tmp_path / "agreeing"), folds_csv=str(folds), n_folds=2))
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_depths_file_gives_nan_depths(tmp_path):
