@@ -104,8 +104,9 @@ def _first_duplicate(ids: Sequence[str]) -> str:
     return ""
 
 
-def _train_ids_and_masks(data_dir: Path) -> tuple[list[str], np.ndarray]:
-    """Train ids and masks: from train/masks PNGs, or from train.csv when there are none."""
+def _train_ids_and_masks(data_dir: Path, k: int) -> tuple[list[str], np.ndarray]:
+    """Train ids and masks: from train/masks PNGs, or from train.csv when there are none (then a
+    train.csv of fewer than k rows is named as what is short, not the train images)."""
     from pipeline import data
 
     images_dir, masks_dir, csv_path = data_dir / "train" / "images", data_dir / "train" / "masks", data_dir / "train.csv"
@@ -126,6 +127,10 @@ def _train_ids_and_masks(data_dir: Path) -> tuple[list[str], np.ndarray]:
         table = read_rle_csv(csv_path)
         if table.empty:
             raise PipelineError(f"{csv_path}: no rows to make folds from")
+        if len(table) < k:
+            raise PipelineError(f"{csv_path}: {len(table)} row{'s' if len(table) > 1 else ''}, too few for k={k} "
+                                f"folds (at least {k} needed, one per fold): is the file complete? Or use fewer "
+                                "folds (`folds --k`, a config's n_folds)")
         ids = table["id"].tolist()
         return ids, decode_many(table["rle_mask"].tolist(), ids=ids, where=str(csv_path))
     raise PipelineError(f"{data_dir}: no train/masks folder or train.csv to make folds from")
@@ -136,7 +141,7 @@ def make_folds_for_dir(data_dir: str | os.PathLike, k: int = 5, seed: int = 42,
     """make_folds over a dataset folder's train masks; writes `out` atomically and returns it."""
     from pipeline.fileio import write_csv
 
-    ids, masks = _train_ids_and_masks(Path(data_dir))
+    ids, masks = _train_ids_and_masks(Path(data_dir), k)
     folds = make_folds(ids, masks, k=k, seed=seed)
     write_csv(out, folds)
     return folds

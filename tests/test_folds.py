@@ -96,6 +96,20 @@ def test_folds_come_from_train_csv_when_masks_are_absent(synth_data, tmp_path):
     pd.testing.assert_frame_equal(from_csv, from_pngs)
 
 
+def test_a_train_csv_with_fewer_rows_than_folds_is_named_with_its_row_count(synth_data, tmp_path, capsys):
+    # the images are all there; what is short is train.csv (no train/masks: folds come from it)
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data / "train" / "images", copy / "train" / "images")
+    lines = (synth_data / "train.csv").read_text().splitlines(keepends=True)
+    (copy / "train.csv").write_text("".join(lines[:2]))
+
+    assert main(["folds", "--data", str(copy), "--k", "5", "--out", str(tmp_path / "f.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {copy / 'train.csv'}: 1 row, too few for k=5 folds"), err
+    assert "train images" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "f.csv").exists()
+
+
 def test_no_masks_and_no_train_csv_is_an_error(tmp_path):
     with pytest.raises(PipelineError, match="no train/masks folder or train.csv"):
         make_folds_for_dir(tmp_path, k=5, seed=0, out=tmp_path / "f.csv")
