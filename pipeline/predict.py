@@ -178,6 +178,16 @@ def fold_prediction_key(done_token: str, tta: list[str], fingerprint: str, ids: 
     return {"done": done_token, "tta": list(tta), "test_fingerprint": fingerprint, "ids": ids_digest(ids)}
 
 
+def note_test_ids_in_train(train_data: str | Path, test_data: str | Path, test_ids: list[str]) -> None:
+    """One note when test images share ids with the images the run trained on (`train_data`)."""
+    from pipeline.data import ids_also_in_train
+
+    shared = ids_also_in_train(train_data, test_ids)
+    if shared:
+        print(f"note: {len(shared)} of the {len(test_ids)} test images in {Path(test_data) / 'test' / 'images'} "
+              f"have an id also in {Path(train_data) / 'train' / 'images'} (e.g. {shared[0]})", file=sys.stderr)
+
+
 def parse_tta(text: str | None, default: list[str]) -> list[str]:
     if text is None:
         return list(default)
@@ -220,6 +230,7 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     test = load_test(data_dir or cfg.data)
     if len(test.ids) == 0:
         raise PipelineError(f"{Path(data_dir or cfg.data) / 'test' / 'images'}: no test images")
+    note_test_ids_in_train(cfg.data, data_dir or cfg.data, test.ids)
     rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, cfg.run.threads, cfg.run.deterministic)
     started = time.perf_counter()
     # One buffer, in the float16 that test_probs.npy keeps: each fold adds its share (1/folds)

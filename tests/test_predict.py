@@ -217,3 +217,27 @@ def test_predict_holds_one_buffer_not_a_copy_per_fold(tmp_path, monkeypatch):
     assert len(ids) == n and probs.dtype == np.float16
     # three identical folds: their mean is the one model's prediction, within float16 rounding
     np.testing.assert_allclose(probs.astype(np.float32), expected, atol=1e-3)
+
+
+def test_predict_notes_once_test_images_whose_ids_are_train_ids(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from pipeline import predict
+    from pipeline.data import ids_also_in_train
+
+    cfg = _predictable_run(tmp_path, 6, 2)
+    monkeypatch.setattr(predict, "finished_inputs", lambda cfg, run: {})
+    monkeypatch.setattr(predict, "load_fold_models", lambda cfg, fold, rt: [PixelModel()])
+    data = tmp_path / "data"
+    assert ids_also_in_train(data, ["t00000"]) == []  # train/ has no images folder
+    predict.predict_run(cfg.run_dir, device="cpu")
+    assert "note:" not in capsys.readouterr().err
+
+    (data / "train" / "images").mkdir()
+    for image_id in ("t00003", "t00001", "other"):
+        source = data / "test" / "images" / ("t00000.png" if image_id == "other" else f"{image_id}.png")
+        shutil.copy(source, data / "train" / "images" / f"{image_id}.png")
+    predict.predict_run(cfg.run_dir, device="cpu")
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 2 of the 6 test images in {data / 'test' / 'images'} have an id also in "
+                     f"{data / 'train' / 'images'} (e.g. t00001)"]
