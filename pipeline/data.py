@@ -351,7 +351,7 @@ def masks_differing_from_train_csv(data_dir: str | os.PathLike, train: TrainSet)
     `train` as load_train read it from `data_dir`; ([], 0) when its masks came from train.csv or
     there is none. The PNGs are what training uses; this only says whether train.csv agrees.
 
-    Cheap: the masks are RLE-encoded and compared as text (~0.1 s for the 3,001-image sample, see
+    Cheap: the masks are RLE-encoded and compared as text (0.06 s for the 3,001-image sample, see
     docs/gpu-and-robustness.md); only a row whose text differs is decoded, so an equal mask written
     with other spacing or a malformed row (which counts as differing) costs one decode."""
     from pipeline.rle import decode, encode_many, read_rle_csv
