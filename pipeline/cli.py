@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=LEADERBOARD_CSV, help="the leaderboard CSV (tune adds each run's row)")
     p.add_argument("--top", type=_positive_int, default=0, help="show only the best N of each dataset (0: all)")
     p.add_argument("--data", default=None, help="only runs on this dataset: its folder name or path (e.g. tgs or data/tgs)")
-    p.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="config keys in which two runs differ; each a run's name in --runs-dir or a path to its folder")
+    p.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="config keys in which two runs differ; each a run's name in --runs-dir or a path to its "
+                   "folder")
     p.add_argument("--runs-dir", default="runs", help="folder holding the runs (for --diff and the page)")
     p.set_defaults(func=cmd_leaderboard)
 

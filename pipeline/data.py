@@ -395,8 +395,8 @@ def load_test(data_dir: str | os.PathLike) -> TestSet:
 def ids_also_in_train(data_dir: str | os.PathLike, test_ids: Sequence[str]) -> list[str]:
     """The sorted `test_ids` that are also ids of `data_dir`'s train/images: a test set that holds
     training images (a copy of the train folder as test/) scores and submits them like any
-    other. Only listed, never read (16 ms for the 3,001 train images of the sample); [] when the folder is absent or cannot
-    be listed, since this only informs."""
+    other. Only listed, never read (16 ms for the sample's 3,001 train images); [] when the folder
+    is absent or cannot be listed, since this only informs."""
     try:
         train_ids = set(list_image_ids(Path(data_dir) / "train" / "images"))
     except PipelineError:
