@@ -55,7 +55,6 @@ def _check_mode(mode: str) -> None:
 
 def pad_or_resize(x: "torch.Tensor", mode: str, size: int) -> "torch.Tensor":
     """[N,C,H,W] (H = W = 101 in this project) -> [N,C,size,size]."""
-    import torch
     from torch.nn import functional as F
 
     _check_mode(mode)
