@@ -3,8 +3,10 @@ parses and calls.
 
 Heavy imports (torch, timm, kaggle) happen inside the command functions, so `--help`,
 `score` and `rle` start fast. Every `PipelineError` becomes one line on stderr and exit
-code 2; argparse's own errors are one line too. A command acting on a run (train, all, branch,
-tune, predict, submit, show) appends what it prints to the run's log.txt (pipeline/runlog.py).
+code 2; argparse's own errors are one line too. Ctrl-C and SIGTERM stop a command the same way
+(pipeline/stopping.py): one line naming the command that resumes it, exit 130 or 143. A command
+acting on a run (train, all, branch, tune, predict, submit, show) appends what it prints to the
+run's log.txt (pipeline/runlog.py), the line and exit status of a stopped one included.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.stopping import exit_code, stop_on_signals, stopped_line
 
 DEFAULT_CONFIG = "configs/cpu_quick.yaml"
 
@@ -391,34 +394,51 @@ def run_dir_of(args: argparse.Namespace) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with stop_on_signals():  # SIGTERM stops a command as Ctrl-C does (pipeline/stopping.py)
+        try:
+            return _parse_and_call(argv)
+        except KeyboardInterrupt as exc:  # came before or after the command itself (start-up, the log's frame)
+            return _stopped(exc, argv)
+
+
+def _parse_and_call(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     run_dir = run_dir_of(args)
     if run_dir is None:
-        return _call(args)
+        return _call(args, argv)
     from pipeline.runlog import run_log
 
-    with run_log(run_dir, sys.argv[1:] if argv is None else argv) as log:
-        code = _call(args)
+    with run_log(run_dir, argv) as log:
+        code = _call(args, argv)
         if log is not None:
             log.exit_code = code
     return code
 
 
-def _call(args: argparse.Namespace) -> int:
+def _call(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         return int(args.func(args) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as errors.Terminated
+        return _stopped(exc, argv)
     except BrokenPipeError:
         # the reader went away (`pipeline leaderboard | head`): stop quietly, as Unix tools do;
         # stdout is pointed at /dev/null so the interpreter's final flush cannot raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _stopped(exc: KeyboardInterrupt, argv: list[str]) -> int:
+    """One line (the signal, the command that resumes), and the shell's status for it. Under
+    torchrun, which signals every rank, rank 0 says it for all."""
+    from pipeline.runlog import is_secondary_process
+
+    if not is_secondary_process():
+        print(stopped_line(exc, argv, fold_process="--fold-worker" in argv), file=sys.stderr)
+    return exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Every problem a user can fix (a bad file, a bad argument, a missing fold) is raised
 as `PipelineError` with a message that names the file and the problem; the CLI
 prints it as one line and exits 2. Anything else is a bug and keeps its traceback.
+`Terminated` is the other way a command stops early: a SIGTERM (pipeline/stopping.py).
 """
 
 
@@ -16,6 +17,16 @@ class PipelineError(Exception):
 
     def __init__(self, message: object = "", *args: object):
         super().__init__(printable(str(message)), *args)
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM (`kill`, `docker stop`, a SLURM time limit, torchrun
+    stopping its workers). A KeyboardInterrupt, so every path that cleans up after Ctrl-C
+    (finally blocks, locks, fold processes, the log's exit line) runs for it too, and no
+    `except Exception` swallows it; the CLI exits 143 (128 + SIGTERM) with one line."""
+
+    def __init__(self) -> None:
+        super().__init__("terminated (SIGTERM)")
 
 
 def printable(text: str) -> str:

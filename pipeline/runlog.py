@@ -113,8 +113,8 @@ def run_log(run_dir: str | os.PathLike, argv: list[str] | None = None):
     except SystemExit as exc:
         outcome = f"exit {exc.code}"
         raise
-    except KeyboardInterrupt:
-        outcome = "interrupted"
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as errors.Terminated ("terminated (SIGTERM)")
+        outcome = str(exc) or "interrupted"
         raise
     except BaseException as exc:
         outcome = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

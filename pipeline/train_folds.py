@@ -16,7 +16,11 @@ Every fold's output goes to runs/<name>/fold<k>/train.out; the parent reports ea
 epochs from the records the fold writes (its log.csv rows, LOG_COLUMNS), never from the text it
 prints, so a reworded message cannot break progress. A fold process that fails cancels the
 folds not started yet; the ones running finish (their work is kept), and every failure is
-reported, in one line, once they have.
+reported, in one line, once they have. When the parent itself stops (Ctrl-C, SIGTERM as
+errors.Terminated, any exception) it stops its fold processes first (SIGTERM, SIGKILL after
+STOP_GRACE_SECONDS; RunningFolds), so none trains on alone; each keeps its last.pt and the
+same command resumes. A fold process whose parent dies without that (SIGKILL) gets SIGTERM from
+Linux (pipeline/stopping.py's stop_with_parent).
 
 `predict_test` (what `all` asks for): each fold predicts the test set of `cfg.data` with its
 own checkpoints right after training, in its own process and on its own GPU, into
@@ -33,6 +37,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,6 +49,7 @@ from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
 from pipeline.manifests import fold_is_done
 from pipeline.rundir import FoldDir, RunDir, prepare_run_dir, read_done, read_log
+from pipeline.stopping import PARENT_PID_ENV, stop_with_parent
 
 
 def load_training_data(cfg: Config, dist: DistContext = DistContext(), *, notes: bool = True):
@@ -88,6 +94,8 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
     `predict_test`: each fold trained here also predicts the test set (module docstring).
     """
     check_folds(cfg.folds, cfg.n_folds, f"{cfg.name}: folds")  # before config.yaml is written
+    if fold_worker:
+        stop_with_parent()
     import torch
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -197,12 +205,13 @@ def fold_process_env(environ: dict[str, str]) -> dict[str, str]:
     """A fold process's environment: this one's, with the folder holding the `pipeline` this
     process runs first on PYTHONPATH. The child starts `python -m pipeline` afresh, and the
     package may be on this process's sys.path only: Kaggle's kernel unpacks it to a temporary
-    folder, and a checkout can run without being installed."""
+    folder, and a checkout can run without being installed. PARENT_PID_ENV names this process:
+    the child stops when it dies (stop_with_parent)."""
     import pipeline
 
     home = str(Path(pipeline.__file__).resolve().parent.parent)
     paths = [home] + [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != home]
-    return dict(environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1")
+    return dict(environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())})
 
 
 def resolve_pretrained_weights(cfg: Config) -> None:
@@ -251,12 +260,13 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
              else f"{threads} CPU threads each")
     print(f"{cfg.name}: training folds {folds} in {workers} parallel processes ({where})")
     failed = threading.Event()  # set by the first failure: folds not started yet are not started
+    running = RunningFolds()
 
     def run_fold(fold: int) -> str | None:
-        """None when the fold finished; else why not (its failure, or "cancelled")."""
+        """None when the fold finished; else why not (its failure, "cancelled", or "stopped")."""
         slot = slots.get()
         try:
-            if failed.is_set():
+            if failed.is_set() or running.stopping:
                 return "cancelled"
             env = fold_process_env(dict(os.environ))
             env.pop("WORLD_SIZE", None)
@@ -268,7 +278,9 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
             folder = FoldDir.of(cfg, fold)
             folder.path.mkdir(parents=True, exist_ok=True)
             with open(folder.train_out, "w", encoding="utf-8") as log:
-                code = run_fold_process(command, env, log, EpochReporter(folder, cfg.train.epochs))
+                code = run_fold_process(command, env, log, EpochReporter(folder, cfg.train.epochs), running)
+            if code is None or running.stopping:
+                return "stopped"  # this process is stopping: no failure to report, the fold resumes on a rerun
             if code != 0:
                 failed.set()
                 lines = folder.train_out.read_text(encoding="utf-8", errors="replace").strip().splitlines()
@@ -282,7 +294,11 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
             slots.put(slot)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = dict(zip(folds, [future.result() for future in [pool.submit(run_fold, fold) for fold in folds]]))
+        try:
+            outcomes = dict(zip(folds, [future.result() for future in [pool.submit(run_fold, fold) for fold in folds]]))
+        except BaseException:  # Ctrl-C, SIGTERM (errors.Terminated), a bug: no fold process outlives this one
+            running.stop(STOP_GRACE_SECONDS)
+            raise
     check_fold_outcomes(cfg, outcomes)
     return [read_done(cfg, k) for k in cfg.fold_list()]
 
@@ -327,17 +343,68 @@ def epoch_record_line(fold: int, row: dict, epochs: int) -> str:
 
 
 POLL_SECONDS = 1.0
+# How long a fold process told to stop (SIGTERM) may take before it is killed: it stops at its
+# next Python instruction, so this only bounds a hung one (a kill loses nothing: writes are atomic).
+STOP_GRACE_SECONDS = 5.0
 
 
-def run_fold_process(command: list[str], env: dict[str, str], log, report) -> int:
-    """Run one fold's process with all its output in `log`; `report()` every POLL_SECONDS while
-    it runs, and once after it ends, passes on its progress records."""
-    with subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env) as process:
-        while True:
+class RunningFolds:
+    """The fold processes this parent started and has not seen end. `stop()` ends them all and
+    starts no more: the parent stopping, whyever, leaves none training on alone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def popen(self, command: list[str], env: dict[str, str], log) -> subprocess.Popen | None:
+        """The started process, or None once stop() was called (under the lock: none slips past it)."""
+        with self._lock:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self._processes.add(process)
+            return process
+
+    def ended(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to each fold process (it stops as errors.Terminated: its line in train.out,
+        exit 143, its last.pt kept), then SIGKILL to any still running after `grace` seconds."""
+        with self._lock:
+            self.stopping = True
+            processes = list(self._processes)
+        for process in processes:
+            process.terminate()  # a no-op for one already ended
+        deadline = time.monotonic() + grace
+        for process in processes:
             try:
-                code = process.wait(timeout=POLL_SECONDS)
-                break
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                report()
+                process.kill()
+                process.wait()
+
+
+def run_fold_process(command: list[str], env: dict[str, str], log, report, running: RunningFolds) -> int | None:
+    """Run one fold's process with all its output in `log`; `report()` every POLL_SECONDS while
+    it runs, and once after it ends, passes on its progress records. Its exit status, or None
+    when `running` is stopping and it was not started. It is started from this (pool) thread,
+    which lives until it ends: Linux's parent-death signal (stop_with_parent) follows the
+    thread that started a process, not the whole parent."""
+    process = running.popen(command, env, log)
+    if process is None:
+        return None
+    try:
+        with process:
+            while True:
+                try:
+                    code = process.wait(timeout=POLL_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    report()
+    finally:
+        running.ended(process)
     report()
     return code

@@ -88,7 +88,7 @@ def test_a_failed_fold_cancels_the_folds_not_started(synth_data, tmp_path, monke
     cfg = tiny_config(synth_data, tmp_path, "folds=[0,1,2]", "run.parallel_folds=true", "run.fold_workers=1")
     launched = []
 
-    def fake_fold_process(command, env, log, report):
+    def fake_fold_process(command, env, log, report, running):
         fold = int(command[command.index("--folds") + 1])
         launched.append(fold)
         if fold == 1:
@@ -114,7 +114,7 @@ def test_every_failure_of_the_folds_running_together_is_reported(synth_data, tmp
     both_running = threading.Barrier(2, timeout=30)
     launched = []
 
-    def fake_fold_process(command, env, log, report):
+    def fake_fold_process(command, env, log, report, running):
         fold = int(command[command.index("--folds") + 1])
         launched.append(fold)
         both_running.wait()  # folds 0 and 1 run at once, and both fail
@@ -138,7 +138,7 @@ def test_fold_processes_of_a_pretrained_run_never_ask_the_network(synth_data, tm
     resolved, envs = [], []
     monkeypatch.setattr(train_folds, "resolve_pretrained_weights", lambda cfg: resolved.append(cfg.name))
 
-    def fake_fold_process(command, env, log, report):
+    def fake_fold_process(command, env, log, report, running):
         envs.append(env)
         finish(cfg, int(command[command.index("--folds") + 1]))
         return 0

@@ -53,7 +53,7 @@ def test_each_fold_process_gets_one_gpu_of_the_inherited_mask(synth_data, tmp_pa
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     launched = {}
 
-    def fake_fold_process(command, env, log, report):
+    def fake_fold_process(command, env, log, report, running):
         fold = int(command[command.index("--folds") + 1])
         launched[fold] = env["CUDA_VISIBLE_DEVICES"]
         fileio.write_json(cfg.run_dir / f"fold{fold}" / "done.json",
