@@ -25,8 +25,11 @@ is reported too. The tuned CV of tune.json is, as for every run, in-sample for t
 
 Reruns skip what is done: the blend is remade only when blend.json's digest of the members'
 prediction files and the weight request differ, tune only when tune.json is not current (manifests.tune_is_current). Every
-write is atomic (pipeline/fileio/atomic.py); blend.json is written after the arrays, done.json after
-each fold's OOF, so an interrupted blend is redone, never half-used.
+write is atomic (pipeline/fileio/atomic.py). blend.json is written first, marked unfinished and
+naming the members, weights and data (what rundir.blend_command turns back into this command),
+then the arrays (done.json after each fold's OOF), then blend.json again, finished: an
+interrupted blend is redone, never half-used, and every stage that meets it (tune, predict,
+submit, show, train, all) refuses in one line naming the blend command that finishes it.
 """
 
 from __future__ import annotations
@@ -347,7 +350,7 @@ def _blend_is_current(run: Path, digest: str, folds: list[int]) -> bool:
         saved = fileio.read_json(path)
     except PipelineError:
         return False
-    return isinstance(saved, dict) and saved.get("inputs_digest") == digest
+    return isinstance(saved, dict) and saved.get("inputs_digest") == digest and saved.get("finished") is not False
 
 
 def _load_truth(cfg: Config, fold_ids: dict[int, list[str]]) -> dict[int, np.ndarray]:
@@ -359,8 +362,14 @@ def _load_truth(cfg: Config, fold_ids: dict[int, list[str]]) -> dict[int, np.nda
     return {fold: np.stack([masks[i] for i in ids]) for fold, ids in fold_ids.items()}
 
 
-def make_blend(members: list[Member], run: Path, weights_text: str, digest: str) -> dict[str, Any]:
-    """Search or take the weights, write the blended fold OOFs, test probabilities and blend.json."""
+def make_blend(members: list[Member], run: Path, weights_text: str, digest: str,
+               data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Search or take the weights, write the blended fold OOFs, test probabilities and blend.json.
+
+    blend.json is written first, marked unfinished (`finished: false`, no inputs digest), with
+    what makes the blend (members, weights asked for, --data: rundir.blend_command); then the
+    arrays; then blend.json again, finished. A kill in between leaves a run that every stage
+    refuses in one line naming the blend command, which remakes it (never current until then)."""
     first = members[0]
     cfg = dataclasses.replace(load_run_config(first.run), name=run.name, runs_dir=str(run.parent))
     fold_ids = {fold: sorted(ids) for fold, ids in first.fold_ids.items()}
@@ -377,7 +386,14 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
     weights = found["weights"]
     report = {**found["report"], "seconds": round(time.perf_counter() - started, 1)}
 
-    (run / BLEND_FILE).unlink(missing_ok=True)  # written again last: until then the blend is unfinished
+    blend = {
+        "members": [{"run": str(m.run), "name": m.cfg.name, "weight": round(float(w), 6)}
+                    for m, w in zip(members, weights)],
+        "weights_requested": weights_text,
+        "data": None if data_dir is None else str(data_dir),
+        "search": report,
+    }
+    fileio.write_json(run / BLEND_FILE, {**blend, "finished": False})  # before anything it names
     save_config(cfg, RunDir(run).config)
     for fold, ids in fold_ids.items():
         folder = FoldDir.of(run, fold)
@@ -396,13 +412,7 @@ def make_blend(members: list[Member], run: Path, weights_text: str, digest: str)
         "tta": ["blend"], "folds": cfg.fold_list(), "n_images": len(test_ids),
         "data": predicted.get("data", cfg.data), "test_fingerprint": predicted.get("test_fingerprint", ""),
         "inputs": finished_folds(cfg, run)})
-    blend = {
-        "members": [{"run": str(m.run), "name": m.cfg.name, "weight": round(float(w), 6)}
-                    for m, w in zip(members, weights)],
-        "weights_requested": weights_text,
-        "search": report,
-        "inputs_digest": digest,
-    }
+    blend = {**blend, "inputs_digest": digest, "finished": True}
     fileio.write_json(run / BLEND_FILE, blend)
     return blend
 
@@ -431,7 +441,7 @@ def blend_runs(runs: list[str | Path], name: str, *, weights: str = "auto", runs
 
     if force or not _blend_is_current(run, digest, cfg.fold_list()):
         print(f"== blend: {len(members)} runs -> {run}")
-        blend = make_blend(members, run, weights, digest)
+        blend = make_blend(members, run, weights, digest, data_dir)
         print(format_search(blend))
     else:
         blend = fileio.read_json(run / BLEND_FILE)

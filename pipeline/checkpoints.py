@@ -21,7 +21,7 @@ import torch
 from pipeline import fileio
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.rundir import FoldDir, RunDir
+from pipeline.rundir import FoldDir, train_command
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -81,8 +81,7 @@ def fold_checkpoints(cfg: Config, fold: int) -> list[Path]:
     if not folder.best.exists():
         # --restart: a finished fold's last.pt would only resume to its end, where best.pt is needed
         raise PipelineError(f"{folder.best}: missing (fold {fold} not trained, or the file was removed) — run "
-                            f"`python -m pipeline train --config {RunDir(folder.path.parent).config} "
-                            f"--folds {fold} --restart`")
+                            f"`{train_command(folder.path.parent, '--folds', str(fold), '--restart')}`")
     return [folder.best]
 
 

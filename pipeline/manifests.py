@@ -2,8 +2,11 @@
 
 Each stage's output is a unit named by a manifest written last, after the files it names:
 
-    fold<k>/done.json  the fold is finished: its training digest and the sha256 of oof.npy,
-                       oof_ids.txt and the checkpoint(s) `predict` averages ("files")
+    fold<k>/done.json  the fold is finished: its training digest, the sha256 of oof.npy,
+                       oof_ids.txt and the checkpoint(s) `predict` averages ("files") and the
+                       content fingerprint of the train data it was trained on
+                       ("train_fingerprint"); `train`/`all` train a fold whose done.json no
+                       longer holds again from the start, saying why (fold_problem)
     tune.json          the rule, with the fold tokens (sha256 of each done.json) it was tuned on
                        ("inputs"), the config digest and the content fingerprint of the train
                        data whose masks it was scored against ("train_fingerprint")
@@ -16,14 +19,19 @@ Each stage's output is a unit named by a manifest written last, after the files 
                        the fold token it was predicted with ("done"), the TTA, the test set's
                        fingerprint and ids; `predict` averages the file only when all of
                        these are the run's now, and predicts the fold itself otherwise
+    blend.json         a blend run's members, weights and data: written first, marked
+                       unfinished, and again last, finished (pipeline/blend.py); an unfinished
+                       blend is refused by every stage naming its blend command
+                       (check_blend_finished), `train`, `all` and `predict` refuse any blend
 
 A kill between two writes of a stage leaves a manifest that no longer names what is beside it
 (or no manifest), so readers refuse the unit and `all` makes it again; a retrained fold has a new
 done.json, so every tune.json and predict.json made before it is out of date. Readers never
 trust a file's modification time. A done.json, tune.json or predict.json written before the
-manifests existed: done.json is still a finished fold (its files are not checked: retraining
-costs hours), but a tune.json or predict.json without "inputs" is out of date (both are
-minutes to remake: `submit` says which command to run, `all` reruns it).
+manifests existed: done.json is still a finished fold (its files are not checked, nor its train
+data when it has no "train_fingerprint": retraining costs hours), but a tune.json or
+predict.json without "inputs" is out of date (both are minutes to remake: `submit` says which
+command to run, `all` reruns it).
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline import fileio
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.rundir import IDS_FILE, OOF_FILES, PREDICT_FILE, PROBS_FILE, TUNE_FILE, FoldDir, training_digest
+from pipeline.rundir import (IDS_FILE, OOF_FILES, PREDICT_FILE, PROBS_FILE, TUNE_FILE, FoldDir, RunDir, blend_command,
+                             read_blend_manifest, remake_command, train_command, training_digest)
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
@@ -66,18 +76,18 @@ def check_files(folder: Path, recorded: Any, manifest: Path, rerun: str) -> None
 
 def read_done_token(run: Path, fold: int) -> tuple[dict, str]:
     """(fold<k>/done.json, its token: the sha256 of its bytes); PipelineError when it is missing
-    or unreadable."""
+    or unreadable, naming the command that makes the fold (the run's train, or its blend)."""
     path = FoldDir.of(run, fold).done
     if not path.is_file():
         state = "not trained" if not path.parent.is_dir() else "not finished"
-        raise PipelineError(f"{path}: missing (fold {fold} {state}) — run `python -m pipeline train`")
+        raise PipelineError(f"{path}: missing (fold {fold} {state}) — run `{remake_command(run)}`")
     raw = path.read_bytes()  # parsed from these very bytes: the token names what was read
     try:
         done = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc}) — run `python -m pipeline train`") from None
+        raise PipelineError(f"{path}: not valid JSON ({exc}) — run `{remake_command(run)}`") from None
     if not isinstance(done, dict):
-        raise PipelineError(f"{path}: not a done marker (a JSON object expected) — run `python -m pipeline train`")
+        raise PipelineError(f"{path}: not a done marker (a JSON object expected) — run `{remake_command(run)}`")
     return done, hashlib.sha256(raw).hexdigest()
 
 
@@ -91,7 +101,7 @@ def finished_folds(cfg: Config, run: Path | None = None) -> dict[str, str]:
         done, token = read_done_token(run, fold)
         if done.get("config_digest") != digest:
             raise PipelineError(f"{FoldDir.of(run, fold).done}: fold {fold} was trained with another "
-                                "config than the run's config.yaml — run `python -m pipeline train`")
+                                f"config than the run's config.yaml — run `{remake_command(run)}`")
         tokens[f"fold{fold}"] = token
     return tokens
 
@@ -101,14 +111,16 @@ def fold_file_digests(fold_dir: Path, checkpoints: list[Path]) -> dict[str, str]
     return file_digests(fold_dir, [*OOF_FILES, *(p.name for p in checkpoints)])
 
 
-def check_fold_files(run: Path, fold: int, names, rerun: str = "run `python -m pipeline train --force`") -> None:
+def check_fold_files(run: Path, fold: int, names, rerun: str | None = None) -> None:
     """The files `names` of the fold are those its done.json recorded (a done.json from before the
-    manifests recorded nothing: accepted as it is)."""
+    manifests recorded nothing: accepted as it is). The default hint: `train` trains a fold whose
+    files differ from its done.json again (fold_problem), a blend's command remakes it."""
     folder = FoldDir.of(run, fold)
     done, _ = read_done_token(run, fold)
     recorded = done.get("files")
     if recorded is None:
         return
+    rerun = rerun or f"run `{remake_command(run)}`"
     if not isinstance(recorded, dict):
         raise PipelineError(f"{folder.done}: 'files' is not a mapping — {rerun}")
     unnamed = [name for name in names if name not in recorded]
@@ -267,20 +279,130 @@ def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_i
     return folder.test_probs
 
 
-def fold_is_done(cfg: Config, fold: int) -> bool:
-    """The fold finished with this config's training digest and its files are as done.json recorded."""
+def fold_problem(cfg: Config, fold: int) -> str | None:
+    """Why a fold that has a done.json is not done ("runs/R/fold1/best.pt: missing, ..."), or None when
+    it is done or has no done.json (not finished: `train` resumes it). Such a fold is trained
+    again from the start: its files as finished, byte for byte (a damaged oof.npy, a removed
+    best.pt), the config's training digest and the train data's content (its masks) are what
+    done.json recorded, or nothing it made can be trusted to be the fold's. A done.json from
+    before it named its files needs only its OOF; one from before it recorded the train data
+    (no "train_fingerprint") is not compared (both: retraining costs hours)."""
+    from pipeline.data import fingerprint_data
+
     folder = FoldDir.of(cfg, fold)
     if not folder.done.exists():
-        return False
+        return None
     try:
         done = fileio.read_json(folder.done)
-        recorded = done.get("files")
-        if recorded is None:  # a done.json from before it named its files: its OOF must be there
-            return done.get("config_digest") == training_digest(cfg) and folder.oof.exists()
-        # the files as finished, byte for byte: a damaged oof.npy or a removed best.pt makes the
-        # fold not done, so `train`/`all` make it again instead of failing in a later stage
-        return done.get("config_digest") == training_digest(cfg) and isinstance(recorded, dict) and \
-            all((folder.path / name).is_file() and sha256_file(folder.path / name) == digest
-                for name, digest in recorded.items())
-    except (PipelineError, AttributeError, OSError):
-        return False
+    except PipelineError as exc:
+        return str(exc)
+    if done.get("config_digest") != training_digest(cfg):
+        return f"{folder.done}: trained with another config"
+    recorded = done.get("files")
+    if recorded is None:
+        if not folder.oof.exists():
+            return f"{folder.oof}: missing"
+    elif not isinstance(recorded, dict):
+        return f"{folder.done}: 'files' is not a mapping"
+    else:
+        for name, digest in recorded.items():
+            path = folder.path / str(name)
+            if not path.is_file():
+                return f"{path}: missing, done.json names it"
+            try:
+                if sha256_file(path) != digest:
+                    return f"{path}: not the file done.json names (damaged, or changed since)"
+            except OSError as exc:
+                return f"{path}: unreadable ({exc.strerror or exc})"
+    recorded_data = done.get("train_fingerprint")
+    if recorded_data is not None and recorded_data != fingerprint_data(cfg.data, "train"):
+        return (f"{folder.done}: trained on other train images or masks than those in {cfg.data} now "
+                "(their bytes differ)")
+    return None
+
+
+def fold_is_done(cfg: Config, fold: int) -> bool:
+    """The fold finished with this config and train data, and its files are as done.json recorded."""
+    return FoldDir.of(cfg, fold).done.exists() and fold_problem(cfg, fold) is None
+
+
+# ---------------------------------------------------------------- the folds a run was trained on
+
+
+def check_trained_split(cfg: Config, run: Path, fold_ids: dict[int, list[str]]) -> None:
+    """Each fold's OOF ids (`fold_ids`) are exactly that fold's ids in the folds file the run reads
+    now: a changed folds file would mix two splits in one run (a fold trained on images another
+    fold validates on) and in its OOF. The fix named: train every fold again on the file as it is
+    now (`train --force`), unless the file the run was trained with is put back."""
+    from pipeline.folds import load_folds
+
+    folds_path = cfg.folds_path()
+    if not fold_ids:
+        return
+    if not folds_path.exists():
+        # A run copied from elsewhere (e.g. a Kaggle kernel) may come without its folds file;
+        # the duplicate check still holds and load_train rejects ids that are not train images.
+        print(f"warning: {folds_path}: not found, OOF ids are not checked against the folds file",
+              file=sys.stderr)
+        return
+    folds = load_folds(folds_path)
+    fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
+    for fold, ids in fold_ids.items():
+        where = FoldDir.of(run, fold).oof_ids
+        unknown = [i for i in ids if i not in fold_of]
+        wrong = [i for i in ids if i in fold_of and fold_of[i] != fold]
+        lacking = sorted({i for i, k in fold_of.items() if k == fold} - set(ids))
+        if unknown:
+            problem = f"{len(unknown)} ids not in {folds_path} (e.g. {unknown[0]})"
+        elif wrong:
+            problem = (f"{len(wrong)} ids belong to another fold in {folds_path} "
+                       f"(e.g. {wrong[0]} is in fold {fold_of[wrong[0]]})")
+        elif lacking:
+            problem = f"lacks {len(lacking)} of fold {fold}'s ids in {folds_path} (e.g. {lacking[0]})"
+        else:
+            continue
+        raise PipelineError(f"{where}: {problem}: the folds file changed since fold {fold} was trained — "
+                            f"{split_fix(run, folds_path)}")
+
+
+def split_fix(run: Path, folds_path: Path) -> str:
+    """The hint of a run trained on another split than its folds file holds now."""
+    restore = f"or put back the {folds_path} it was trained with"
+    blend = read_blend_manifest(run)
+    if blend is not None:  # its members were trained on the old split: they are what to train again
+        listed = blend.get("members") if isinstance(blend.get("members"), list) else []
+        members = dict.fromkeys(str(m["run"]) for m in listed if isinstance(m, dict) and m.get("run"))
+        retrain = ", ".join(f"`{train_command(member, '--force')}`" for member in members) or "each with --force"
+        return f"train its members again ({retrain}), then run `{blend_command(run, blend)}`, {restore}"
+    return f"train every fold again on it with `{train_command(run, '--force')}`, {restore}"
+
+
+def read_trained_split(run: Path, folds: list[int]) -> dict[int, list[str]]:
+    """fold -> its OOF ids (oof_ids.txt), of the folds in `folds` that have them."""
+    out = {}
+    for fold in folds:
+        path = FoldDir.of(run, fold).oof_ids
+        if path.is_file():
+            out[fold] = fileio.read_text(path).split()
+    return out
+
+
+# ---------------------------------------------------------------- blend runs
+
+
+def refuse_blend_run(run: Path) -> None:
+    """A blend's folds and test probabilities are its members', mixed by `blend`: `train`,
+    `all` and `predict` have nothing to make there. One line naming the blend command."""
+    blend = read_blend_manifest(run)
+    if blend is not None:
+        raise PipelineError(f"{run}: is a blend of other runs (blend.json): its folds and test probabilities are "
+                            f"made by `blend`, not trained or predicted — run `{blend_command(run, blend)}`")
+
+
+def check_blend_finished(run: Path) -> None:
+    """A blend killed before it finished (its blend.json, written first, still says unfinished):
+    one line naming the blend command that finishes it, before any half-written file is read."""
+    blend = read_blend_manifest(run)
+    if blend is not None and blend.get("finished") is False:
+        raise PipelineError(f"{RunDir(run).blend}: the blend was interrupted before it finished — "
+                            f"run `{blend_command(run, blend)}`")

@@ -218,9 +218,10 @@ def predict_run(run_dir: str | Path, *, data_dir: str | None = None, tta: str | 
     from tqdm import tqdm
 
     from pipeline.data import fingerprint_test_images, load_test
-    from pipeline.manifests import predict_recipe, read_current_fold_predictions, write_predictions
+    from pipeline.manifests import predict_recipe, read_current_fold_predictions, refuse_blend_run, write_predictions
 
     run = Path(run_dir)
+    refuse_blend_run(run)  # its test probabilities are its members', mixed by `blend`
     cfg = load_run_config(run)
     flips = parse_tta(tta, cfg.predict.tta)
     folds = cfg.fold_list()

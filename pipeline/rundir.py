@@ -6,7 +6,8 @@
         oof.csv       the tuned OOF masks as RLE, scoreable with `tgs score`
         test_probs.npy, test_ids.txt   the test probabilities averaged over folds, and their ids
         predict.json  written last by predict: names the two above by digest (pipeline/manifests.py)
-        blend.json    a blend's members and weights (pipeline/blend.py)
+        blend.json    a blend's members, weights and data (pipeline/blend.py): written first, marked
+                      unfinished, and again last; `blend_command` below turns it back into the command
         log.txt       what every command run on it printed (pipeline/runlog.py)
         wall.json     the wall time of `pipeline all` from nothing (the leaderboard's minutes)
         show/         the pictures and index.html (pipeline/show.py)
@@ -19,7 +20,8 @@
         log.csv       LOG_COLUMNS, one row per epoch
         oof.npy       float16 validation probabilities (101x101) of the fold's final model(s)
         oof_ids.txt   their ids, one per line, in the same order
-        done.json     written last: the fold is complete (its training digest, its files' sha256)
+        done.json     written last: the fold is complete (its training digest, its files' sha256,
+                      the train data's content fingerprint)
         test_probs.npy     the fold's own test prediction (float16, `all`: predicted in the fold's
         test_predict.json  process as it finishes), named by digest in test_predict.json with the
                            done.json and test set it was made from; `predict` averages these
@@ -41,6 +43,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 from pipeline import fileio
 # training_digest and is_training_key are config.py's, beside Config.digest: one set of rules for
@@ -164,6 +167,65 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 def read_done(cfg: Config, fold: int) -> dict:
     return fileio.read_json(FoldDir.of(cfg, fold).done)
+
+
+# ---------------------------------------------------------------- the command that (re)makes a run
+# A refusal names the command that fixes it: these are those commands, for the run as it is named
+# now (a hint must work when run as printed, from where the user stands).
+
+
+def train_command(run: str | Path, *flags: str) -> str:
+    """`python -m pipeline train` of the run in `run`, from its own config.yaml; the run's folder
+    and name are given too when that config places the run elsewhere (a moved or copied run)."""
+    run = Path(run)
+    command = f"python -m pipeline train --config {quote(str(RunDir(run).config))}"
+    try:
+        placed = Path(load_config(RunDir(run).config).run_dir)
+    except PipelineError:
+        placed = run
+    if placed.resolve() != run.resolve():
+        command += f" --set runs_dir={quote(str(run.parent))} --set name={quote(run.name)}"
+    return " ".join([command, *flags])
+
+
+def read_blend_manifest(run: str | Path) -> dict | None:
+    """The run's blend.json (pipeline/blend.py), {} when it cannot be read, None when the run is
+    no blend. `finished: false` marks a blend still being (or killed while being) written."""
+    path = RunDir(run).blend
+    if not path.is_file():
+        return None
+    try:
+        blend = fileio.read_json(path)
+    except PipelineError:
+        return {}
+    return blend if isinstance(blend, dict) else {}
+
+
+def blend_command(run: str | Path, blend: dict | None = None) -> str:
+    """The `python -m pipeline blend` that makes the blend run `run` whole: the members, weights and
+    data its blend.json records (written before anything else of the blend, so a blend killed
+    part-way names it too). It remakes only what is not current; with an unreadable blend.json
+    the members are unknown and the command says where they go (and forces the remake)."""
+    run = Path(run)
+    blend = read_blend_manifest(run) if blend is None else blend
+    listed = (blend or {}).get("members")
+    members = [quote(str(m["run"])) for m in (listed if isinstance(listed, list) else [])
+               if isinstance(m, dict) and m.get("run")]
+    parts = ["python -m pipeline blend --runs", " ".join(members) or "RUN_A RUN_B", f"--name {quote(run.name)}",
+             f"--runs-dir {quote(str(run.parent))}"]
+    weights = str((blend or {}).get("weights_requested") or "auto")
+    if weights.strip().lower() != "auto":
+        parts.append(f"--weights {quote(weights)}")
+    if (blend or {}).get("data"):
+        parts.append(f"--data {quote(str(blend['data']))}")
+    if not members:
+        parts.append("--force")
+    return " ".join(parts)
+
+
+def remake_command(run: str | Path, *train_flags: str) -> str:
+    """What makes the run's folds again: its blend command for a blend run, else `train_command`."""
+    return blend_command(run) if RunDir(run).blend.is_file() else train_command(run, *train_flags)
 
 
 # ---------------------------------------------------------------- the run

@@ -297,9 +297,11 @@ def draw_threshold(run: Path, data_dir: Path, out_dir: Path, post: PostProcess, 
 
 def show_run(run_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
     """Write the run's pictures into runs/<name>/show/; returns the paths written."""
+    from pipeline.manifests import check_blend_finished
     from pipeline.rundir import load_run_config
 
     run = Path(run_dir)
+    check_blend_finished(run)  # a blend killed part-way: its command, not pictures of half its files
     cfg = load_run_config(run)
     data = Path(data_dir if data_dir is not None else cfg.data)
     post = read_tuned_or_default(run)

@@ -64,10 +64,12 @@ def submit_run(run_dir: str | Path, out: str | Path | None = None, data_dir: str
     from pipeline.rle import encode_many, write_rle_csv
     from pipeline.fileio import read_json
     from pipeline.postprocess import read_tuned
-    from pipeline.manifests import check_predictions_current, check_tune_current, read_predict_meta
+    from pipeline.manifests import (check_blend_finished, check_predictions_current, check_tune_current,
+                                    read_predict_meta)
     from pipeline.rundir import load_run_config
 
     run = Path(run_dir)
+    check_blend_finished(run)  # a blend killed part-way: its command, not the stages it bypasses
     cfg = load_run_config(run)
     post = read_tuned(run)
     ids, probs = read_test_probs(run)

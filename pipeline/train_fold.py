@@ -510,10 +510,15 @@ def epoch_line(fold: int, t, result: EpochResult) -> str:
 def finish_fold(ctx: FoldContext, split: FoldData, state: LoopState) -> dict:
     """The fold's end, in one place: its final OOF (as the test set will be predicted), then
     done.json, written last."""
+    from pipeline.data import fingerprint_data
+
     done = {"fold": ctx.fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "finished": round(time.time(), 1),
             "config_digest": ctx.digest}
     if ctx.dist.is_main:
+        # the train data's content (load_training_data hashed it as it was loaded; cached): a fold
+        # trained on other masks is not done (manifests.fold_problem), `train`/`all` train it again
+        done["train_fingerprint"] = fingerprint_data(ctx.cfg.data, "train")
         done.update(write_final_oof(ctx.cfg, ctx.fold, split.val_images, split.val_masks, ctx.rt))
         # the fold's files as finished: tune and predict check them against this (manifests.py)
         done["files"] = fold_file_digests(ctx.folder.path, fold_checkpoints(ctx.cfg, ctx.fold))

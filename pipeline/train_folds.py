@@ -47,8 +47,8 @@ from pipeline import fileio
 from pipeline.config import Config, check_folds
 from pipeline.distributed import DistContext, init_from_env, shutdown
 from pipeline.errors import PipelineError
-from pipeline.manifests import fold_is_done
-from pipeline.rundir import FoldDir, RunDir, prepare_run_dir, read_done, read_log
+from pipeline.manifests import check_trained_split, fold_problem, read_trained_split, refuse_blend_run
+from pipeline.rundir import FoldDir, RunDir, blend_command, prepare_run_dir, read_done, read_log
 from pipeline.stopping import PARENT_PID_ENV, stop_with_parent
 
 
@@ -56,9 +56,11 @@ def load_training_data(cfg: Config, dist: DistContext = DistContext(), *, notes:
     """The train set and, aligned with it, each id's fold (folds file made when missing).
     `notes`: say (once, on the main process) where train.csv disagrees with the masks used; a
     fold process leaves that to its parent, which loaded the same data first."""
-    from pipeline.data import load_train, masks_differing_from_train_csv
+    from pipeline.data import fingerprint_data, load_train, masks_differing_from_train_csv
     from pipeline.folds import load_folds, make_folds_for_dir
 
+    # the bytes as they are loaded now: each finished fold's done.json records this (cached) value
+    fingerprint_data(cfg.data, "train")
     data = load_train(cfg.data)
     if notes and dist.is_main:
         differing, compared = masks_differing_from_train_csv(cfg.data, data)
@@ -96,6 +98,7 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
     check_folds(cfg.folds, cfg.n_folds, f"{cfg.name}: folds")  # before config.yaml is written
     if fold_worker:
         stop_with_parent()
+    refuse_blend(cfg)  # before config.yaml is written into a blend's folder
     import torch
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -114,25 +117,29 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
         if dist.is_main and not fold_worker:
             prepare_run_dir(cfg, force=force)
         dist.barrier()
-        todo = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
+        todo, afresh = folds_to_train(cfg, force=force, say=dist.is_main)
         results = [read_done(cfg, k) for k in cfg.fold_list() if k not in todo]
+        # the folds kept must have been trained on the split the folds file holds now (as `tune` checks)
+        kept_split = read_trained_split(cfg.run_dir, [done["fold"] for done in results])
         for done in results:
-            refuse_blend(cfg, done)
             if dist.is_main:
                 print(f"fold {done['fold']}: already trained (best {done.get('best_score', float('nan')):.4f}), "
                       "skipping")
         if not todo:
+            check_trained_split(cfg, cfg.run_dir, kept_split)
             return results
         if dist.enabled and device is None and torch.cuda.is_available():
             device = f"cuda:{dist.local_rank}"
         threads = cfg.run.threads or (max(1, (os.cpu_count() or 1) // dist.world_size) if dist.enabled else 0)
         rt = resolve_runtime(cfg.train.precision, cfg.train.channels_last, device, threads, cfg.run.deterministic)
         data, fold_ids = load_training_data(cfg, dist, notes=not fold_worker)
+        check_trained_split(cfg, cfg.run_dir, kept_split)  # against the folds file the new folds read
         for fold in todo:
             lock = fileio.file_lock(FoldDir.of(cfg, fold).lock, blocking=False,
                                     what=f"fold {fold} of run {cfg.name}") if dist.is_main else contextlib.nullcontext()
             with lock:
-                results.append(train_fold(cfg, fold, data, fold_ids, rt, resume=resume and not force, dist=dist))
+                results.append(train_fold(cfg, fold, data, fold_ids, rt, resume=resume and fold not in afresh,
+                                          dist=dist))
                 if predict_test and not dist.enabled:  # under DDP `predict` does it, on one process
                     from pipeline.predict import predict_fold_test
 
@@ -150,18 +157,34 @@ def train_folds(cfg: Config, *, resume: bool = True, force: bool = False, parall
 # ---------------------------------------------------------------- folds as processes
 
 
-def refuse_blend(cfg: Config, done: dict) -> None:
-    """A blend's folds are made by `blend`, not trained: say which command remakes it."""
-    if isinstance(done, dict) and done.get("blend"):
-        from pipeline.rundir import BLEND_FILE
-
+def refuse_blend(cfg: Config) -> None:
+    """A blend's folds are made by `blend`, not trained: one line naming its blend command. A
+    blend killed by an older version left no blend.json, only folds whose done.json says "blend"."""
+    refuse_blend_run(cfg.run_dir)
+    for fold in cfg.fold_list():
         try:
-            members = " ".join(str(m["run"]) for m in fileio.read_json(cfg.run_dir / BLEND_FILE)["members"])
-        except (PipelineError, KeyError, TypeError):
-            members = "RUN_A RUN_B ..."
-        raise PipelineError(f"{FoldDir.of(cfg, done.get('fold', 0)).done}: {cfg.run_dir} is a blend of other runs, "
-                            f"not trained — remake it with `python -m pipeline blend --runs {members} "
-                            f"--name {cfg.name} --runs-dir {cfg.runs_dir} --force`")
+            blended = read_done(cfg, fold).get("blend") if FoldDir.of(cfg, fold).done.is_file() else False
+        except PipelineError:
+            continue
+        if blended:
+            raise PipelineError(f"{FoldDir.of(cfg, fold).done}: {cfg.run_dir} is a blend of other runs, not "
+                                f"trained — remake it with `{blend_command(cfg.run_dir)}`")
+
+
+def folds_to_train(cfg: Config, *, force: bool, say: bool = True) -> tuple[list[int], set[int]]:
+    """(the folds to train, those of them to start afresh). A fold with a done.json that no
+    longer holds (manifests.fold_problem: a damaged or removed file, other train data) starts
+    afresh, with a note saying why: resuming its last.pt would only reach the end it had."""
+    todo, afresh = [], set()
+    for fold in cfg.fold_list():
+        problem = None if force else fold_problem(cfg, fold)
+        if force or problem is not None or not FoldDir.of(cfg, fold).done.exists():
+            todo.append(fold)
+        if force or problem is not None:
+            afresh.add(fold)
+        if problem is not None and say:
+            print(f"note: fold {fold} is trained again from the start ({problem})", flush=True)
+    return todo, afresh
 
 
 def plan_workers(n_folds: int, n_gpus: int, n_cores: int, threads: int = 0, workers: int = 0) -> tuple[int, int]:
@@ -245,7 +268,9 @@ def train_folds_in_parallel(cfg: Config, *, resume: bool = True, force: bool = F
 
     prepare_run_dir(cfg, force=force)
     load_training_data(cfg)  # makes the folds file once, before the workers start
-    folds = [k for k in cfg.fold_list() if force or not fold_is_done(cfg, k)]
+    folds, _ = folds_to_train(cfg, force=force)  # each fold process starts afresh what this finds stale
+    kept = [k for k in cfg.fold_list() if k not in folds]
+    check_trained_split(cfg, cfg.run_dir, read_trained_split(cfg.run_dir, kept))  # as the sequential path does
     if not folds:  # a rerun after training: nothing to start
         print(f"{cfg.name}: folds {cfg.fold_list()} already trained, skipping")
         return [read_done(cfg, k) for k in cfg.fold_list()]

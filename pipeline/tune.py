@@ -10,7 +10,6 @@ min-area grid with the competition metric, and writes `runs/<name>/tune.json` (r
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.postprocess import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, PostProcess, binarize, write_tuned
-from pipeline.manifests import check_fold_files
-from pipeline.rundir import LEADERBOARD_CSV, OOF_FILES, FoldDir, RunDir, load_run_config
+from pipeline.manifests import check_blend_finished, check_fold_files, check_trained_split
+from pipeline.rundir import LEADERBOARD_CSV, OOF_FILES, FoldDir, RunDir, load_run_config, remake_command
 
 IMAGE_SHAPE = (101, 101)
 
@@ -38,7 +37,7 @@ def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) 
     for path in (folder.oof, folder.oof_ids, folder.done)[: 3 if require_done else 2]:
         if not path.exists():
             state = "not trained" if not folder.path.is_dir() or path != folder.done else "not finished"
-            raise PipelineError(f"{path}: missing (fold {fold} {state})")
+            raise PipelineError(f"{path}: missing (fold {fold} {state}) — run `{remake_command(run_dir)}`")
     if require_done:  # the OOF that done.json recorded, not one a later (killed) retrain left
         check_fold_files(Path(run_dir), fold, OOF_FILES)
     probs = read_npy(folder.oof)
@@ -52,38 +51,6 @@ def read_fold_oof(run_dir: str | Path, fold: int, *, require_done: bool = True) 
     if not np.isfinite(probs).all():
         raise PipelineError(f"{folder.oof}: contains NaN or infinite probabilities")
     return ids, probs.astype(np.float32)
-
-
-def _check_against_folds_file(cfg: Config, fold_ids: dict[int, list[str]], run: Path) -> None:
-    """Each fold's OOF ids must be exactly that fold's ids in the folds file the run used."""
-    from pipeline.folds import load_folds
-
-    folds_path = cfg.folds_path()
-    if not folds_path.exists():
-        # A run copied from elsewhere (e.g. a Kaggle kernel) may come without its folds file;
-        # the duplicate check still holds and load_train rejects ids that are not train images.
-        print(f"warning: {folds_path}: not found, OOF ids are not checked against the folds file",
-              file=sys.stderr)
-        return
-    folds = load_folds(folds_path)
-    fold_of = dict(zip(folds["id"].astype(str), folds["fold"].astype(int)))
-    for fold, ids in fold_ids.items():
-        where = FoldDir.of(run, fold).oof_ids
-        unknown = [i for i in ids if i not in fold_of]
-        if unknown:
-            raise PipelineError(f"{where}: {len(unknown)} ids not in {folds_path} (e.g. {unknown[0]})")
-        wrong = [i for i in ids if fold_of[i] != fold]
-        if wrong:
-            raise PipelineError(
-                f"{where}: {len(wrong)} ids belong to another fold in {folds_path} "
-                f"(e.g. {wrong[0]} is in fold {fold_of[wrong[0]]})"
-            )
-        expected = {i for i, k in fold_of.items() if k == fold}
-        lacking = sorted(expected - set(ids))
-        if lacking:
-            raise PipelineError(
-                f"{where}: lacks {len(lacking)} of fold {fold}'s ids in {folds_path} (e.g. {lacking[0]})"
-            )
 
 
 def assemble_oof(run_dir: str | Path) -> tuple[list[str], np.ndarray]:
@@ -109,7 +76,7 @@ def assemble_oof(run_dir: str | Path) -> tuple[list[str], np.ndarray]:
                     f"({duplicates} duplicate ids in all)"
                 )
             seen[image_id] = fold
-    _check_against_folds_file(cfg, fold_ids, run)
+    check_trained_split(cfg, run, fold_ids)
     probs = np.concatenate(fold_probs) if fold_probs else np.zeros((0, *IMAGE_SHAPE), np.float32)
     order = np.argsort(np.asarray(all_ids, dtype=object), kind="stable")
     return [all_ids[i] for i in order], probs[order]
@@ -267,6 +234,7 @@ def tune_run(run_dir: str | Path, *, leaderboard_csv: str | Path = LEADERBOARD_C
 
     started = time.perf_counter()
     run = Path(run_dir)
+    check_blend_finished(run)  # a blend killed part-way: its command, before its half-written files
     cfg = load_run_config(run)
     # every fold finished with the run's config; tune.json records which results it tuned on
     inputs = tune_inputs(cfg, run)

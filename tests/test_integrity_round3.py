@@ -320,3 +320,161 @@ def test_training_a_blend_run_is_one_line_naming_blend(own_run, capsys):
     (own_run / "blend.json").write_text(json.dumps({"members": [{"run": "runs/a"}, {"run": "runs/b"}]}))
     message = refusal(train_folds, cfg)
     assert "is a blend" in message and "blend --runs runs/a runs/b --name fake" in message
+
+
+class Killed(BaseException):
+    """A kill at a write boundary, in this process: the write landed, nothing after it runs."""
+
+
+def killed_after_write(n: int, call, *args, **kwargs) -> None:
+    """Run `call` until its n-th file lands (every output is renamed into place: fileio's atomic
+    writes), then stop it there, as tests/kill_at_write.py does with SIGKILL in a subprocess."""
+    real_replace, landed = os.replace, []
+
+    def replace(src, dst, *a, **k):
+        real_replace(src, dst, *a, **k)
+        landed.append(dst)
+        if len(landed) == n:
+            raise Killed(dst)
+
+    os.replace = replace
+    try:
+        with pytest.raises(Killed):
+            call(*args, **kwargs)
+    finally:
+        os.replace = real_replace
+
+
+def hinted_command(message: str) -> str:
+    import re
+
+    commands = re.findall(r"`(python -m pipeline [^`]*)`", message)
+    assert commands, message
+    return commands[-1]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("writes", [1, 5, 13])  # blend.json (unfinished); fold 0 done; test_ids.txt
+def test_a_blend_killed_part_way_is_refused_by_every_stage_naming_the_blend_that_finishes_it(
+        own_run, tmp_path, capsys, writes):
+    from pipeline.blend import blend_runs
+    from pipeline.rundir import load_run_config
+    from pipeline.submit import check_submission
+
+    data_dir = load_run_config(own_run).data
+    make_fake_run(Path(data_dir), tmp_path, "b", seed=1)
+    killed_after_write(writes, blend_runs, ["runs/fake", "runs/b"], "ab", weights="1,3", runs_dir="runs",
+                       pictures=False)
+    blend = "python -m pipeline blend --runs runs/fake runs/b --name ab --runs-dir runs --weights 1,3"
+    stages = [("submit", "--run", "runs/ab"), ("tune", "--run", "runs/ab"), ("show", "--run", "runs/ab"),
+              ("predict", "--run", "runs/ab")]
+    if (tmp_path / "runs" / "ab" / "config.yaml").exists():  # written second: a config to train with
+        stages += [("train", "--config", "runs/ab/config.yaml"), ("all", "--config", "runs/ab/config.yaml")]
+    for stage in stages:
+        code, _, err = run_cli(capsys, *stage)
+        assert code == 2 and hinted_command(err) == blend, (stage, err)
+    # the hint, as printed, finishes the blend: tuned, submitted, checked
+    assert cli.main(blend.split()[3:]) == 0
+    assert check_submission(tmp_path / "submissions" / "ab.csv", data_dir) > 0
+    code, _, _ = run_cli(capsys, "submit", "--run", "runs/ab")
+    assert code == 0
+    # a finished blend is still no run to train or predict: the same one line
+    for stage in [("predict", "--run", "runs/ab"), ("train", "--config", "runs/ab/config.yaml")]:
+        code, _, err = run_cli(capsys, *stage)
+        assert code == 2 and "is a blend" in err and hinted_command(err) == blend, (stage, err)
+
+
+def _move_one_id_to_the_next_fold(folds_csv: Path) -> None:
+    lines = folds_csv.read_text().splitlines()
+    image_id, fold, *rest = lines[1].split(",")
+    lines[1] = ",".join([image_id, str((int(fold) + 1) % 2), *rest])  # fold 0 or 1 of 2 or 3 folds
+    folds_csv.write_text("\n".join(lines) + "\n")
+
+
+def test_a_changed_folds_file_is_refused_by_train_and_all_as_by_tune(own_run, capsys):
+    from pipeline.rundir import load_run_config
+    from pipeline.train_folds import train_folds
+    from pipeline.tune import tune_run
+
+    cfg = load_run_config(own_run)
+    _move_one_id_to_the_next_fold(cfg.folds_path())
+    from_tune = refusal(tune_run, own_run, leaderboard_csv="lb.csv")
+    from_train = refusal(train_folds, cfg)  # every fold finished: nothing trains, nothing goes ahead
+    assert from_train == from_tune and "the folds file changed since fold" in from_train
+    assert hinted_command(from_train) == f"python -m pipeline train --config {own_run / 'config.yaml'} --force"
+    code, _, err = run_cli(capsys, "all", "--config", str(own_run / "config.yaml"))
+    assert code == 2 and err == f"error: {from_train}"
+
+
+@pytest.mark.e2e
+def test_following_the_changed_folds_hint_trains_on_the_new_split(synth_data, tmp_path, capsys, monkeypatch):
+    from pipeline.train_folds import train_folds
+    from pipeline.tune import tune_run
+    from tests.test_train import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1")
+    train_folds(cfg)
+    _move_one_id_to_the_next_fold(cfg.folds_path())
+    command = hinted_command(refusal(train_folds, cfg))
+    assert cli.main(command.split()[3:]) == 0
+    tune_run(cfg.run_dir, leaderboard_csv="lb.csv")  # the OOF is the new split's
+
+
+@pytest.mark.e2e
+def test_train_trains_a_fold_whose_finished_files_changed_again_from_the_start_saying_why(synth_data, tmp_path,
+                                                                                       capsys):
+    from pipeline.manifests import fold_is_done
+    from pipeline.rundir import FoldDir
+    from pipeline.train_folds import train_folds
+    from tests.test_train import tiny_config
+
+    # no TTA: resuming the finished fold would keep (and record) the damaged OOF as it is
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1", "predict.tta=[none]")
+    train_folds(cfg)
+    folder = FoldDir.of(cfg, 0)
+    raw = bytearray(folder.oof.read_bytes())
+    raw[-1] ^= 0xFF
+    folder.oof.write_bytes(bytes(raw))
+    capsys.readouterr()
+    train_folds(cfg)
+    out = capsys.readouterr().out
+    assert "note: fold 0 is trained again from the start" in out and "oof.npy: not the file done.json names" in out
+    assert "resuming" not in out and fold_is_done(cfg, 0) and folder.oof.read_bytes() != bytes(raw)
+    folder.best.unlink()  # was: a refusal naming `train ... --restart`
+    train_folds(cfg)
+    out = capsys.readouterr().out
+    assert "best.pt: missing, done.json names it" in out and fold_is_done(cfg, 0)
+
+
+@pytest.mark.e2e
+def test_a_fold_trained_on_other_masks_is_trained_again_and_an_older_done_json_still_counts(
+        synth_data, tmp_path, capsys, monkeypatch):
+    from pipeline.rundir import FoldDir
+    from pipeline.train_folds import train_folds
+    from tests.test_train import tiny_config
+
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    cfg = tiny_config(copy, tmp_path, "train.epochs=1")
+    train_folds(cfg)
+    path = FoldDir.of(cfg, 0).done
+    done = json.loads(path.read_text())
+    assert done["train_fingerprint"] == data.fingerprint_data(copy, "train")
+    mask = sorted((copy / "train" / "masks").glob("*.png"))[0]
+    mask.write_bytes(data.mask_png_bytes(np.eye(101, dtype=bool)))  # other masks, same ids
+    # a done.json from before it recorded the train data: still a finished fold (hours to retrain)
+    path.write_text(json.dumps({k: v for k, v in done.items() if k != "train_fingerprint"}))
+    capsys.readouterr()
+    train_folds(cfg)
+    assert "fold 0: already trained" in capsys.readouterr().out
+    path.write_text(json.dumps(done))
+    hashed = []
+    real_hash = data._hash_files
+    monkeypatch.setattr(data, "_hash_files", lambda files: hashed.append(1) or real_hash(files))
+    train_folds(cfg)
+    out = capsys.readouterr().out
+    assert "note: fold 0 is trained again from the start" in out and "other train images or masks" in out
+    now = data.fingerprint_data(copy, "train")
+    assert json.loads(path.read_text())["train_fingerprint"] == now != done["train_fingerprint"]
+    assert len(hashed) == 1  # the train data hashed once in the command: compared, loaded, recorded

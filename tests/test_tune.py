@@ -55,14 +55,17 @@ def test_missing_fold_is_refused_naming_the_file(run):
     shutil.rmtree(run / "fold2")
     with pytest.raises(PipelineError) as exc:
         assemble_oof(run)
-    assert one_line(exc) == f"{run / 'fold2' / 'oof.npy'}: missing (fold 2 not trained)"
+    # the hint trains the run where it is now (a copy: its config.yaml names the original's place)
+    assert one_line(exc) == (f"{run / 'fold2' / 'oof.npy'}: missing (fold 2 not trained) — run `python -m pipeline "
+                             f"train --config {run / 'config.yaml'} --set runs_dir={run.parent} --set name=fake`")
 
 
 def test_unfinished_fold_without_done_json_is_refused(run):
     (run / "fold0" / "done.json").unlink()
     with pytest.raises(PipelineError) as exc:
         assemble_oof(run)
-    assert one_line(exc) == f"{run / 'fold0' / 'done.json'}: missing (fold 0 not finished)"
+    assert one_line(exc).startswith(f"{run / 'fold0' / 'done.json'}: missing (fold 0 not finished) — run "
+                                    f"`python -m pipeline train --config {run / 'config.yaml'}")
 
 
 def test_id_in_two_folds_is_refused(run):
