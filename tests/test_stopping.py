@@ -151,12 +151,13 @@ def test_a_parent_stopped_by_sigterm_stops_its_fold_processes_even_one_deaf_to_i
     monkeypatch.setattr(train_folds, "fold_command", lambda cfg, fold, threads, **kw: [
         sys.executable, "-c", SLEEPER if fold == 0 else DEAF, str(tmp_path / f"started{fold}")])
     pids = []
+    earlier = set(children_of(os.getpid()))  # what earlier tests in this process left running
 
     def sigterm_once_both_run():
         deadline = time.monotonic() + 30
         while not all((tmp_path / f"started{fold}").exists() for fold in (0, 1)) and time.monotonic() < deadline:
             time.sleep(0.02)
-        pids.extend(children_of(os.getpid()))
+        pids.extend(set(children_of(os.getpid())) - earlier)
         os.kill(os.getpid(), signal.SIGTERM)
 
     with stop_on_signals():
