@@ -91,7 +91,7 @@ def branch_run(cfg: Config, source_dir: str | Path) -> list[Path]:
     switch = source.loss.stage2_from_epoch  # the epoch every checkpoint holds (checked above)
     for src, dst, checkpoint in zip(sources, folders, checkpoints):
         dst.path.mkdir(parents=True, exist_ok=True)
-        checkpoint["config_digest"] = digest
+        checkpoint["config_digest"] = digest  # its train data and split stay the source's: on others it starts afresh
         save_checkpoint(dst.last, checkpoint)
         rows = [row for row in read_log(src.log) if int(row["epoch"]) <= switch]
         write_log(dst.log, rows)

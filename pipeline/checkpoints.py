@@ -7,7 +7,8 @@ metric and the training digest travel inside the checkpoint, never in its name.
     best.pt, snapshot<c>.pt   {"model", "epoch", "val_score", "config_digest", "fold"}
     last.pt, prev.pt, stage1.pt  the resume state: {"model", "optimizer", "scheduler", "scaler",
                                  "precision" (resolved: fp32/tf32/bf16/fp16), "state" (LoopState),
-                                 "config_digest", "fold"[, "ema"]}
+                                 "config_digest", "fold", "train_fingerprint", "split_digest"[, "ema"]}
+                                 (the last two: the data it was made on, manifests.fold_training_data)
 """
 
 from __future__ import annotations
@@ -92,9 +93,12 @@ class CheckpointSaver:
     train_fold.last_checkpoint_due; the one before kept as prev.pt, the fallback when last.pt is
     found damaged), and stage1.pt at the switch to the stage-2 loss."""
 
-    def __init__(self, folder: FoldDir, digest: str):
+    def __init__(self, folder: FoldDir, digest: str, training_data: dict[str, str] | None = None):
         self.folder = folder
         self.digest = digest
+        # the data the resume state is made on (manifests.fold_training_data): a resume on other
+        # data or another split starts the fold afresh instead (train_fold.resume_checkpoint)
+        self.training_data = dict(training_data or {})
 
     def _weights(self, weights: dict, epoch: int, val_score: float) -> dict:
         return {"model": weights, "epoch": epoch, "val_score": val_score, "config_digest": self.digest,
@@ -103,14 +107,14 @@ class CheckpointSaver:
     def save(self, *, weights: dict, resume: dict, epoch: int, val_score: float, best: bool = False,
              snapshot: int | None = None, stage1: bool = False, last: bool = True) -> None:
         """weights: the state_dict validated (kept in best.pt and the snapshots); resume: the
-        resume state without its digest and fold (added here); snapshot: the cycle whose best
+        resume state without its digest, fold and training data (added here); snapshot: the cycle whose best
         epoch this is, or None; last: write the resume checkpoint (a kill before the next one
         loses the epochs since, which a resume trains again to the same weights)."""
         if best:
             save_checkpoint(self.folder.best, self._weights(weights, epoch, val_score))
         if snapshot is not None:
             save_checkpoint(self.folder.snapshot(snapshot), self._weights(weights, epoch, val_score))
-        resume = {**resume, "config_digest": self.digest, "fold": self.folder.fold}
+        resume = {**resume, "config_digest": self.digest, "fold": self.folder.fold, **self.training_data}
         if last:
             if self.folder.last.exists():
                 os.replace(self.folder.last, self.folder.prev)

@@ -250,6 +250,23 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256(("\n".join(ids) + "\n").encode()).hexdigest()
 
 
+def split_digest(val_ids) -> str:
+    """Which split of the train set a fold is trained on: the sha256 (ids_digest) of its
+    validation ids, sorted (its training images are the others; oof_ids.txt names the same ids,
+    check_trained_split compares them with the folds file). A fold's resume checkpoint records
+    it beside the train data's fingerprint (fold_training_data)."""
+    return ids_digest(sorted(val_ids))
+
+
+def fold_training_data(cfg: Config, val_ids) -> dict[str, str]:
+    """What a fold trains on besides its config, as its resume checkpoint (last.pt) records it:
+    the train data's content fingerprint (as done.json's "train_fingerprint"; hashed once per
+    process) and its split (split_digest). train_fold resumes only a checkpoint made on these."""
+    from pipeline.data import fingerprint_data
+
+    return {"train_fingerprint": fingerprint_data(cfg.data, "train"), "split_digest": split_digest(val_ids)}
+
+
 def write_fold_predictions(run: Path, fold: int, probs, meta: dict[str, Any]) -> None:
     """fold<k>/test_probs.npy, then test_predict.json naming it by digest with `meta` (what it was
     predicted from: fold_prediction_key's fields), written last; the old manifest goes first."""
@@ -281,7 +298,8 @@ def read_current_fold_predictions(run: Path, fold: int, key: dict[str, Any], n_i
 
 def fold_problem(cfg: Config, fold: int) -> str | None:
     """Why a fold that has a done.json is not done ("runs/R/fold1/best.pt: missing, ..."), or None when
-    it is done or has no done.json (not finished: `train` resumes it). Such a fold is trained
+    it is done or has no done.json (not finished: `train` resumes it, unless its last.pt was made
+    on other train data or another split: train_fold.made_on_other_data). Such a fold is trained
     again from the start: its files as finished, byte for byte (a damaged oof.npy, a removed
     best.pt), the config's training digest and the train data's content (its masks) are what
     done.json recorded, or nothing it made can be trusted to be the fold's. A done.json from

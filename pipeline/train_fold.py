@@ -27,7 +27,7 @@ from pipeline.distributed import DistContext
 from pipeline.errors import PipelineError
 from pipeline.geometry import to_batch
 from pipeline.loader import SaltDataset, TrainLoader, epoch_seed
-from pipeline.manifests import fold_file_digests
+from pipeline.manifests import fold_file_digests, fold_training_data
 from pipeline.optim import build_ema, build_optimizer, build_scheduler, step_scheduler
 from pipeline.rundir import FoldDir, read_log, training_digest, write_log
 from pipeline.runtime import Runtime
@@ -192,11 +192,15 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
     if dist.is_main:
         fileio.remove_stale_temp_files(ctx.folder.path)  # this process holds the fold's lock: no live writer
 
+    training_data = fold_training_data(cfg, [data.ids[i] for i in np.flatnonzero(fold_ids == fold)])
+    checkpoint = load_resume_checkpoint(ctx.folder, ctx.digest) if resume else None
+    if checkpoint is not None and made_on_other_data(ctx, checkpoint, training_data):
+        checkpoint, resume = None, False  # the fold starts afresh, as with --restart
     split = fold_data(ctx, data, fold_ids, use_cache=resume)
     parts = build_training(ctx)
-    state, log_rows = resume_or_start_afresh(ctx, parts, resume=resume)
+    state, log_rows = resume_or_start_afresh(ctx, parts, checkpoint)
     step_model = wrap_for_steps(ctx, parts.model)
-    saver = CheckpointSaver(ctx.folder, ctx.digest)
+    saver = CheckpointSaver(ctx.folder, ctx.digest, training_data)
     batches = fold_loader(ctx, split.train_set)  # its workers live for the fold
     last_written = time.monotonic()
 
@@ -351,11 +355,28 @@ def build_training(ctx: FoldContext) -> Training:
                     ema=build_ema(model, cfg.train.ema_decay))
 
 
-def resume_or_start_afresh(ctx: FoldContext, parts: Training, *, resume: bool) -> tuple[LoopState, list[dict]]:
-    """(loop state, log rows so far): from the newest good resume checkpoint, or, starting
-    afresh, with every file of an earlier training of the fold removed."""
+def made_on_other_data(ctx: FoldContext, checkpoint: dict, training_data: dict[str, str]) -> bool:
+    """Was the resume checkpoint made on other train data (its bytes) or another split (the
+    fold's validation ids) than the fold has now (`training_data`: manifests.fold_training_data)?
+    Then resuming would continue on data the fold did not start on, and its done.json would
+    record the new data as if trained on it throughout: the fold is trained again from the
+    start, with one note (as train_folds.folds_to_train's for a finished fold). A checkpoint
+    written before last.pt recorded its data (neither key) resumes as before: nothing to compare
+    it with, and restarting it would cost the hours it holds. Every DDP process reads the same
+    files and decides alike (resume_or_start_afresh waits for all before removing any)."""
+    differs = [what for key, what in (("train_fingerprint", "other train data"), ("split_digest", "another split"))
+               if key in checkpoint and checkpoint[key] != training_data[key]]
+    if differs:
+        ctx.say(f"note: fold {ctx.fold} is trained again from the start (its {ctx.folder.last.name} was made on "
+                f"{' and '.join(differs)})", flush=True)
+    return bool(differs)
+
+
+def resume_or_start_afresh(ctx: FoldContext, parts: Training, checkpoint: dict | None) -> tuple[LoopState, list[dict]]:
+    """(loop state, log rows so far): from `checkpoint` (the resume checkpoint train_fold chose),
+    or, when None, afresh, with every file of an earlier training of the fold removed."""
     folder = ctx.folder
-    checkpoint = load_resume_checkpoint(folder, ctx.digest) if resume else None
+    ctx.dist.barrier()  # every process has read the resume checkpoint before the main one may remove it
     if checkpoint is not None:
         state = parts.load_resume_state(checkpoint)
         # the log may be one epoch ahead of the checkpoint if the kill fell between the two writes

@@ -478,3 +478,105 @@ def test_a_fold_trained_on_other_masks_is_trained_again_and_an_older_done_json_s
     now = data.fingerprint_data(copy, "train")
     assert json.loads(path.read_text())["train_fingerprint"] == now != done["train_fingerprint"]
     assert len(hashed) == 1  # the train data hashed once in the command: compared, loaded, recorded
+
+
+# ---------------------------------------------------------------- an unfinished fold's data
+
+
+def _killed_fold(data_dir: Path, tmp_path: Path):
+    """A fold killed mid-training: last.pt after its first of two epochs, no done.json."""
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.rundir import FoldDir
+    from tests.test_train import _train_epochs_then_kill, tiny_config
+
+    # one step an epoch (train.limit_train): what is tested is which epoch the fold starts from
+    cfg = tiny_config(data_dir, tmp_path, "train.epochs=2", "train.limit_train=16", "predict.tta=[none]")
+    _train_epochs_then_kill(cfg, kill_after=1)
+    folder = FoldDir.of(cfg, 0)
+    last = load_checkpoint(folder.last)
+    assert last["state"]["epoch"] == 1 and not folder.done.exists()
+    return cfg, folder, last
+
+
+def _change_a_mask(data_dir: Path) -> None:
+    mask = sorted((data_dir / "train" / "masks").glob("*.png"))[0]
+    mask.write_bytes(data.mask_png_bytes(np.eye(101, dtype=bool)))  # other masks, same ids
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "fold-process"])
+def test_an_unfinished_fold_whose_train_masks_changed_is_trained_again_from_the_start(synth_data, tmp_path, capsys,
+                                                                                   monkeypatch, parallel):
+    """Resuming last.pt on other masks would continue on data the fold did not start on and record
+    the new data in done.json as if trained on it throughout: the fold starts afresh, saying why,
+    in the fold's own process too (`--parallel-folds`: the note is in its train.out)."""
+    from pipeline.rundir import read_log
+    from pipeline.train_folds import train_folds
+
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    cfg, folder, last = _killed_fold(copy, tmp_path)
+    assert last["train_fingerprint"] == data.fingerprint_data(copy, "train")
+    _change_a_mask(copy)
+    capsys.readouterr()
+    hashed = []
+    real_hash = data._hash_files
+    monkeypatch.setattr(data, "_hash_files", lambda files: hashed.append(1) or real_hash(files))
+    train_folds(cfg, parallel_folds=parallel)
+    assert len(hashed) == 1  # in this process: loaded, compared with last.pt, recorded in done.json
+    out = folder.train_out.read_text() if parallel else capsys.readouterr().out
+    assert "note: fold 0 is trained again from the start (its last.pt was made on other train data)" in out
+    assert "resuming" not in out and "fold 0 epoch   1/2" in out  # from epoch 1, not 2
+    assert [row["epoch"] for row in read_log(folder.log)] == ["1", "2"]
+    done = json.loads(folder.done.read_text())
+    assert done["epochs_run"] == 2
+    assert done["train_fingerprint"] == data.fingerprint_data(copy, "train") != last["train_fingerprint"]
+
+
+@pytest.mark.e2e
+def test_an_unfinished_fold_whose_split_changed_is_trained_again_on_the_new_split(synth_data, tmp_path, capsys):
+    """A changed folds file, with no fold of the run finished: the unfinished fold trains again
+    from the start on the split the file holds now (resuming would mix two splits in one model).
+    Once a fold is finished, a changed folds file is refused by `train` as by `tune`
+    (check_trained_split): that run would mix two splits across its folds, and retraining the
+    finished folds costs hours, so the user picks (`train --force`, or the old file back)."""
+    from pipeline.folds import load_folds
+    from pipeline.train_folds import train_folds
+
+    cfg, folder, last = _killed_fold(synth_data, tmp_path)
+    lines = cfg.folds_path().read_text().splitlines()
+    moved = next(i for i, line in enumerate(lines[1:], 1) if line.split(",")[1] == "0")
+    image_id, _, *rest = lines[moved].split(",")
+    lines[moved] = ",".join([image_id, "1", *rest])  # one of fold 0's images now validates in fold 1
+    cfg.folds_path().write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    train_folds(cfg)
+    out = capsys.readouterr().out
+    assert "note: fold 0 is trained again from the start (its last.pt was made on another split)" in out
+    assert "resuming" not in out and "fold 0 epoch   1/2" in out
+    folds = load_folds(cfg.folds_path())
+    assert sorted(folder.oof_ids.read_text().split()) == sorted(folds["id"][folds["fold"] == 0].astype(str))
+    assert image_id not in folder.oof_ids.read_text().split()
+    # fold 0 finished now: a second change is the run-wide refusal
+    lines[moved] = ",".join([image_id, "0", *rest])
+    cfg.folds_path().write_text("\n".join(lines) + "\n")
+    assert "the folds file changed since fold 0" in refusal(train_folds, cfg)
+
+
+@pytest.mark.e2e
+def test_a_last_pt_from_before_it_recorded_its_data_still_resumes(synth_data, tmp_path, capsys):
+    """Backwards compatible: a last.pt without "train_fingerprint" and "split_digest" has nothing
+    to compare, and restarting it would throw away the hours it holds."""
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.train_folds import train_folds
+
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    cfg, folder, last = _killed_fold(copy, tmp_path)
+    save_checkpoint(folder.last, {k: v for k, v in last.items() if k not in ("train_fingerprint", "split_digest")})
+    _change_a_mask(copy)
+    capsys.readouterr()
+    train_folds(cfg)
+    out = capsys.readouterr().out
+    assert "fold 0: resuming at epoch 2/2" in out and "trained again" not in out
+    assert json.loads(folder.done.read_text())["epochs_run"] == 2
