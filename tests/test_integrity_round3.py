@@ -413,7 +413,7 @@ def test_following_the_changed_folds_hint_trains_on_the_new_split(synth_data, tm
     from tests.test_train import tiny_config
 
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1")
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1", "train.limit_train=16")  # one step: the split is tested
     train_folds(cfg)
     _move_one_id_to_the_next_fold(cfg.folds_path())
     command = hinted_command(refusal(train_folds, cfg))
@@ -430,7 +430,7 @@ def test_train_trains_a_fold_whose_finished_files_changed_again_from_the_start_s
     from tests.test_train import tiny_config
 
     # no TTA: resuming the finished fold would keep (and record) the damaged OOF as it is
-    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1", "predict.tta=[none]")
+    cfg = tiny_config(synth_data, tmp_path, "train.epochs=1", "train.limit_train=16", "predict.tta=[none]")
     train_folds(cfg)
     folder = FoldDir.of(cfg, 0)
     raw = bytearray(folder.oof.read_bytes())
@@ -456,7 +456,7 @@ def test_a_fold_trained_on_other_masks_is_trained_again_and_an_older_done_json_s
 
     copy = tmp_path / "data"
     shutil.copytree(synth_data, copy)
-    cfg = tiny_config(copy, tmp_path, "train.epochs=1")
+    cfg = tiny_config(copy, tmp_path, "train.epochs=1", "train.limit_train=16")
     train_folds(cfg)
     path = FoldDir.of(cfg, 0).done
     done = json.loads(path.read_text())
