@@ -279,6 +279,42 @@ def estimate(measured: dict, cfg, *, n_train_images: int = 4000, n_test_images: 
                             "n_train_images": n_train_images, "n_test_images": n_test_images}}
 
 
+def compiled_step_ms(cfg, mode: str, steps: int = 5, size: int | None = None, batch: int = 2) -> dict:
+    """CPU ms per real training step (forward, loss, backward, optimizer) of the config's model,
+    eager or torch.compile(mode=...), at a small batch and input so that the host's share
+    (dispatch, Python) dominates: host time, not a GPU figure. The build time is reported apart."""
+    from pipeline.losses import SegLoss
+    from pipeline.models import create_model
+    from pipeline.optim import build_optimizer
+
+    size = size or (32 if cfg.model.name != "seed_unet" else 16)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, load_pretrained=False).train()
+    optimizer = build_optimizer(cfg, model)
+    loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
+    step_model = model if mode == "off" else torch.compile(model, mode=mode)
+    x = torch.rand(batch, cfg.model.in_chans, size, size)
+    target = (torch.rand(batch, 1, size, size) > 0.5).float()
+
+    def step():
+        out = step_model(x)
+        loss, _ = loss_fn({k: v for k, v in out.items()}, target, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    started = time.perf_counter()
+    step()
+    build_s = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return {"mode": mode, "ms_per_step": round(1000 * statistics.median(times), 2), "first_step_s": round(build_s, 1),
+            "batch": batch, "size": size}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -315,39 +351,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def compiled_step_ms(cfg, mode: str, steps: int = 5, size: int | None = None, batch: int = 2) -> dict:
-    """CPU ms per real training step (forward, loss, backward, optimizer) of the config's model,
-    eager or torch.compile(mode=...), at a small batch and input so that the host's share
-    (dispatch, Python) dominates: host time, not a GPU figure. The build time is reported apart."""
-    from pipeline.losses import SegLoss
-    from pipeline.models import create_model
-    from pipeline.optim import build_optimizer
-
-    size = size or (32 if cfg.model.name != "seed_unet" else 16)
-    torch.manual_seed(0)
-    model = create_model(cfg.model, load_pretrained=False).train()
-    optimizer = build_optimizer(cfg, model)
-    loss_fn = SegLoss(cfg.loss, cfg.model.deep_supervision)
-    step_model = model if mode == "off" else torch.compile(model, mode=mode)
-    x = torch.rand(batch, cfg.model.in_chans, size, size)
-    target = (torch.rand(batch, 1, size, size) > 0.5).float()
-
-    def step():
-        out = step_model(x)
-        loss, _ = loss_fn({k: v for k, v in out.items()}, target, 0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    started = time.perf_counter()
-    step()
-    build_s = time.perf_counter() - started
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return {"mode": mode, "ms_per_step": round(1000 * statistics.median(times), 2), "first_step_s": round(build_s, 1),
-            "batch": batch, "size": size}

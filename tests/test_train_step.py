@@ -3,6 +3,11 @@ epoch before anything of it is kept, and the host-cost benchmark of a config's r
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,3 +179,17 @@ def test_the_ema_update_reads_nothing_back_per_step_and_averages_as_torchs_did()
     fresh = build_ema(model, 0.9)
     fresh.load_state_dict(ours.state_dict())  # AveragedModel's layout: module.*, n_averaged
     assert fresh.updates == 3 and set(ours.state_dict()) == set(torchs.state_dict())
+
+
+@pytest.mark.e2e
+def test_host_step_runs_as_a_command_with_its_compile_timing(tmp_path):
+    """As a user runs it (`python -m benchmarks.host_step --compile ...`): the eager timing the
+    compiled ones are compared with comes out beside the step's host figures. ("off" twice: the
+    wiring, not torch.compile's minutes of building.)"""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "host_step.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.host_step", "--config", "configs/cpu_best.yaml", "--steps", "1",
+                    "--repeats", "1", "--compile", "off", "--out", str(out)], cwd=root, check=True,
+                   capture_output=True, timeout=300)
+    timed = json.loads(out.read_text())["compile"]
+    assert [t["mode"] for t in timed] == ["off", "off"] and all(t["ms_per_step"] > 0 for t in timed)
