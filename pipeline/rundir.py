@@ -159,7 +159,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     run = Path(run_dir)
     path = RunDir(run).config
     if not path.exists():
-        raise PipelineError(f"{path}: missing — is {run} a run dir made by `python -m pipeline train`?")
+        # a blend killed before its first write leaves such a folder too: its own command remakes it
+        raise PipelineError(f"{path}: missing — is {run} a run dir made by `python -m pipeline train` "
+                            "(or by `blend`: a blend stopped before it wrote anything is made by running it again)?")
     cfg = load_config(path)
     cfg.runs_dir, cfg.name = str(run.parent), run.name
     return cfg
