@@ -51,7 +51,8 @@ from pipeline.errors import PipelineError, short_repr
 from pipeline.leaderboard import describe_members
 from pipeline.manifests import (check_fold_files, check_predictions_current, finished_folds, fold_file_digests,
                                 read_done_token, read_predict_meta, tune_is_current, write_predictions)
-from pipeline.rundir import BLEND_FILE, LEADERBOARD_CSV, OOF_FILES, FoldDir, RunDir, load_run_config, training_digest
+from pipeline.rundir import (BLEND_FILE, LEADERBOARD_CSV, OOF_FILES, FoldDir, RunDir, load_run_config,
+                             read_blend_manifest, training_digest)
 
 MAX_GRID_POINTS = 100  # weight vectors searched: each costs one tune grid per fold
 GRID_STEPS = (10, 8, 5, 4, 2)  # 1/step is the weight resolution; the finest one under MAX_GRID_POINTS
@@ -340,17 +341,13 @@ def _is_fresh(output: Path, inputs: list[Path]) -> bool:
 
 
 def _blend_is_current(run: Path, digest: str, folds: list[int]) -> bool:
-    path = run / BLEND_FILE
     folders = [FoldDir.of(run, k) for k in folds]
     needed = [path for f in folders for path in (f.oof, f.oof_ids, f.done)]
     needed += [RunDir(run).probs, RunDir(run).ids, RunDir(run).config]
-    if not path.exists() or not all(p.exists() for p in needed):
+    if not all(p.exists() for p in needed):
         return False
-    try:
-        saved = fileio.read_json(path)
-    except PipelineError:
-        return False
-    return isinstance(saved, dict) and saved.get("inputs_digest") == digest and saved.get("finished") is not False
+    saved = read_blend_manifest(run)  # None: no blend.json; {}: unreadable
+    return bool(saved) and saved.get("inputs_digest") == digest and saved.get("finished") is not False
 
 
 def _load_truth(cfg: Config, fold_ids: dict[int, list[str]]) -> dict[int, np.ndarray]:

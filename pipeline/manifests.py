@@ -47,7 +47,8 @@ from pipeline import fileio
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.rundir import (IDS_FILE, OOF_FILES, PREDICT_FILE, PROBS_FILE, TUNE_FILE, FoldDir, RunDir, blend_command,
-                             read_blend_manifest, remake_command, train_command, training_digest)
+                             blend_members, read_blend_manifest, remake_command, train_command,
+                             training_digest)
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
@@ -388,8 +389,7 @@ def split_fix(run: Path, folds_path: Path) -> str:
     restore = f"or put back the {folds_path} it was trained with"
     blend = read_blend_manifest(run)
     if blend is not None:  # its members were trained on the old split: they are what to train again
-        listed = blend.get("members") if isinstance(blend.get("members"), list) else []
-        members = dict.fromkeys(str(m["run"]) for m in listed if isinstance(m, dict) and m.get("run"))
+        members = dict.fromkeys(blend_members(blend))
         retrain = ", ".join(f"`{train_command(member, '--force')}`" for member in members) or "each with --force"
         return f"train its members again ({retrain}), then run `{blend_command(run, blend)}`, {restore}"
     return f"train every fold again on it with `{train_command(run, '--force')}`, {restore}"

@@ -197,10 +197,16 @@ def read_blend_manifest(run: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        blend = fileio.read_json(path)
+        return fileio.read_json(path)  # a JSON object, or PipelineError
     except PipelineError:
         return {}
-    return blend if isinstance(blend, dict) else {}
+
+
+def blend_members(blend: dict | None) -> list[str]:
+    """The member runs a blend.json (read_blend_manifest) lists, in its order; none when it lists
+    none readable."""
+    listed = (blend or {}).get("members")
+    return [str(m["run"]) for m in (listed if isinstance(listed, list) else []) if isinstance(m, dict) and m.get("run")]
 
 
 def blend_command(run: str | Path, blend: dict | None = None) -> str:
@@ -210,9 +216,7 @@ def blend_command(run: str | Path, blend: dict | None = None) -> str:
     the members are unknown and the command says where they go (and forces the remake)."""
     run = Path(run)
     blend = read_blend_manifest(run) if blend is None else blend
-    listed = (blend or {}).get("members")
-    members = [quote(str(m["run"])) for m in (listed if isinstance(listed, list) else [])
-               if isinstance(m, dict) and m.get("run")]
+    members = [quote(member) for member in blend_members(blend)]
     parts = ["python -m pipeline blend --runs", " ".join(members) or "RUN_A RUN_B", f"--name {quote(run.name)}",
              f"--runs-dir {quote(str(run.parent))}"]
     weights = str((blend or {}).get("weights_requested") or "auto")
