@@ -235,7 +235,7 @@ def train_fold(cfg: Config, fold: int, data, fold_ids: np.ndarray, rt: Runtime, 
         if stopping:
             ctx.say(f"fold {fold}: early stop, no improvement for {t.early_stop_patience} epochs")
             break
-    return finish_fold(ctx, split, state)
+    return finish_fold(ctx, split, state, training_data["train_fingerprint"])
 
 
 def last_checkpoint_due(cfg: Config, state: LoopState, stopping: bool, seconds_since: float) -> bool:
@@ -528,18 +528,17 @@ def epoch_line(fold: int, t, result: EpochResult) -> str:
             f"train_loss {result.train_loss:.4f}  {validated}  {result.seconds:5.1f}s")
 
 
-def finish_fold(ctx: FoldContext, split: FoldData, state: LoopState) -> dict:
+def finish_fold(ctx: FoldContext, split: FoldData, state: LoopState, train_fingerprint: str) -> dict:
     """The fold's end, in one place: its final OOF (as the test set will be predicted), then
-    done.json, written last."""
-    from pipeline.data import fingerprint_data
-
+    done.json, written last. `train_fingerprint`: the train data's content the fold started on,
+    as its last.pt records it (manifests.fold_training_data)."""
     done = {"fold": ctx.fold, "best_epoch": state.best_epoch + 1, "best_score": state.best_score,
             "epochs_run": state.epoch, "seconds": round(state.seconds, 1), "finished": round(time.time(), 1),
             "config_digest": ctx.digest}
     if ctx.dist.is_main:
-        # the train data's content (load_training_data hashed it as it was loaded; cached): a fold
-        # trained on other masks is not done (manifests.fold_problem), `train`/`all` train it again
-        done["train_fingerprint"] = fingerprint_data(ctx.cfg.data, "train")
+        # the train data's content: a fold trained on other masks is not done
+        # (manifests.fold_problem), `train`/`all` train it again
+        done["train_fingerprint"] = train_fingerprint
         done.update(write_final_oof(ctx.cfg, ctx.fold, split.val_images, split.val_masks, ctx.rt))
         # the fold's files as finished: tune and predict check them against this (manifests.py)
         done["files"] = fold_file_digests(ctx.folder.path, fold_checkpoints(ctx.cfg, ctx.fold))
